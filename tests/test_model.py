@@ -1,0 +1,242 @@
+"""The foundation: model, processor, checkpoints, local backbones, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import random_images
+from unified_vl.checkpoint import CheckpointError, load_pretrained, save_pretrained
+from unified_vl.config import PRESETS, UnifiedVLConfig
+from unified_vl.modeling import build_model
+from unified_vl.processor import ImageLoadError, UnifiedVLProcessor
+
+PROMPTS = [
+    "what does the image describe?",
+    "question: what color is the small circle left of the big blue square?",
+    'which region does the text " the red circle " describe?',
+    "what is the main object?",
+]
+
+
+def _scramble(model, seed=1):
+    """Random init of a tiny T5 greedily emits pad forever; spread the embeddings so an untrained
+    model writes varied tokens and the batching test can actually fail."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        emb = model.language_model.shared.weight
+        emb.copy_(torch.randn(emb.shape, generator=g))
+        emb[0] = 0.0  # the decoder start (pad) no longer predicts itself
+        for name, param in model.language_model.decoder.named_parameters():
+            if "weight" in name and param.ndim == 2:
+                param.add_(torch.randn(param.shape, generator=g) * 0.5)
+    return model
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_batched_generation_equals_one_at_a_time(tiny_model, processor, num_beams):
+    model = _scramble(tiny_model)
+    images = random_images(len(PROMPTS))
+    batch = processor(images=images, text=PROMPTS)
+    assert batch["attention_mask"].sum(1).unique().numel() > 1, "prompts must have different lengths"
+    batched = model.generate(**batch, num_beams=num_beams, max_new_tokens=8)
+    singles = []
+    for image, prompt in zip(images, PROMPTS, strict=True):
+        one = processor(images=[image], text=[prompt])
+        singles.append(model.generate(**one, num_beams=num_beams, max_new_tokens=8)[0].tolist())
+    texts = processor.decode(batched)
+    assert len(set(texts)) > 1, f"untrained model wrote identical outputs, the test would be vacuous: {texts}"
+    for row, single in zip(batched.tolist(), singles, strict=True):
+        pad = processor.tokenizer.pad_token_id
+        strip = lambda seq: [t for t in seq if t != pad]  # noqa: E731
+        assert strip(row) == strip(single)
+
+
+def test_padding_does_not_change_encoder_states(tiny_model, processor):
+    images = random_images(2)
+    batch = processor(images=images, text=PROMPTS[:2])
+    out, mask = tiny_model.encode(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    one = processor(images=images[:1], text=PROMPTS[:1])
+    out1, _ = tiny_model.encode(one["pixel_values"], one["input_ids"], one["attention_mask"])
+    n = out1.last_hidden_state.shape[1]
+    assert mask.shape == out.last_hidden_state.shape[:2]
+    torch.testing.assert_close(out.last_hidden_state[0, :n], out1.last_hidden_state[0], atol=1e-5, rtol=1e-5)
+
+
+def test_overfits_eight_examples_with_location_targets(tiny_config, tokenizer):
+    torch.manual_seed(0)
+    model = build_model(tiny_config, tokenizer)
+    processor = UnifiedVLProcessor.from_config(tiny_config, tokenizer, vision_backbone=model.visual.backbone)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(8)]
+    prompts = PROMPTS * 2
+    targets = [
+        "a red circle left of a blue square",
+        "red",
+        "<loc_112><loc_340><loc_298><loc_501>",
+        "circle",
+        "two green triangles",
+        "blue",
+        "<loc_7><loc_900><loc_450><loc_999>",
+        "square",
+    ]
+    batch = processor(images=images, text=prompts, targets=targets)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        model.train()
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        model.eval()
+        generated = processor.decode(model.generate(**{k: v for k, v in batch.items() if k != "labels"}))
+        if generated == targets:
+            break
+    assert generated == targets
+
+
+def test_save_and_load_round_trip_gives_identical_logits(tiny_model, tokenizer, tiny_config, tmp_path):
+    processor = UnifiedVLProcessor.from_config(tiny_config, tokenizer, vision_backbone=tiny_model.visual.backbone)
+    batch = processor(images=random_images(2), text=PROMPTS[:2], targets=["a red circle", "<loc_1><loc_2><loc_3><loc_4>"])
+    folder = save_pretrained(tiny_model, processor, tmp_path / "model")
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= names
+    assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)
+    model2, processor2 = load_pretrained(folder)
+    model2.eval()
+    batch2 = processor2(images=random_images(2), text=PROMPTS[:2], targets=["a red circle", "<loc_1><loc_2><loc_3><loc_4>"])
+    for key in batch:
+        torch.testing.assert_close(batch[key], batch2[key])
+    torch.testing.assert_close(tiny_model(**batch).logits, model2(**batch2).logits, atol=0, rtol=0)
+
+
+def test_loading_a_folder_of_another_architecture_is_a_clear_error(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    T5ForConditionalGeneration(T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=64)).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="'t5' model, not a 'unified_vl'"):
+        load_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_pretrained(tmp_path / "nothing")
+
+
+def test_local_t5_folder_and_timm_weight_file_become_the_backbones(tmp_path, tokenizer):
+    import timm
+    from safetensors.torch import save_file
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from unified_vl.tokenizer import default_tokenizer_dir, load_tokenizer
+
+    # A tiny "pretrained" T5 folder with its own spiece.model, as a Hugging Face checkpoint has.
+    t5_dir = tmp_path / "t5"
+    t5_dir.mkdir()
+    (t5_dir / "spiece.model").write_bytes((default_tokenizer_dir() / "spiece.model").read_bytes())
+    base_vocab = len(load_tokenizer(t5_dir)) - 1000  # pieces + sentinels, location tokens aside
+    t5 = T5ForConditionalGeneration(
+        T5Config(d_model=32, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2, d_kv=16, vocab_size=base_vocab, decoder_start_token_id=0)
+    )
+    t5.save_pretrained(t5_dir)
+    # A tiny timm weight file with a classification head, as released timm weights have.
+    vit_kwargs = {"patch_size": 8, "embed_dim": 24, "depth": 1, "num_heads": 2}
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=5, **vit_kwargs)
+    save_file(source.state_dict(), str(tmp_path / "vit.safetensors"))
+    torch.save(source.state_dict(), tmp_path / "vit.pth")
+
+    for weights in ("vit.safetensors", "vit.pth"):
+        t5_tokenizer = load_tokenizer(t5_dir)
+        config = UnifiedVLConfig(
+            text_model_path=str(t5_dir),
+            vision_model="vit_tiny_patch16_224",
+            vision_kwargs=vit_kwargs,
+            vision_weights_path=str(tmp_path / weights),
+            image_size=32,
+        )
+        model = build_model(config, t5_tokenizer)
+        assert model.config.text_config["d_model"] == 32
+        assert model.language_model.config.vocab_size == len(t5_tokenizer) == base_vocab + 1000
+        shared = model.language_model.shared.weight
+        torch.testing.assert_close(shared[:base_vocab], t5.shared.weight, atol=0, rtol=0)
+        torch.testing.assert_close(
+            model.language_model.encoder.block[0].layer[0].SelfAttention.q.weight,
+            t5.encoder.block[0].layer[0].SelfAttention.q.weight,
+            atol=0,
+            rtol=0,
+        )
+        torch.testing.assert_close(model.visual.backbone.patch_embed.proj.weight, source.patch_embed.proj.weight, atol=0, rtol=0)
+        torch.testing.assert_close(model.visual.backbone.blocks[0].mlp.fc1.weight, source.blocks[0].mlp.fc1.weight, atol=0, rtol=0)
+
+
+def test_vision_weights_of_another_model_are_refused(tmp_path):
+    import timm
+
+    other = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    torch.save(other.state_dict(), tmp_path / "resnet.pth")
+    config = UnifiedVLConfig.from_preset("uvl-tiny", vision_weights_path=str(tmp_path / "resnet.pth"))
+    with pytest.raises(ValueError, match="do not fit 'vit_tiny_patch16_224'"):
+        build_model(config)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_model(UnifiedVLConfig.from_preset("uvl-tiny", vision_weights_path=str(tmp_path / "missing.pth")))
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(KeyError, match="uvl-base, uvl-large, uvl-medium, uvl-tiny"):
+        UnifiedVLConfig.from_preset("uvl-huge")
+    assert set(PRESETS) == {"uvl-tiny", "uvl-medium", "uvl-base", "uvl-large"}
+
+
+def test_unknown_visual_mode_is_an_error():
+    with pytest.raises(ValueError, match="visual_mode must be one of"):
+        UnifiedVLConfig(visual_mode="sideways")
+
+
+def test_processor_batch_names_and_label_padding(processor):
+    batch = processor(images=random_images(2), text=["short", "a much longer prompt than the first one"], targets=["red", "a red circle left of a blue square"])
+    assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "labels"}
+    assert batch["pixel_values"].shape == (2, 3, 64, 64)
+    labels = batch["labels"]
+    assert (labels[0] == -100).any() and not (labels[1] == -100).any()
+    eos = processor.tokenizer.eos_token_id
+    assert labels[0][labels[0] != -100][-1] == eos
+
+
+def test_processor_accepts_paths_grayscale_rgba_and_arrays(processor, tmp_path):
+    Image.new("L", (40, 30), 128).save(tmp_path / "gray.png")
+    Image.new("RGBA", (20, 50), (255, 0, 0, 10)).save(tmp_path / "rgba.png")
+    Image.new("P", (16, 16)).save(tmp_path / "palette.png")
+    inputs = [
+        tmp_path / "gray.png",
+        str(tmp_path / "rgba.png"),
+        tmp_path / "palette.png",
+        np.zeros((10, 12), dtype=np.uint8),
+        np.ones((10, 12, 4), dtype=np.uint8),
+        np.full((8, 8, 3), 0.5, dtype=np.float32),
+        Image.new("I;16", (9, 9)),
+    ]
+    pixels = processor.preprocess_images(inputs)
+    assert pixels.shape == (len(inputs), 3, 64, 64)
+    assert torch.isfinite(pixels).all()
+    # RGBA's red stays red after conversion (alpha dropped, not composited to black).
+    assert pixels[1, 0].mean() > pixels[1, 1].mean()
+
+
+def test_processor_bad_images_name_the_path(processor, tmp_path):
+    with pytest.raises(ImageLoadError, match="does not exist"):
+        processor.preprocess_images([tmp_path / "missing.png"])
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not really a png")
+    with pytest.raises(ImageLoadError, match="corrupt.png.*not a readable image"):
+        processor.preprocess_images([tmp_path / "corrupt.png"])
+    with pytest.raises(ImageLoadError, match="expected an array of shape"):
+        processor.preprocess_images([np.zeros((2, 3, 4, 5), dtype=np.uint8)])
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
+        processor(images=random_images(2), text=["one"])
+
+
+def test_long_text_is_truncated_keeping_eos(processor, caplog):
+    long_prompt = " ".join(["red circle"] * 400)
+    batch = processor(images=random_images(1), text=[long_prompt], targets=[" ".join(["blue"] * 300)])
+    assert batch["input_ids"].shape[1] == processor.max_text_length
+    assert batch["input_ids"][0, -1] == processor.tokenizer.eos_token_id
+    assert batch["labels"].shape[1] == processor.max_target_length
+    assert "truncated" in caplog.text

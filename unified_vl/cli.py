@@ -1,0 +1,46 @@
+"""The `unified-vl` command: one entry point, each subcommand a function in its own module.
+
+    unified-vl --help
+
+The table below is the only place subcommands are named; a subcommand's module parses its own
+arguments (``main(argv) -> int``). This module is the application layer: it is the one place in
+`unified_vl` that reaches `data_tools` and `tasks` (by module path, imported only when used).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> ("module:function", one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("data_tools.cli:main", "synthetic world, dataset converters, and a look at the data (synth | convert | show)"),
+    "tokenizer": ("data_tools.cli:tokenizer_main", "train a SentencePiece tokenizer with location tokens (train)"),
+    "presets": ("unified_vl.presets_cli:main", "list the model presets with their parameter counts"),
+}
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = ["usage: unified-vl COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`unified-vl COMMAND --help` describes a command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"unified-vl: unknown command {name!r}; known commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module_name, func_name = COMMANDS[name][0].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    return int(func(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""`UnifiedVLConfig`: the text backbone (T5), the vision backbone (timm) and how they are joined.
+
+Presets are Python entries (DESIGN.md §5): ``uvl-tiny`` trains on a laptop CPU in minutes; the
+others are shaped like OFA's released sizes (Wang et al. 2022, Table 1: OFA-Medium 93M,
+OFA-Base 182M, OFA-Large 472M), with a T5 text model in place of BART and the first three stages
+of a ResNet as the image encoder, as OFA does (§3.1: "the first three blocks of ResNet").
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from transformers import PretrainedConfig, T5Config
+
+from unified_vl.boxes import DEFAULT_NUM_BINS
+
+VISUAL_MODES = ("fused",)
+T5_SPECIAL_IDS = {"pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}
+
+# OFA's widths and heads, with T5 blocks (relative position bias, no biases) and a T5-sized
+# vocabulary (32k SentencePiece + 1000 location tokens) in place of BART's; the layer counts are
+# raised so that the parameter totals match OFA's (BART's 59k-token embedding table holds much of
+# OFA's count). `unified-vl presets` prints the totals.
+# Each preset: the T5 config fields and the timm backbone. `vision_out_index` picks a stage of a
+# CNN's `features_only` pyramid (3 = stride-16 "layer3" of a ResNet); None uses forward_features.
+PRESETS: dict[str, dict[str, Any]] = {
+    "uvl-tiny": {
+        "text_config": {
+            "d_model": 128,
+            "d_kv": 32,
+            "d_ff": 512,
+            "num_layers": 2,
+            "num_decoder_layers": 2,
+            "num_heads": 4,
+            "dropout_rate": 0.0,
+        },
+        "vision_model": "vit_tiny_patch16_224",
+        "vision_kwargs": {"patch_size": 8, "embed_dim": 96, "depth": 2, "num_heads": 3},
+        "vision_out_index": None,
+        "image_size": 64,
+    },
+    "uvl-medium": {
+        "text_config": {
+            "d_model": 512,
+            "d_kv": 64,
+            "d_ff": 2048,
+            "num_layers": 9,
+            "num_decoder_layers": 9,
+            "num_heads": 8,
+            "vocab_size": 33128,
+        },
+        "vision_model": "resnet50",
+        "vision_kwargs": {},
+        "vision_out_index": 3,
+        "image_size": 256,
+    },
+    "uvl-base": {
+        "text_config": {
+            "d_model": 768,
+            "d_kv": 64,
+            "d_ff": 3072,
+            "num_layers": 8,
+            "num_decoder_layers": 7,
+            "num_heads": 12,
+            "vocab_size": 33128,
+        },
+        "vision_model": "resnet101",
+        "vision_kwargs": {},
+        "vision_out_index": 3,
+        "image_size": 384,
+    },
+    "uvl-large": {
+        "text_config": {
+            "d_model": 1024,
+            "d_kv": 64,
+            "d_ff": 4096,
+            "num_layers": 14,
+            "num_decoder_layers": 13,
+            "num_heads": 16,
+            "vocab_size": 33128,
+        },
+        "vision_model": "resnet152",
+        "vision_kwargs": {},
+        "vision_out_index": 3,
+        "image_size": 480,
+    },
+}
+
+
+class UnifiedVLConfig(PretrainedConfig):
+    """Configuration of :class:`~unified_vl.modeling.UnifiedVLForConditionalGeneration`.
+
+    Args:
+        text_config: T5 config fields (a dict or a ``T5Config``). Ignored fields fall back to
+            ``T5Config`` defaults. When ``text_model_path`` is given and this is None, the folder's
+            ``config.json`` is read.
+        text_model_path: a local Hugging Face T5 folder whose weights (and ``spiece.model``)
+            :func:`~unified_vl.modeling.build_model` loads. Only read when building a fresh model.
+        vision_model: any timm model name (created with ``pretrained=False``: nothing downloads).
+        vision_kwargs: extra keyword arguments for ``timm.create_model`` (e.g. ViT depth).
+        vision_weights_path: a local timm weight file (safetensors or a torch state dict).
+        vision_out_index: stage of a ``features_only`` pyramid to use as the patch grid, or None
+            to use ``forward_features``.
+        image_size: square input size in pixels; images are resized to it without cropping, so a
+            box normalised by the original size stays valid.
+        num_bins: number of location tokens (DESIGN.md §3; OFA uses 1000).
+        visual_mode: how image tokens reach the language model; ``"fused"``: patch tokens are
+            concatenated before the text tokens and both run through the T5 encoder.
+        max_text_length: prompts are truncated to this many tokens (documented in the README).
+        max_target_length: targets are truncated to this many tokens; also generation's default.
+    """
+
+    model_type = "unified_vl"
+
+    def __init__(
+        self,
+        text_config: dict | T5Config | None = None,
+        text_model_path: str | None = None,
+        vision_model: str = "vit_tiny_patch16_224",
+        vision_kwargs: dict | None = None,
+        vision_weights_path: str | None = None,
+        vision_out_index: int | None = None,
+        image_size: int = 64,
+        num_bins: int = DEFAULT_NUM_BINS,
+        visual_mode: str = "fused",
+        max_text_length: int = 128,
+        max_target_length: int = 64,
+        **kwargs,
+    ):
+        if visual_mode not in VISUAL_MODES:
+            raise ValueError(f"visual_mode must be one of {VISUAL_MODES}, got {visual_mode!r}")
+        if not isinstance(num_bins, int) or num_bins < 2:
+            raise ValueError(f"num_bins must be an integer >= 2, got {num_bins!r}")
+        if isinstance(text_config, T5Config):
+            text_config = text_config.to_dict()
+        if text_config is None and text_model_path is not None:
+            config_file = Path(text_model_path) / "config.json"
+            if not config_file.is_file():
+                raise FileNotFoundError(f"text_model_path {text_model_path!r} has no config.json (a Hugging Face T5 folder)")
+            text_config = json.loads(config_file.read_text())
+        # T5's special ids (pad 0 doubles as decoder start, eos 1) unless the folder says otherwise.
+        text_config = {**T5_SPECIAL_IDS, **(text_config or {})}
+        # Resolve through T5Config so that every field is present and typed.
+        self.text_config = T5Config(**text_config).to_dict()
+        self.text_model_path = os.fspath(text_model_path) if text_model_path is not None else None
+        self.vision_model = vision_model
+        self.vision_kwargs = dict(vision_kwargs or {})
+        self.vision_weights_path = os.fspath(vision_weights_path) if vision_weights_path is not None else None
+        self.vision_out_index = vision_out_index
+        self.image_size = image_size
+        self.num_bins = num_bins
+        self.visual_mode = visual_mode
+        self.max_text_length = max_text_length
+        self.max_target_length = max_target_length
+        kwargs.setdefault("is_encoder_decoder", True)
+        super().__init__(**kwargs)
+
+    @property
+    def t5_config(self) -> T5Config:
+        """The text model's config as a ``T5Config``."""
+        return T5Config(**self.text_config)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config["d_model"]
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> UnifiedVLConfig:
+        """A preset by name, with field overrides.
+
+        ``text_config`` in ``overrides`` updates the preset's text config field by field.
+
+        Raises:
+            KeyError: unknown preset name (the message lists the known ones).
+        """
+        if name not in PRESETS:
+            raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+        fields = copy.deepcopy(PRESETS[name])
+        text_overrides = overrides.pop("text_config", None) or {}
+        if isinstance(text_overrides, T5Config):
+            text_overrides = text_overrides.to_dict()
+        fields["text_config"].update(text_overrides)
+        fields.update(overrides)
+        return cls(**fields)

@@ -1,0 +1,1 @@
+"""Generation helpers: constrained decoding (answer tries, location-only) and candidate scoring."""

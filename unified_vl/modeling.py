@@ -1,0 +1,247 @@
+"""`UnifiedVLForConditionalGeneration`: a timm image backbone feeding a T5 encoder-decoder.
+
+Read top to bottom (VL-T5, Cho et al. 2021; OFA, Wang et al. 2022)::
+
+    pixel_values (B, 3, S, S)
+      -> timm backbone -> patch grid (B, N, C)
+      -> Linear(C, D) + LayerNorm + learned 2-D position (row + column) + type embedding 0
+    input_ids (B, T) -> T5 token embeddings + type embedding 1
+    [patch tokens ; text tokens] (B, N + T, D) -> T5 encoder -> T5 decoder -> logits over the vocab
+
+The attention mask is ``[1] * N`` for the patch tokens followed by the text mask, so padding of
+the text never reaches a real token (batched and one-at-a-time generation agree).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+from transformers import PreTrainedModel, T5ForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
+
+from unified_vl.config import UnifiedVLConfig
+
+
+class VisualEmbedding(nn.Module):
+    """timm backbone -> (B, N, D) patch tokens with 2-D position and type embeddings."""
+
+    def __init__(self, config: UnifiedVLConfig):
+        super().__init__()
+        kwargs = dict(config.vision_kwargs)
+        if config.vision_out_index is not None:
+            # A CNN stage as the grid (OFA uses ResNet's first three stages, §3.1).
+            self.backbone = timm.create_model(
+                config.vision_model, pretrained=False, features_only=True, out_indices=(config.vision_out_index,), **kwargs
+            )
+        else:
+            try:  # transformer backbones take the input size; CNNs refuse the argument
+                self.backbone = timm.create_model(
+                    config.vision_model, pretrained=False, num_classes=0, img_size=config.image_size, **kwargs
+                )
+            except TypeError:
+                self.backbone = timm.create_model(config.vision_model, pretrained=False, num_classes=0, **kwargs)
+        self.out_index = config.vision_out_index
+        # One dummy pass fixes the grid size and channel count for this image size.
+        with torch.no_grad():
+            was_training = self.backbone.training
+            self.backbone.eval()
+            grid = self._grid(torch.zeros(1, 3, config.image_size, config.image_size))
+            self.backbone.train(was_training)
+        _, channels, self.grid_h, self.grid_w = grid.shape
+        d = config.hidden_size
+        self.proj = nn.Linear(channels, d)
+        self.norm = nn.LayerNorm(d)
+        self.row_embed = nn.Parameter(torch.randn(self.grid_h, d) * 0.02)  # (H, D)
+        self.col_embed = nn.Parameter(torch.randn(self.grid_w, d) * 0.02)  # (W, D)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_h * self.grid_w
+
+    def _grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Backbone features as a (B, C, H, W) grid, whatever the backbone's output layout."""
+        if self.out_index is not None:
+            return self.backbone(pixel_values)[0]  # (B, C, H, W)
+        feats = self.backbone.forward_features(pixel_values)
+        if feats.ndim == 4:
+            return feats  # CNN: (B, C, H, W)
+        # Transformer: (B, prefix + H*W, C); drop class/register tokens.
+        feats = feats[:, getattr(self.backbone, "num_prefix_tokens", 0) :]
+        b, n, c = feats.shape
+        h, w = self.backbone.patch_embed.grid_size
+        return feats.transpose(1, 2).reshape(b, c, h, w)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        grid = self._grid(pixel_values)  # (B, C, H, W)
+        tokens = grid.flatten(2).transpose(1, 2)  # (B, N, C), raster order
+        pos = (self.row_embed[:, None, :] + self.col_embed[None, :, :]).reshape(-1, self.row_embed.shape[-1])  # (N, D)
+        return self.norm(self.proj(tokens)) + pos  # (B, N, D)
+
+
+class UnifiedVLForConditionalGeneration(PreTrainedModel):
+    """Image + instruction -> text, with one T5 encoder-decoder over [patch tokens ; text tokens]."""
+
+    config_class = UnifiedVLConfig
+    base_model_prefix = "unified_vl"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["T5Block"]
+
+    def __init__(self, config: UnifiedVLConfig):
+        super().__init__(config)
+        self.visual = VisualEmbedding(config)
+        self.language_model = T5ForConditionalGeneration(config.t5_config)
+        d = config.hidden_size
+        # Type embeddings tell image tokens from text tokens (VL-T5 §3.1); zero-initialised so
+        # that a pretrained T5's text path starts unchanged.
+        self.type_embed = nn.Parameter(torch.zeros(2, d))  # (2, D): 0 = image, 1 = text
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # timm and T5 initialise their own modules in their constructors; ours are initialised
+        # in VisualEmbedding/__init__. Nothing to redo here.
+        return
+
+    # -- encoder side -------------------------------------------------------------------------
+    def embed_inputs(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder input embeddings and mask for [patch tokens ; text tokens]."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        image = self.visual(pixel_values.to(self.dtype)) + self.type_embed[0]  # (B, N, D)
+        text = self.language_model.shared(input_ids) + self.type_embed[1]  # (B, T, D)
+        embeds = torch.cat([image, text], dim=1)  # (B, N + T, D)
+        image_mask = attention_mask.new_ones(image.shape[:2])  # (B, N)
+        mask = torch.cat([image_mask, attention_mask], dim=1)  # (B, N + T)
+        return embeds, mask
+
+    def encode(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[BaseModelOutput, torch.Tensor]:
+        """Runs the T5 encoder; returns its output (B, N + T, D) and the matching mask (B, N + T)."""
+        embeds, mask = self.embed_inputs(pixel_values, input_ids, attention_mask)
+        encoder_outputs = self.language_model.encoder(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
+        return encoder_outputs, mask
+
+    # -- training / scoring -------------------------------------------------------------------
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: BaseModelOutput | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> Seq2SeqLMOutput:
+        """Teacher-forced pass; with ``labels`` (B, L), -100 outside the target, returns the loss.
+
+        ``encoder_outputs`` with ``encoder_attention_mask`` (both from :meth:`encode`) skip the
+        encoder, e.g. to score several candidates against one encoded input.
+        """
+        if encoder_outputs is None:
+            if pixel_values is None or input_ids is None:
+                raise ValueError("forward needs pixel_values and input_ids (or encoder_outputs from encode())")
+            encoder_outputs, encoder_attention_mask = self.encode(pixel_values, input_ids, attention_mask)
+        return self.language_model(
+            encoder_outputs=encoder_outputs,
+            attention_mask=encoder_attention_mask,
+            labels=labels,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            return_dict=True,
+            **kwargs,
+        )
+
+    # -- generation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **generation_kwargs,
+    ):
+        """Greedy or beam search with the KV cache (T5's ``generate`` over our encoder output).
+
+        Any ``transformers`` generation argument passes through (``num_beams``,
+        ``max_new_tokens``, ``logits_processor``, ``prefix_allowed_tokens_fn``, ...).
+        """
+        encoder_outputs, mask = self.encode(pixel_values, input_ids, attention_mask)
+        if "max_length" not in generation_kwargs and "max_new_tokens" not in generation_kwargs:
+            generation_kwargs["max_new_tokens"] = self.config.max_target_length
+        return self.language_model.generate(encoder_outputs=encoder_outputs, attention_mask=mask, **generation_kwargs)
+
+    # -- embeddings ---------------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def resize_token_embeddings(self, new_num_tokens: int, **kwargs) -> nn.Embedding:
+        embeddings = self.language_model.resize_token_embeddings(new_num_tokens, **kwargs)
+        self.config.text_config["vocab_size"] = self.language_model.config.vocab_size
+        return embeddings
+
+
+def load_vision_weights(model: UnifiedVLForConditionalGeneration, path: str | os.PathLike) -> list[str]:
+    """Loads a local timm weight file (safetensors or a torch state dict) into the backbone.
+
+    Keys of a classification head that our headless backbone does not have are dropped and
+    returned; any other mismatch is an error naming the keys.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"vision weight file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        # weights_only: never unpickle code from a weight file.
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model", "state_dict_ema"):
+            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+    backbone = model.visual.backbone
+    own = backbone.state_dict()
+    dropped = [k for k in state if k not in own]
+    head_prefixes = ("head", "fc.", "classifier", "fc_norm")
+    unexpected = [k for k in dropped if not k.startswith(head_prefixes)]
+    missing = [k for k in own if k not in state]
+    if unexpected or missing:
+        raise ValueError(
+            f"vision weights {str(path)!r} do not fit {model.config.vision_model!r}: "
+            f"missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+        )
+    backbone.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+    return dropped
+
+
+def build_model(config: UnifiedVLConfig, tokenizer=None) -> UnifiedVLForConditionalGeneration:
+    """A fresh model from ``config``, with local backbone weights loaded where the config names them.
+
+    Args:
+        config: the model config; ``text_model_path`` and ``vision_weights_path`` are read here.
+        tokenizer: if given, the token embeddings are resized to ``len(tokenizer)`` (the added
+            location tokens of a pretrained T5 get fresh rows).
+    """
+    model = UnifiedVLForConditionalGeneration(config)
+    if config.text_model_path is not None:
+        model.language_model = T5ForConditionalGeneration.from_pretrained(config.text_model_path, local_files_only=True)
+    if config.vision_weights_path is not None:
+        load_vision_weights(model, config.vision_weights_path)
+    if tokenizer is not None and len(tokenizer) != model.language_model.config.vocab_size:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.text_config = model.language_model.config.to_dict()
+    return model

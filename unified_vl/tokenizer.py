@@ -1,0 +1,133 @@
+"""The SentencePiece tokenizer (T5's tokenizer class) with location tokens added.
+
+Vocabulary layout: the SentencePiece pieces, then T5's 100 sentinels ``<extra_id_*>`` (used by the
+text-infilling task, Raffel et al. 2020 §3.1.4), then ``<loc_0>``..``<loc_{B-1}>``. Location tokens
+are added as ordinary added tokens, not special ones, so ``decode(skip_special_tokens=True)`` keeps
+them (a box is part of the answer).
+
+A small default SentencePiece model ships with the package (``unified_vl/assets/tokenizer``). It is
+trained by ``scripts/train_default_tokenizer.py`` on text the project produces itself (task
+templates, the synthetic world's vocabulary), so a processor works with nothing downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from importlib import resources
+from pathlib import Path
+
+from transformers import T5Tokenizer
+
+from unified_vl.boxes import DEFAULT_NUM_BINS, loc_tokens
+
+# T5 reserves 100 sentinel tokens for span corruption (Raffel et al. 2020, §3.1.4).
+NUM_EXTRA_IDS = 100
+
+
+def default_tokenizer_dir() -> Path:
+    """The folder of the SentencePiece model shipped as package data."""
+    return Path(str(resources.files("unified_vl") / "assets" / "tokenizer"))
+
+
+def _add_loc_tokens(tokenizer: T5Tokenizer, num_bins: int) -> T5Tokenizer:
+    missing = [t for t in loc_tokens(num_bins) if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing)
+    return tokenizer
+
+
+def load_tokenizer(path: str | os.PathLike | None = None, *, num_bins: int = DEFAULT_NUM_BINS) -> T5Tokenizer:
+    """Loads a T5 tokenizer from a local folder and makes sure it has the location tokens.
+
+    Args:
+        path: a folder holding a saved tokenizer (``tokenizer.json``) or a bare SentencePiece
+            ``spiece.model`` (e.g. a Hugging Face T5 checkpoint). ``None`` uses the packaged default.
+        num_bins: number of location tokens ``<loc_0>``..``<loc_{num_bins-1}>``.
+
+    Returns:
+        The tokenizer; ``len(tokenizer)`` is the embedding size the model needs.
+
+    Raises:
+        FileNotFoundError: the folder holds neither ``tokenizer.json`` nor ``spiece.model``.
+    """
+    folder = Path(path) if path is not None else default_tokenizer_dir()
+    if not ((folder / "tokenizer.json").is_file() or (folder / "spiece.model").is_file()):
+        raise FileNotFoundError(
+            f"no tokenizer in {str(folder)!r}: expected 'tokenizer.json' (a saved tokenizer) or "
+            "'spiece.model' (a SentencePiece model); train one with `unified-vl tokenizer train`"
+        )
+    # transformers 5 converts a bare spiece.model into the fast tokenizer (needs protobuf).
+    tokenizer = T5Tokenizer.from_pretrained(str(folder), extra_ids=NUM_EXTRA_IDS, local_files_only=True)
+    return _add_loc_tokens(tokenizer, num_bins)
+
+
+def loc_token_ids(tokenizer: T5Tokenizer, num_bins: int = DEFAULT_NUM_BINS) -> list[int]:
+    """Ids of ``<loc_0>``..``<loc_{num_bins-1}>``, in bin order."""
+    ids = tokenizer.convert_tokens_to_ids(loc_tokens(num_bins))
+    if tokenizer.unk_token_id in ids:
+        raise ValueError(f"tokenizer lacks location tokens for {num_bins} bins; load it with load_tokenizer()")
+    return ids
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    *,
+    out_dir: str | os.PathLike,
+    vocab_size: int,
+    num_bins: int = DEFAULT_NUM_BINS,
+) -> T5Tokenizer:
+    """Trains a SentencePiece unigram model on ``texts`` and saves a full tokenizer folder.
+
+    The folder gets ``spiece.model`` and the Hugging Face tokenizer files; it is written to a
+    temporary folder first and moved into place, so an interrupted run leaves nothing half-made.
+
+    Args:
+        texts: training sentences (records' text and task templates).
+        out_dir: where to save; replaced if it exists.
+        vocab_size: SentencePiece pieces (before the sentinels and location tokens); a soft limit,
+            lowered automatically when the corpus is too small for it.
+        num_bins: number of location tokens to add.
+
+    Returns:
+        The trained tokenizer, as :func:`load_tokenizer` would load it from ``out_dir``.
+    """
+    import sentencepiece as spm  # only needed for training
+
+    if vocab_size < 16:
+        raise ValueError(f"vocab_size must be at least 16, got {vocab_size}")
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = [t.strip() for t in texts if t and t.strip()]
+    if not lines:
+        raise ValueError("train_tokenizer got no text to train on")
+    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=out.parent))
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_prefix=str(tmp / "spiece"),
+            vocab_size=vocab_size,
+            model_type="unigram",
+            # T5's special ids: pad 0, eos 1, unk 2, no bos (t5 spiece.model convention).
+            pad_id=0,
+            eos_id=1,
+            unk_id=2,
+            bos_id=-1,
+            character_coverage=1.0,
+            hard_vocab_limit=False,
+            # Keep "<", ">" and "_" out of learnt pieces' way: location tokens are added separately.
+            split_digits=True,
+            minloglevel=2,
+        )
+        (tmp / "spiece.vocab").unlink(missing_ok=True)
+        tokenizer = load_tokenizer(tmp, num_bins=num_bins)
+        tokenizer.save_pretrained(str(tmp))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return load_tokenizer(out, num_bins=num_bins)
