@@ -1,0 +1,92 @@
+"""Referring expression comprehension: the box of the object an expression refers to.
+
+Instruction from OFA (data/mm_data/refcoco_dataset.py:
+``' which region does the text " {} " describe?'``), without OFA's leading space. The target is
+the box as four location tokens (``unified_vl.boxes``); decoding is "loc4" (exactly four location
+tokens, then end). Metrics as in the RefCOCO literature (OFA, MDETR): accuracy at IoU >= 0.5,
+plus mean IoU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tasks._common import (
+    Record,
+    Task,
+    box_field,
+    box_list_field,
+    decode_box,
+    safe_mean,
+    size_field,
+    string_field,
+)
+from unified_vl import boxes
+
+PROMPTS = (
+    'which region does the text " {expression} " describe?',
+    "locate: {expression}",
+    'where is " {expression} " in the image?',
+)
+IOU_THRESHOLD = 0.5  # RefCOCO protocol: a box is correct when IoU >= 0.5 (Mao et al., 2016)
+
+
+def _target(record: Record, rng) -> str:
+    return boxes.box_to_tokens(record["box"], record["width"], record["height"])
+
+
+def _parse(text: str, record: Record) -> list[float] | None:
+    # Exactly four <loc_*> tokens, else no prediction.
+    return decode_box(text, record["width"], record["height"])
+
+
+def _is_box(prediction) -> bool:
+    return isinstance(prediction, (list, tuple)) and len(prediction) == 4
+
+
+def _metric(predictions: Sequence[list[float] | None], records: Sequence[Record]) -> dict[str, float]:
+    ious = [boxes.iou(p, r["box"]) if _is_box(p) else 0.0 for p, r in zip(predictions, records, strict=True)]
+    return {
+        "acc@0.5": safe_mean([1.0 if iou >= IOU_THRESHOLD else 0.0 for iou in ious]),
+        "miou": safe_mean(ious),
+    }
+
+
+EXAMPLES = [
+    {
+        "id": "rec-0", "image": None, "width": 640, "height": 480,
+        "expression": "the red circle", "box": [32.0, 40.0, 200.0, 210.0],
+    },
+    {
+        "id": "rec-1", "image": None, "width": 640, "height": 480,
+        "expression": "the blue square on the right", "box": [400.0, 250.0, 600.0, 470.0],
+        "candidate_boxes": [[32.0, 40.0, 200.0, 210.0], [400.0, 250.0, 600.0, 470.0]],
+    },
+    {
+        "id": "rec-2", "image": None, "width": 300, "height": 300,
+        "expression": "small green triangle", "box": [120.5, 10.0, 170.25, 60.0],
+    },
+]  # fmt: skip
+
+TASK = Task(
+    name="rec",
+    fields={
+        "width": size_field("width"),
+        "height": size_field("height"),
+        "expression": string_field("expression", role="input"),
+        "box": box_field("box"),
+        # For CPT colour prompts (unified_vl.prompting); includes the gold box. Not read here.
+        "candidate_boxes": box_list_field("candidate_boxes", role="input", required=False),
+    },
+    prompts=PROMPTS,
+    primary_metric="acc@0.5",
+    decoding="loc4",
+    format_target=_target,
+    parse_output=_parse,
+    gold_prediction=lambda record: [float(v) for v in record["box"]],
+    metric=_metric,
+    examples=EXAMPLES,
+    prompt_values=lambda record, rng: {"expression": " ".join(record["expression"].split())},
+    metric_keys=("acc@0.5", "miou"),
+    description="Referring expression comprehension; Acc@0.5 and mean IoU.",
+)

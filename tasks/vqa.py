@@ -1,0 +1,228 @@
+"""Visual question answering (VQAv2): the question is the instruction, the answer the target.
+
+Metric: the official VQA accuracy, ported line by line from GT-Vision-Lab/VQA,
+``PythonEvaluationTools/vqaEvaluation/vqaEval.py`` (master, commit a013f00 "Fixed processing
+answers bug", 2021). Quirks kept on purpose, so that our numbers are comparable with published ones:
+
+* an answer is normalised (punctuation, number words -> digits, articles, contractions) only when
+  the human answers of the question are not all identical (``if len(set(gtAnswers)) > 1``), for
+  the prediction and the human answers alike; otherwise only whitespace is cleaned, so "Two" or
+  "a dog" score 0 against ten identical "2" or "dog" answers;
+* accuracy is the mean over the leave-one-out subsets of the human answers of
+  ``min(1, #matches / 3)``: 3 of 10 matching answers give 0.9, not 1.0;
+* ``periodStrip`` has a typo'd look-behind (``(?!<=\\d)`` is a look-ahead for "<=digit"), and
+  ``re.UNICODE`` is passed where ``sub`` expects ``count``, so at most 32 periods are removed.
+
+The official script rounds to two decimals of a percentage for display only; we return floats in
+[0, 1]. One addition: a question with a single answer (synthetic data) counts as ten agreeing
+annotators; the official formula, made for ten, would score it 0 (see `vqa_accuracy`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+
+from tasks._common import (
+    Record,
+    Task,
+    choice_field,
+    safe_mean,
+    squash,
+    string_field,
+    string_list_field,
+)
+
+ANSWER_TYPES = ("yes/no", "number", "other")
+
+# OFA feeds the question itself as the instruction (OFA data/mm_data/vqa_gen_dataset.py:
+# `self.encode_text(' {}'.format(question))`); our templates drop OFA's leading space, which only
+# served its GPT-2 BPE (a word-initial space is part of the first token); our SentencePiece
+# tokenizer marks word starts itself. "question: ..." follows DESIGN.md §1 / VL-T5's "vqa:" prefix.
+PROMPTS = (
+    "{question}",
+    "question: {question}",
+    "question: {question} answer:",
+)
+
+# ---- official VQA evaluation (vqaEval.py, VQAEval.__init__), copied verbatim ----------------
+CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
+    "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't", "hed": "he'd", "hed've": "he'd've",
+    "he'dve": "he'd've", "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've",
+    "Im": "I'm", "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
+    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
+    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
+    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
+    "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's", "thered": "there'd", "thered've": "there'd've",
+    "there'dve": "there'd've", "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't",
+    "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
+    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's", "whereve": "where've",
+    "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
+    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've",
+    "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've",
+    "youll": "you'll", "youre": "you're", "youve": "you've",
+}  # fmt: skip
+MANUAL_MAP = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
+    "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}  # fmt: skip
+ARTICLES = ("a", "an", "the")
+PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: see the module docstring
+COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
+PUNCT = (";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+_PERIOD_STRIP_COUNT = int(re.UNICODE)  # sic: vqaEval passes re.UNICODE (32) as `count`
+
+
+def process_punctuation(text: str) -> str:
+    """``VQAEval.processPunctuation``: strip or space out punctuation, drop periods not before a digit."""
+    out = text
+    for p in PUNCT:
+        # The test reads the *input* text, the replacement edits the output (as in vqaEval.py).
+        if (p + " " in text or " " + p in text) or (re.search(COMMA_STRIP, text) is not None):
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return PERIOD_STRIP.sub("", out, count=_PERIOD_STRIP_COUNT)
+
+
+def process_digit_article(text: str) -> str:
+    """``VQAEval.processDigitArticle``: lower-case, number words -> digits, drop articles, fix contractions."""
+    words = [MANUAL_MAP.get(word, word) for word in text.lower().split()]
+    words = [word for word in words if word not in ARTICLES]
+    return " ".join(CONTRACTIONS.get(word, word) for word in words)
+
+
+def normalize_answer(text: str) -> str:
+    """The full official answer normalisation (what vqaEval applies when the answers disagree)."""
+    return process_digit_article(process_punctuation(_clean_whitespace(text)))
+
+
+def _clean_whitespace(text: str) -> str:
+    # vqaEval: answer.replace('\n', ' ').replace('\t', ' ').strip()
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def vqa_accuracy(prediction: str | None, answers: Sequence[str]) -> float:
+    """Official VQA accuracy of one predicted answer against the human answers.
+
+    Args:
+        prediction: the predicted answer; None (no prediction) scores 0.
+        answers: the human answers. The formula assumes VQAv2's 10; a single answer (synthetic
+            or single-annotator data) counts as ten agreeing annotators, since leave-one-out of
+            one answer would score every prediction 0. Between 2 and 9 answers the formula is
+            applied as is (e.g. 3 identical answers give a correct prediction 2/3).
+
+    Returns:
+        Mean over the leave-one-out subsets of ``min(1, #matches / 3)``, in [0, 1].
+    """
+    if prediction is None:
+        return 0.0
+    res_ans = _clean_whitespace(prediction)
+    gt_answers = [_clean_whitespace(a) for a in answers]
+    if len(gt_answers) == 1:
+        gt_answers = gt_answers * 10
+    if len(set(gt_answers)) > 1:
+        gt_answers = [process_digit_article(process_punctuation(a)) for a in gt_answers]
+        res_ans = process_digit_article(process_punctuation(res_ans))
+    accs = []
+    for i in range(len(gt_answers)):
+        others = gt_answers[:i] + gt_answers[i + 1 :]
+        matches = sum(1 for a in others if a == res_ans)
+        accs.append(min(1.0, matches / 3))
+    return safe_mean(accs)
+
+
+# ---- task ------------------------------------------------------------------------------------
+
+
+def most_common_answer(answers: Sequence[str]) -> str:
+    """The most frequent human answer (VQAv2's ``multiple_choice_answer``); ties -> earliest listed."""
+    cleaned = [squash(a) for a in answers]
+    counts = Counter(cleaned)
+    best = max(counts.values())
+    return next(a for a in cleaned if counts[a] == best)
+
+
+def _target(record: Record, rng) -> str:
+    # Deterministic even in training: OFA trains on the most confident answer as well.
+    return most_common_answer(record["answers"])
+
+
+def _parse(text: str, record: Record) -> str | None:
+    # Only whitespace is cleaned here: the official metric normalises inside, and only when the
+    # human answers disagree; normalising here would change official scores.
+    answer = squash(text)
+    return answer or None
+
+
+def _metric(predictions: Sequence[str | None], records: Sequence[Record]) -> dict[str, float]:
+    per_type: dict[str, list[float]] = {}
+    scores = []
+    for prediction, record in zip(predictions, records, strict=True):
+        score = vqa_accuracy(prediction if isinstance(prediction, str) else None, record["answers"])
+        scores.append(score)
+        per_type.setdefault(record["answer_type"], []).append(score)
+    result = {"accuracy": safe_mean(scores)}
+    for answer_type in ANSWER_TYPES:  # reported for the answer types present only
+        if answer_type in per_type:
+            result[f"accuracy_{answer_type}"] = safe_mean(per_type[answer_type])
+    return result
+
+
+def answer_vocabulary(records: Sequence[Record], *, min_count: int = 1) -> list[str]:
+    """Sorted target answers that occur at least ``min_count`` times (for an OFA-style answer trie).
+
+    OFA constrains VQA decoding to a fixed candidate list built from training answers; this gives
+    that list from our records. The task itself decodes openly.
+    """
+    counts = Counter(most_common_answer(r["answers"]) for r in records)
+    return sorted(a for a, c in counts.items() if c >= min_count)
+
+
+EXAMPLES = [
+    {
+        "id": "vqa-0", "image": None, "width": 64, "height": 64,
+        "question": "What color is the circle?", "answer_type": "other", "question_type": "what color is the",
+        "answers": ["red"] * 8 + ["dark red", "orange"],
+    },
+    {
+        "id": "vqa-1", "image": None, "width": 64, "height": 64,
+        "question": "How many squares are there?", "answer_type": "number", "question_type": "how many",
+        "answers": ["2"] * 6 + ["two"] * 3 + ["3"],
+    },
+    {
+        "id": "vqa-2", "image": None, "width": 64, "height": 64,
+        "question": "Is the triangle left of the square?", "answer_type": "yes/no", "question_type": "is the",
+        "answers": ["yes"] * 10,
+    },
+]  # fmt: skip
+
+TASK = Task(
+    name="vqa",
+    fields={
+        "question": string_field("question", role="input"),
+        "answers": string_list_field("answers"),
+        "answer_type": choice_field("answer_type", ANSWER_TYPES),
+        "question_type": string_field("question_type", required=False),
+    },
+    prompts=PROMPTS,
+    primary_metric="accuracy",
+    decoding="open",
+    format_target=_target,
+    parse_output=_parse,
+    gold_prediction=lambda record: most_common_answer(record["answers"]),
+    metric=_metric,
+    examples=EXAMPLES,
+    prompt_values=lambda record, rng: {"question": squash(record["question"])},
+    metric_keys=("accuracy", *(f"accuracy_{t}" for t in ANSWER_TYPES)),
+    description="Visual question answering; official VQAv2 accuracy.",
+)
