@@ -1,0 +1,183 @@
+"""`unified-vl predict` and `unified-vl serve`.
+
+    unified-vl predict --model runs/main/model --task rec --image scene.png --text "the red circle" --out vis.png
+    unified-vl serve --model runs/main/model --port 8000 --max-batch 16 --max-wait-ms 10
+
+``predict`` prints the prediction as JSON; with ``--out`` it also draws the predicted boxes and
+text on the image. ``serve`` runs the HTTP server (:mod:`unified_vl.inference.server`) with
+uvicorn; it binds loopback unless ``--host`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+API_KEY_ENV = "UNIFIED_VL_API_KEY"  # read when --api-key is not given: keys stay out of `ps` listings
+# Box colours for drawings, cycled (Tableau 10, matplotlib's default colour cycle).
+COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="a model folder (config.json, model.safetensors, ...)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="default: float32")
+    parser.add_argument("--adapters", default=None, help="a PEFT adapter folder for the language model")
+
+
+def build_predict_parser() -> argparse.ArgumentParser:
+    """The arguments of ``unified-vl predict``."""
+    from unified_vl.inference.predictor import known_tasks
+
+    parser = argparse.ArgumentParser(prog="unified-vl predict", description="Predict on one image; prints JSON.")
+    _model_arguments(parser)
+    parser.add_argument("--task", required=True, choices=known_tasks(), help="a task, or 'generate' for a free prompt")
+    parser.add_argument("--image", required=True, help="the image file")
+    parser.add_argument("--text", default=None, help="the task's text: question, expression, caption, prompt, ...")
+    parser.add_argument("--labels", nargs="+", default=None, help="classification: rank these labels")
+    parser.add_argument("--top-k", type=int, default=1, help="classification with --labels: labels to list")
+    parser.add_argument("--candidates", nargs="+", default=None, help="restrict the answer to these texts")
+    parser.add_argument("--num-beams", type=int, default=None, help="beam search width (default: greedy)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="the longest output in tokens")
+    parser.add_argument("--out", default=None, help="also draw the prediction on the image into this file")
+    return parser
+
+
+def _text_field(task: str) -> str | None:
+    """The request field ``--text`` fills: the task's first text input field."""
+    from unified_vl.inference.predictor import GENERATE, input_fields
+
+    if task == GENERATE:
+        return "prompt"
+    import tasks
+
+    spec = tasks.get_task(task).fields
+    return next((name for name in input_fields(task) if spec[name].type == "str"), None)
+
+
+def predict_main(argv: list[str] | None = None) -> int:
+    """``unified-vl predict``; returns the exit code (2 for bad input)."""
+    from unified_vl.checkpoint import CheckpointError
+    from unified_vl.inference.predictor import InputError, Predictor
+    from unified_vl.processor import ImageLoadError, load_image
+
+    args = build_predict_parser().parse_args(argv)
+    field = _text_field(args.task)
+    if args.text is not None and field is None:
+        print(f"unified-vl predict: error: task {args.task!r} takes no --text", file=sys.stderr)
+        return 2
+    inputs = {field: args.text} if args.text is not None else {}
+    options: dict[str, Any] = {"candidates": args.candidates, "labels": args.labels, "top_k": args.top_k}
+    if args.num_beams is not None:
+        options["num_beams"] = args.num_beams
+    if args.max_new_tokens is not None:
+        options["max_new_tokens"] = args.max_new_tokens
+    try:
+        image = load_image(args.image)
+        predictor = Predictor.from_pretrained(args.model, device=args.device, dtype=args.dtype, adapters=args.adapters)
+        prediction = predictor.predict(args.task, image, inputs, **options)[0].to_dict()
+    except (CheckpointError, ImageLoadError, InputError, FileNotFoundError) as exc:
+        print(f"unified-vl predict: error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        json.dumps(
+            {"task": args.task, "model": predictor.name, "image": args.image, "prediction": prediction}, indent=2
+        )
+    )
+    if args.out is not None:
+        draw_prediction(image, prediction).save(args.out)
+        print(f"drew the prediction into {args.out}", file=sys.stderr)
+    return 0
+
+
+def draw_prediction(image: Image.Image, prediction: dict[str, Any]) -> Image.Image:
+    """A copy of ``image`` with the prediction's boxes (and their labels) and its text drawn on it.
+
+    Args:
+        image: the original image (boxes are in its pixels).
+        prediction: a result's ``to_dict()``.
+    """
+    boxes: list[tuple[str, list[float]]] = []
+    if prediction.get("box"):
+        boxes.append(("", prediction["box"]))
+    boxes += [(p["phrase"], p["box"]) for p in prediction.get("phrases") or []]
+    boxes += [(o["label"], o["box"]) for o in prediction.get("objects") or []]
+    headline = next(
+        (prediction[k] for k in ("caption", "answer", "label", "prediction") if isinstance(prediction.get(k), str)),
+        None,
+    )
+    if headline is None and not boxes:
+        headline = prediction.get("text") or "(no output)"
+
+    canvas = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(canvas)
+    size = max(12, min(canvas.size) // 24)
+    font = ImageFont.load_default(size=size)
+    width = max(1, min(canvas.size) // 150)
+    for i, (label, box) in enumerate(boxes):
+        colour = COLOURS[i % len(COLOURS)]
+        draw.rectangle(box, outline=colour, width=width)
+        if label:
+            x, y = box[0], max(0, box[1] - size - 2)
+            draw.rectangle(draw.textbbox((x, y), label, font=font), fill=colour)
+            draw.text((x, y), label, fill="white", font=font)
+    if headline:
+        bbox = draw.textbbox((2, 2), headline, font=font)
+        draw.rectangle((0, 0, bbox[2] + 2, bbox[3] + 2), fill="black")
+        draw.text((2, 2), headline, fill="white", font=font)
+    return canvas
+
+
+def build_serve_parser() -> argparse.ArgumentParser:
+    """The arguments of ``unified-vl serve``."""
+    parser = argparse.ArgumentParser(prog="unified-vl serve", description="HTTP server with dynamic batching.")
+    _model_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch", type=int, default=16, help="the most requests run in one forward pass")
+    parser.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits to share a batch")
+    parser.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 429")
+    parser.add_argument(
+        "--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV})"
+    )
+    parser.add_argument("--max-image-mb", type=float, default=10.0, help="the largest image file")
+    parser.add_argument("--max-body-mb", type=float, default=16.0, help="the largest request body")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return parser
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    """``unified-vl serve``: loads the model and serves it until interrupted."""
+    import uvicorn
+
+    from unified_vl.inference.predictor import Predictor
+    from unified_vl.inference.server import MiB, create_app
+
+    args = build_serve_parser().parse_args(argv)
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        logging.warning("serving on %s without an API key: anyone who can reach it can use the model", args.host)
+    # One gathered batch is one forward pass: the predictor's batch size follows --max-batch.
+    predictor = Predictor.from_pretrained(
+        args.model, device=args.device, dtype=args.dtype, adapters=args.adapters, batch_size=args.max_batch
+    )
+    app = create_app(
+        predictor,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        api_key=api_key,
+        max_queue=args.max_queue,
+        max_image_bytes=int(args.max_image_mb * MiB),
+        max_body_bytes=int(args.max_body_mb * MiB),
+    )
+    logging.info("serving %s (%s) on http://%s:%d", predictor.name, Path(args.model), args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
