@@ -1,1 +1,20 @@
 """Generation helpers: constrained decoding (answer tries, location-only) and candidate scoring."""
+
+from unified_vl.generation.constraints import (
+    DECODINGS,
+    CandidateTrie,
+    LocationOnlyLogitsProcessor,
+    candidates_prefix_fn,
+    generate_texts,
+)
+from unified_vl.generation.scoring import rank_classify, score_candidates
+
+__all__ = [
+    "DECODINGS",
+    "CandidateTrie",
+    "LocationOnlyLogitsProcessor",
+    "candidates_prefix_fn",
+    "generate_texts",
+    "rank_classify",
+    "score_candidates",
+]

@@ -1,0 +1,286 @@
+"""Constrained decoding: a candidate trie (answer lists) and a location-only processor (boxes).
+
+Both plug into ``transformers``' ``generate``, which in 5.x no longer has constrained beam search
+(``DisjunctiveConstraint`` is gone): the trie becomes a ``prefix_allowed_tokens_fn`` and the box
+constraint a ``LogitsProcessor``; each works with greedy and beam search.
+
+:func:`generate_texts` is the one entry point that evaluation and serving call: it batches,
+preprocesses, applies the decoding a task asks for (``task.decoding``: ``"open"``, ``"loc4"`` or
+``"candidates"``) and returns text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from unified_vl.boxes import DEFAULT_NUM_BINS
+from unified_vl.tokenizer import loc_token_ids
+
+DECODINGS = ("open", "loc4", "candidates")
+
+
+class CandidateTrie:
+    """A prefix trie over the token ids of candidate texts, each ending in eos.
+
+    Decoding through it can only write one of the candidates: this is OFA's answer-constrained
+    decoding (OFA-Sys/OFA ``utils/trie.py``, built as ``constraint_trie`` in
+    ``tasks/mm_tasks/vqa_gen.py``), including its rule that a prefix off the trie may only end.
+
+    Args:
+        sequences: token ids of each candidate, each ending in ``eos_token_id``.
+        eos_token_id: the end-of-sequence id.
+        pad_token_id: the padding id, the only token allowed after eos.
+
+    Raises:
+        ValueError: no sequences, or a sequence that does not end in eos.
+    """
+
+    def __init__(self, sequences: Iterable[Sequence[int]], *, eos_token_id: int, pad_token_id: int):
+        self.eos_token_id = int(eos_token_id)
+        self.pad_token_id = int(pad_token_id)
+        self._root: dict[int, dict] = {}
+        self.max_length = 0  # the longest candidate in tokens, eos included
+        for i, seq in enumerate(sequences):
+            seq = [int(t) for t in seq]
+            if not seq or seq[-1] != self.eos_token_id or self.eos_token_id in seq[:-1]:
+                raise ValueError(
+                    f"candidate {i}: token ids must end in eos ({self.eos_token_id}) exactly once, got {seq}"
+                )
+            node = self._root
+            for token in seq:
+                node = node.setdefault(token, {})
+            self.max_length = max(self.max_length, len(seq))
+        if not self._root:
+            raise ValueError("CandidateTrie needs at least one candidate")
+
+    @classmethod
+    def from_texts(cls, tokenizer, texts: Sequence[str]) -> CandidateTrie:
+        """A trie over ``texts`` as ``tokenizer`` writes them (with the end-of-sequence token).
+
+        Args:
+            tokenizer: the processor's tokenizer (``processor.tokenizer``).
+            texts: the candidate texts, e.g. ``task.candidates(records)``.
+        """
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"candidate {i}: expected a string, got {type(text).__name__}")
+        ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"] if texts else []
+        return cls(ids, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+    def allowed(self, prefix_ids: Sequence[int]) -> list[int]:
+        """The tokens that may follow ``prefix_ids`` (generated ids, without the decoder start).
+
+        After eos only pad is allowed, so a finished sequence stays finished; a prefix that left
+        the trie (a dead beam whose score is already -inf) may only end, as in OFA.
+        """
+        if self.eos_token_id in prefix_ids:
+            return [self.pad_token_id]
+        node = self._root
+        for token in prefix_ids:
+            node = node.get(int(token))
+            if node is None:
+                return [self.eos_token_id]
+        return list(node)
+
+
+def candidate_rows(candidates: Sequence[str] | Sequence[Sequence[str]], num_rows: int | None) -> list[Sequence[str]]:
+    """Normalises a shared candidate list or one list per row into one list per row.
+
+    Args:
+        candidates: a list of texts shared by every row, or a list of ``num_rows`` lists of texts.
+        num_rows: the number of rows, or None when the caller does not know it yet (then a shared
+            list is returned as a one-element list).
+
+    Returns:
+        A list of candidate lists; a shared list is the same object in every row.
+
+    Raises:
+        TypeError: ``candidates`` is a single string or mixes strings and lists.
+        ValueError: no candidates, an empty row, or a number of rows other than ``num_rows``.
+    """
+    if isinstance(candidates, str):
+        raise TypeError(f"candidates must be a list of strings (or one list per row), not the string {candidates!r}")
+    if len(candidates) == 0:
+        raise ValueError("candidates is empty; give at least one candidate text")
+    if all(isinstance(c, str) for c in candidates):
+        return [candidates] * (1 if num_rows is None else num_rows)
+    if not all(isinstance(c, (list, tuple)) for c in candidates):
+        raise TypeError(
+            "candidates must be a list of strings (shared by all rows) or a list of lists of strings (one per row), not a mix"
+        )
+    if num_rows is not None and len(candidates) != num_rows:
+        raise ValueError(
+            f"got {len(candidates)} candidate lists for {num_rows} inputs; give one list per input or one shared list"
+        )
+    for i, row in enumerate(candidates):
+        if len(row) == 0:
+            raise ValueError(f"candidate list {i} is empty; give at least one candidate text")
+    return list(candidates)
+
+
+def _row_tries(tokenizer, rows: Sequence[Sequence[str]]) -> list[CandidateTrie]:
+    """One trie per row; rows with the same texts share one (a shared list is built once)."""
+    by_id: dict[int, CandidateTrie] = {}
+    by_texts: dict[tuple[str, ...], CandidateTrie] = {}
+    tries = []
+    for row in rows:
+        if id(row) not in by_id:
+            key = tuple(row)
+            if key not in by_texts:
+                by_texts[key] = CandidateTrie.from_texts(tokenizer, row)
+            by_id[id(row)] = by_texts[key]
+        tries.append(by_id[id(row)])
+    return tries
+
+
+def _trie_prefix_fn(row_tries: Sequence[CandidateTrie], *, shared: bool) -> Callable[[int, torch.Tensor], list[int]]:
+    def prefix_allowed_tokens_fn(batch_id: int, input_ids: torch.Tensor) -> list[int]:
+        if shared:
+            trie = row_tries[0]
+        elif batch_id < len(row_tries):
+            trie = row_tries[batch_id]
+        else:
+            raise IndexError(f"batch row {batch_id} has no candidate list; {len(row_tries)} lists were given")
+        return trie.allowed(input_ids[1:].tolist())  # [1:]: drop the decoder start token
+
+    return prefix_allowed_tokens_fn
+
+
+def candidates_prefix_fn(
+    tokenizer, candidates: Sequence[str] | Sequence[Sequence[str]]
+) -> Callable[[int, torch.Tensor], list[int]]:
+    """A ``prefix_allowed_tokens_fn`` for ``generate`` that only lets it write a candidate.
+
+    Args:
+        tokenizer: the processor's tokenizer.
+        candidates: a list of texts shared by every batch row, or one list per batch row.
+
+    Returns:
+        ``fn(batch_id, input_ids)``, where ``batch_id`` is the row of the original batch (beam
+        search calls it once per beam, with the beam's original row) and ``input_ids`` (t,) is
+        the decoder sequence so far, starting with the decoder start token.
+    """
+    rows = candidate_rows(candidates, None)
+    return _trie_prefix_fn(_row_tries(tokenizer, rows), shared=isinstance(candidates[0], str))
+
+
+class LocationOnlyLogitsProcessor(LogitsProcessor):
+    """Forces exactly ``num_locations`` location tokens, then eos, then pad (the ``rec`` box).
+
+    Every other token gets a score of -inf. The step is read from the sequence itself (how many
+    location tokens and whether eos were written), so it works for greedy and beam search.
+
+    Args:
+        tokenizer: the processor's tokenizer (with the location tokens).
+        num_locations: how many ``<loc_*>`` tokens to write (4: ``x1 y1 x2 y2``).
+        num_bins: the number of location tokens in the vocabulary (``processor.num_bins``).
+    """
+
+    def __init__(self, tokenizer, *, num_locations: int = 4, num_bins: int = DEFAULT_NUM_BINS):
+        if num_locations < 1:
+            raise ValueError(f"num_locations must be at least 1, got {num_locations}")
+        self.num_locations = num_locations
+        self.loc_ids = torch.tensor(loc_token_ids(tokenizer, num_bins), dtype=torch.long)  # (num_bins,)
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        loc_ids = self.loc_ids.to(input_ids.device)
+        num_locs = torch.isin(input_ids, loc_ids).sum(dim=1)  # (R,) R = batch * beams
+        ended = (input_ids == self.eos_token_id).any(dim=1)  # (R,)
+        allowed = torch.zeros_like(scores, dtype=torch.bool)  # (R, V)
+        allowed[:, loc_ids] = (~ended & (num_locs < self.num_locations))[:, None]
+        allowed[:, self.eos_token_id] = ~ended & (num_locs >= self.num_locations)
+        allowed[:, self.pad_token_id] = ended
+        return scores.masked_fill(~allowed, float("-inf"))
+
+
+def generate_texts(
+    model,
+    processor,
+    images: Sequence,
+    prompts: Sequence[str],
+    *,
+    decoding: str = "open",
+    candidates: Sequence[str] | Sequence[Sequence[str]] | None = None,
+    num_beams: int = 1,
+    max_new_tokens: int | None = None,
+    batch_size: int = 32,
+    **generation_kwargs,
+) -> list[str]:
+    """Generates one text per (image, prompt), optionally constrained; what evaluation and serving call.
+
+    Outputs do not depend on how inputs are batched (padding never reaches a real token). The
+    model's mode is left as it is: call ``model.eval()`` first.
+
+    Args:
+        model: a :class:`~unified_vl.modeling.UnifiedVLForConditionalGeneration`.
+        processor: its :class:`~unified_vl.processor.UnifiedVLProcessor`.
+        images: one image per prompt (PIL, numpy or path).
+        prompts: the instructions, e.g. ``task.prompt(record)``.
+        decoding: ``"open"`` (free text), ``"loc4"`` (exactly four location tokens, then end) or
+            ``"candidates"`` (one of ``candidates``, through a :class:`CandidateTrie`).
+        candidates: for ``"candidates"``: a list of texts shared by all inputs, or one list per input.
+        num_beams: 1 for greedy, more for beam search.
+        max_new_tokens: the longest output in tokens. None: the model's default for ``"open"``,
+            exactly enough for ``"loc4"`` and for the longest candidate.
+        batch_size: inputs per ``generate`` call.
+        **generation_kwargs: passed to ``generate`` (e.g. ``length_penalty``, ``logits_processor``).
+
+    Returns:
+        The decoded texts (special tokens removed, location tokens kept), one per input.
+
+    Raises:
+        ValueError: an unknown ``decoding``; ``"candidates"`` without candidates or candidates with
+            another decoding; ``max_new_tokens`` too short for the constraint; mismatched lengths.
+    """
+    if decoding not in DECODINGS:
+        raise ValueError(f"unknown decoding {decoding!r}; expected one of {', '.join(map(repr, DECODINGS))}")
+    if decoding == "candidates" and candidates is None:
+        raise ValueError("decoding='candidates' needs candidates (a list of texts, or one list per input)")
+    if decoding != "candidates" and candidates is not None:
+        raise ValueError(f"candidates are only used with decoding='candidates', not decoding={decoding!r}")
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; give one prompt per image")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if generation_kwargs.get("num_return_sequences", 1) != 1:
+        raise ValueError("generate_texts returns one text per input; num_return_sequences must be 1")
+    if decoding == "candidates" and "prefix_allowed_tokens_fn" in generation_kwargs:
+        raise ValueError("decoding='candidates' sets prefix_allowed_tokens_fn itself; do not pass one")
+
+    row_tries = None
+    needed = None  # the fewest new tokens that can complete the constrained output
+    if decoding == "loc4":
+        loc_processor = LocationOnlyLogitsProcessor(processor.tokenizer, num_bins=processor.num_bins)
+        needed = loc_processor.num_locations + 1  # the location tokens, then eos
+        generation_kwargs["logits_processor"] = LogitsProcessorList(
+            [*(generation_kwargs.get("logits_processor") or []), loc_processor]
+        )
+    elif decoding == "candidates":
+        row_tries = _row_tries(processor.tokenizer, candidate_rows(candidates, len(prompts)))
+        needed = max((trie.max_length for trie in set(row_tries)), default=1)
+    if needed is not None:
+        if max_new_tokens is not None and max_new_tokens < needed:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} cannot complete decoding={decoding!r}, which needs {needed}; "
+                "pass None to use exactly that"
+            )
+        max_new_tokens = max_new_tokens or needed
+    if max_new_tokens is not None:
+        generation_kwargs["max_new_tokens"] = max_new_tokens
+
+    texts: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        stop = start + batch_size
+        batch = processor(images=list(images[start:stop]), text=list(prompts[start:stop]))
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        if row_tries is not None:
+            # generate's batch_id counts rows of this chunk, not of all inputs.
+            generation_kwargs["prefix_allowed_tokens_fn"] = _trie_prefix_fn(row_tries[start:stop], shared=False)
+        sequences = model.generate(**batch, num_beams=num_beams, **generation_kwargs)  # (b, 1 + t)
+        texts.extend(processor.decode(sequences))
+    return texts
