@@ -1,0 +1,261 @@
+"""``unified-vl data ...`` and ``unified-vl tokenizer ...``.
+
+    unified-vl data synth --out data/synth                      # ~4,900 64 px images, all tasks, ~30 s
+    unified-vl data convert vqav2 --input q.json a.json --images train2014/ --out data/vqav2 [--skip-bad]
+    unified-vl data show --data data/synth --n 16 --out grid.png [--task rec] [--split val]
+    unified-vl tokenizer train --data data/synth data/vqav2 --vocab-size 8000 --out my_tokenizer/
+
+`main` and `tokenizer_main` take the arguments after the command word (``unified_vl.cli`` calls
+them with ``sys.argv[2:]``) and return the exit status: 0 success, 1 bad input (the message names
+the file and the record), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+
+from data_tools import storage
+
+# Record fields that hold text (docs/records.md), and how to read them.
+TEXT_FIELDS = (
+    "captions",
+    "question",
+    "answers",
+    "expression",
+    "caption",
+    "phrases",
+    "description",
+    "label",
+    "text",
+    "objects",
+)
+
+
+def _synth(args: argparse.Namespace, command: str) -> int:
+    from data_tools import synth
+
+    synth.generate(
+        args.out,
+        num_images=args.num_images,
+        num_eval_images=args.num_eval_images,
+        image_size=args.image_size,
+        seed=args.seed,
+        workers=args.workers,
+        command=command,
+    )
+    return 0
+
+
+def _convert(args: argparse.Namespace, command: str) -> int:
+    from data_tools.converters import convert
+
+    convert(
+        args.source,
+        inputs=args.input,
+        images=args.images,
+        out=args.out,
+        skip_bad=args.skip_bad,
+        split=args.split,
+        embed_images=args.embed_images,
+        verify_images=args.verify_images,
+        command=command,
+    )
+    return 0
+
+
+def _show(args: argparse.Namespace, command: str) -> int:
+    from data_tools.show import show
+
+    width, height = show(args.data, n=args.n, out=args.out, task=args.task, split=args.split, cell_size=args.cell_size)
+    print(f"wrote {args.out} ({width}x{height})")
+    return 0
+
+
+def _data_parser() -> argparse.ArgumentParser:
+    from data_tools import synth
+    from data_tools.converters._common import available_sources, get_converter
+
+    parser = argparse.ArgumentParser(prog="unified-vl data", description="Make, convert and look at stored records.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{synth,convert,show}")
+
+    p = sub.add_parser("synth", help="write the synthetic scene world (every task; train/val/test/heldout)")
+    p.add_argument("--out", required=True, help="data folder to write")
+    p.add_argument(
+        "--num-images", type=int, default=synth.DEFAULT_NUM_IMAGES, help="train images (default: %(default)s)"
+    )
+    p.add_argument(
+        "--num-eval-images",
+        type=int,
+        default=None,
+        help="images of each of val, test and heldout (default: 7.5%% of --num-images, 300 for 4000)",
+    )
+    p.add_argument(
+        "--image-size", type=int, default=synth.DEFAULT_IMAGE_SIZE, help="image side in pixels (default: %(default)s)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="same seed, byte-identical records and PNGs (default: %(default)s)"
+    )
+    p.add_argument("--workers", type=int, default=0, help="processes drawing images (default: 0 = this one)")
+    p.set_defaults(run=_synth)
+
+    sources = available_sources()
+    lines = [
+        f"  {name:20s} {get_converter(name).DESCRIPTION}\n  {'':20s} {get_converter(name).INPUTS}" for name in sources
+    ]
+    p = sub.add_parser(
+        "convert",
+        help="convert a source dataset (official annotation files) into stored records",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="sources:\n" + "\n".join(lines),
+    )
+    p.add_argument("source", choices=sources, help="the source dataset")
+    p.add_argument("--input", nargs="+", required=True, help="annotation file(s) or folder (see sources below)")
+    p.add_argument("--images", nargs="*", default=[], help="image folder, or one per --input file")
+    p.add_argument("--out", required=True, help="data folder to write")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad records (counted and listed) instead of stopping")
+    p.add_argument("--split", default=None, help="put every record in this split instead of the source's own")
+    p.add_argument("--embed-images", action="store_true", help="store image bytes in the dataset instead of paths")
+    p.add_argument(
+        "--verify-images", action="store_true", help="decode every image fully (catches truncated files; slower)"
+    )
+    p.set_defaults(run=_convert)
+
+    p = sub.add_parser("show", help="draw a grid of records with their boxes and texts into a PNG")
+    p.add_argument("--data", required=True, help="data folder")
+    p.add_argument("--n", type=int, default=16, help="records to draw (default: %(default)s)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--task", default=None, help="only this task (default: take turns over all)")
+    p.add_argument("--split", default=None, help="only this split (default: train, else the first)")
+    p.add_argument(
+        "--cell-size", type=int, default=192, help="side of each image cell in pixels (default: %(default)s)"
+    )
+    p.set_defaults(run=_show)
+    return parser
+
+
+def _run(run, args: argparse.Namespace, command: str) -> int:
+    import tasks
+    from data_tools.converters import ConversionError
+    from unified_vl.boxes import BoxError
+
+    try:
+        return run(args, command)
+    except (ConversionError, storage.StorageError, tasks.RecordError, BoxError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``unified-vl data {synth,convert,show} ...``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _data_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help (0) and on bad usage (2)
+        return int(exc.code or 0)
+    return _run(args.run, args, "unified-vl data " + shlex.join(argv))
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer corpus
+# --------------------------------------------------------------------------------------------
+
+
+def record_texts(record: dict) -> Iterator[str]:
+    """The text fields of one record."""
+    for field in TEXT_FIELDS:
+        value = record.get(field)
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, str):
+                    yield item
+                elif isinstance(item, dict) and isinstance(item.get("label"), str):
+                    yield item["label"]
+
+
+def dataset_texts(data_dir: str, *, batch_size: int = 1000) -> Iterator[str]:
+    """Every text of every stored (task, split) of a data folder, without decoding images."""
+    for task, splits in storage.available(data_dir).items():
+        for split in splits:
+            dataset = storage.load_split(data_dir, task, split)
+            columns = [c for c in TEXT_FIELDS if c in dataset.column_names]
+            for batch in dataset.select_columns(columns).iter(batch_size=batch_size):
+                for row in zip(*(batch[c] for c in columns), strict=True):
+                    yield from record_texts(dict(zip(columns, row, strict=True)))
+
+
+_SPECIAL = re.compile(r"<loc_\d+>|<extra_id_\d+>")  # whole tokens the tokenizer adds itself
+_FIELD = re.compile(r"\{[^{}]*\}")
+
+
+def template_texts() -> list[str]:
+    """Every task's instruction templates, filled with each task's example records, plus the bare templates.
+
+    Location tokens and sentinels are removed: the tokenizer adds them as whole tokens of their own.
+    """
+    import tasks
+
+    texts = []
+    for task in tasks.TASKS.values():
+        texts += [" ".join(_FIELD.sub(" ", t).split()) for t in task.prompts]
+        for example in task.examples:
+            for k in range(len(task.templates_for(example))):
+                texts.append(task.prompt(example, template=k))
+            texts.append(task.target(example))
+    return [" ".join(_SPECIAL.sub(" ", t).split()) for t in texts if _SPECIAL.sub(" ", t).strip()]
+
+
+def corpus(data_dirs: Iterable[str]) -> Iterator[str]:
+    """Tokenizer training text: records of ``data_dirs`` (default corpus if none) and every template."""
+    data_dirs = list(data_dirs)
+    yield from template_texts()
+    if not data_dirs:
+        from data_tools.default_corpus import default_corpus_texts
+
+        yield from default_corpus_texts()
+    for data_dir in data_dirs:
+        yield from dataset_texts(data_dir)
+
+
+def tokenizer_main(argv: Sequence[str] | None = None) -> int:
+    """``unified-vl tokenizer train --data DIR... --vocab-size N --out DIR``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="unified-vl tokenizer", description="Train the SentencePiece tokenizer (with location tokens)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train}")
+    p = sub.add_parser("train", help="train on the text of stored records and every task's templates")
+    p.add_argument(
+        "--data",
+        nargs="*",
+        default=[],
+        help="data folder(s) whose records' text to train on (none: the project's default corpus, see data_tools.default_corpus)",
+    )
+    p.add_argument(
+        "--vocab-size", type=int, default=8000, help="SentencePiece pieces, a soft limit (default: %(default)s)"
+    )
+    p.add_argument(
+        "--num-bins", type=int, default=1000, help="location tokens <loc_0>..<loc_{N-1}> (default: %(default)s)"
+    )
+    p.add_argument("--out", required=True, help="tokenizer folder to write")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+    def run(args: argparse.Namespace, command: str) -> int:
+        from unified_vl.tokenizer import train_tokenizer
+
+        tokenizer = train_tokenizer(
+            corpus(args.data), out_dir=args.out, vocab_size=args.vocab_size, num_bins=args.num_bins
+        )
+        print(f"wrote {args.out}: {len(tokenizer)} tokens")
+        return 0
+
+    return _run(run, args, "unified-vl tokenizer " + shlex.join(argv))
