@@ -1,0 +1,608 @@
+"""The HTTP server: FastAPI app with dynamic batching and an OpenAI-compatible chat endpoint.
+
+    unified-vl serve --model runs/main/model --port 8000
+    curl -s localhost:8000/v1/predict -F task=vqa -F question="what color is the circle?" -F image=@scene.png
+
+Endpoints:
+
+* ``POST /v1/predict``: ``{"task", "image", <task fields>, <options>}`` as JSON (``image`` base64
+  or a ``data:`` URI) or multipart (``image`` a file part). Task fields are the task's input
+  fields (``question`` for vqa, ``expression`` for rec, ``caption`` for grounding, ``prompt``
+  for ``generate``; ``GET /v1/models`` lists them); options are ``candidates``, ``labels``,
+  ``top_k``, ``num_beams`` and ``max_new_tokens``. Answers ``{"task", "model", "prediction"}``.
+* ``POST /v1/chat/completions``: the OpenAI Chat Completions API (API reference,
+  https://platform.openai.com/docs/api-reference/chat/create). The last user message's ``text``
+  parts, joined, are the instruction, used as written (no task template); its ``image_url``
+  part (a ``data:`` URI, RFC 2397; the server fetches nothing) is the image, or the latest image
+  of an earlier user message. ``max_tokens`` / ``max_completion_tokens`` bound the output;
+  decoding is greedy and deterministic, so sampling options (``temperature``, ``top_p``, ``seed``)
+  are accepted and have no effect; ``n`` must be 1. ``stream: true`` answers with Server-Sent
+  Events (WHATWG HTML, "Server-sent events"): ``data: <chunk JSON>`` events, then
+  ``data: [DONE]``, as OpenAI streams. The text arrives in one content chunk once its batch has
+  run: outputs are batched, not produced token by token.
+* ``GET /health``, ``GET /v1/models``, ``GET /metrics`` (Prometheus text format).
+
+Concurrent requests are gathered into batches by :class:`~unified_vl.inference.batcher.DynamicBatcher`;
+a full queue answers 429. Errors are ``{"error": {"message", "type", "param"}}`` (OpenAI's error
+shape): an undecodable, corrupt or decompression-bomb image -> 400; an image or body over its size
+limit -> 413; unknown task, missing or wrong-typed field -> 422; a missing or wrong API key, when
+one is set -> 401 (``Authorization: Bearer KEY``; ``/health`` and ``/metrics`` stay open for
+probes and scrapers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hmac
+import io
+import json
+import time
+import urllib.parse
+import uuid
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from PIL import Image, UnidentifiedImageError
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from unified_vl.inference.batcher import DynamicBatcher, QueueFullError
+from unified_vl.inference.predictor import GENERATE, InputError, Predictor, input_fields, known_tasks
+from unified_vl.processor import ImageLoadError
+
+MiB = 1024 * 1024
+# Options of /v1/predict besides the task fields: name -> (type, lowest, highest). The bounds keep
+# one request from holding the model for long (beams and length multiply the decoding work).
+GENERATION_OPTIONS: dict[str, tuple[type, int, int]] = {"num_beams": (int, 1, 8), "max_new_tokens": (int, 1, 256)}
+RANKING_OPTIONS = ("candidates", "labels", "top_k")
+ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/predict", "/v1/chat/completions")
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {"message", "type", "param"}}`` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, type: str, param: str | None = None, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type, param
+        self.headers = headers
+
+
+def _invalid(message: str, param: str | None = None) -> ApiError:
+    return ApiError(422, message, type="invalid_request_error", param=param)
+
+
+def _bad_image(message: str, param: str) -> ApiError:
+    return ApiError(400, message, type="invalid_image", param=param)
+
+
+# -- images -------------------------------------------------------------------------------------
+def decode_image(data: bytes, *, max_image_bytes: int, max_pixels: int, param: str = "image") -> Image.Image:
+    """Bytes of an uploaded image -> RGB image; never decodes more than ``max_pixels``.
+
+    Raises:
+        ApiError: 413 over ``max_image_bytes``; 400 empty, not an image, corrupt, or a
+            decompression bomb (more pixels than ``max_pixels``).
+    """
+    if len(data) > max_image_bytes:
+        raise ApiError(
+            413, f"{param} is {len(data)} bytes; the limit is {max_image_bytes}", type="request_too_large", param=param
+        )
+    if not data:
+        raise _bad_image(f"{param} is empty", param)
+    try:
+        # Pillow checks the declared size against Image.MAX_IMAGE_PIXELS when it opens a file: a
+        # warning above it, DecompressionBombError above twice it (Pillow docs, "Image.open").
+        # The warning is an error here; our own check below also holds when another thread's
+        # warnings.catch_warnings (not thread-safe) changed the filters meanwhile.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                if img.width * img.height > max_pixels:
+                    raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels")
+                img.load()
+                return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _bad_image(f"{param} is a decompression bomb ({exc}); the limit is {max_pixels} pixels", param) from None
+    except UnidentifiedImageError:
+        raise _bad_image(f"{param} is not an image Pillow can read", param) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise _bad_image(f"{param} is a corrupt image ({exc})", param) from None
+
+
+def _b64decode(text: str, *, max_image_bytes: int, param: str) -> bytes:
+    if len(text) // 4 * 3 > max_image_bytes + 3:  # refuse before decoding a huge string
+        raise ApiError(
+            413,
+            f"{param} is over the image size limit of {max_image_bytes} bytes",
+            type="request_too_large",
+            param=param,
+        )
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise _bad_image(f"{param} is not valid base64", param) from None
+
+
+def _image_bytes_from_text(text: str, *, max_image_bytes: int, param: str) -> bytes:
+    """Base64 or a ``data:`` URI (RFC 2397: ``data:[<mediatype>][;base64],<data>``) -> bytes."""
+    if text.startswith("data:"):
+        header, sep, payload = text.partition(",")
+        if not sep:
+            raise _bad_image(f"{param} is a data: URI without ',' before its data", param)
+        if header.endswith(";base64"):
+            return _b64decode(payload, max_image_bytes=max_image_bytes, param=param)
+        return urllib.parse.unquote_to_bytes(payload)
+    return _b64decode(text, max_image_bytes=max_image_bytes, param=param)
+
+
+# -- body size limit and request metrics (pure ASGI, so that nothing reads past the limit) -----------
+class _Limits:
+    def __init__(self, app, *, max_body_bytes: int, metrics: _Metrics):
+        self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            declared = dict(scope["headers"]).get(b"content-length")
+            if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+                error = self._too_large(int(declared))
+                self.metrics.errors.labels(endpoint, error.type).inc()
+                await _error_response(error)(scope, receive, send_status)
+                return
+            received = 0
+
+            async def limited_receive():
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > self.max_body_bytes:
+                        raise self._too_large(received)
+                return message
+
+            await self.app(scope, limited_receive, send_status)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+    def _too_large(self, size: int) -> ApiError:
+        return ApiError(
+            413,
+            f"the request body is over the limit of {self.max_body_bytes} bytes (got {size})",
+            type="request_too_large",
+        )
+
+
+class _Metrics:
+    """Prometheus metrics in a registry of their own (several apps can live in one process)."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "unified_vl_requests",
+            "HTTP requests by endpoint and status code",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "unified_vl_request_errors",
+            "Error answers by endpoint and error type",
+            ["endpoint", "type"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "unified_vl_request_latency_seconds",
+            "Request latency by endpoint",
+            ["endpoint"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "unified_vl_batch_size",
+            "Queries per batch handed to the model",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge("unified_vl_queue_depth", "Queries waiting to be batched", registry=self.registry)
+
+
+def _error_response(error: ApiError) -> JSONResponse:
+    body = {"error": {"message": error.message, "type": error.type, "param": error.param}}
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+# -- request parsing ----------------------------------------------------------------------------
+async def _json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the body is not valid JSON ({exc})", type="invalid_request_error") from None
+    if not isinstance(body, dict):
+        raise _invalid(f"the body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _int_option(body: Mapping[str, Any], name: str, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():  # multipart fields are strings
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise _invalid(f"{name} must be an integer from {low} to {high}, got {value!r:.60}", name)
+    return value
+
+
+def _text_list(body: Mapping[str, Any], name: str) -> list[str] | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+        raise _invalid(f"{name} must be a non-empty list of non-empty strings, got {value!r:.60}", name)
+    return value
+
+
+def create_app(
+    predictor: Predictor,
+    *,
+    max_batch: int = 16,
+    max_wait_ms: float = 10.0,
+    api_key: str | None = None,
+    max_queue: int = 256,
+    max_image_bytes: int = 10 * MiB,
+    max_body_bytes: int = 16 * MiB,
+    max_image_pixels: int | None = None,
+) -> FastAPI:
+    """The FastAPI app serving ``predictor``.
+
+    Args:
+        predictor: the model.
+        max_batch: the most queries run in one forward pass.
+        max_wait_ms: how long a query waits for others to share its batch.
+        api_key: when set, ``/v1/*`` needs ``Authorization: Bearer <api_key>``.
+        max_queue: queries waiting beyond this are refused with 429.
+        max_image_bytes: the largest image file (decoded from base64) in bytes.
+        max_body_bytes: the largest request body in bytes (base64 adds a third to an image).
+        max_image_pixels: the most pixels an image may have; None uses Pillow's
+            ``Image.MAX_IMAGE_PIXELS`` (about 89 million) or, when that is None, 89,478,485.
+
+    Returns:
+        The app; its lifespan starts and stops the batcher (``TestClient`` and uvicorn run it).
+    """
+    max_pixels = max_image_pixels or Image.MAX_IMAGE_PIXELS or 89_478_485
+    metrics = _Metrics()
+    batcher = DynamicBatcher(
+        predictor.run,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_queue=max_queue,
+        on_batch=metrics.batch_size.observe,
+        on_queue=metrics.queue_depth.set,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await batcher.start()
+        try:
+            yield
+        finally:
+            await batcher.stop()
+
+    app = FastAPI(title="unified-vl", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.predictor, app.state.batcher, app.state.metrics = predictor, batcher, metrics
+
+    def endpoint_of(request: Request) -> str:
+        return request.url.path if request.url.path in ENDPOINTS else "other"
+
+    def answer_error(request: Request, error: ApiError) -> JSONResponse:
+        metrics.errors.labels(endpoint_of(request), error.type).inc()
+        return _error_response(error)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return answer_error(request, exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+        return answer_error(request, ApiError(exc.status_code, str(exc.detail), type=kind))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        return answer_error(request, _invalid(str(exc.errors())[:500]))
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, exc: Exception):
+        return answer_error(request, ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        headers = {"WWW-Authenticate": "Bearer"}  # RFC 6750 §3
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(
+                401, "missing API key: send 'Authorization: Bearer <key>'", type="authentication_error", headers=headers
+            )
+        if not hmac.compare_digest(token.strip().encode(), api_key.encode()):  # constant time
+            raise ApiError(401, "incorrect API key", type="authentication_error", headers=headers)
+
+    async def run_query(query) -> Any:
+        try:
+            return await batcher.submit(query)
+        except QueueFullError as exc:
+            raise ApiError(429, str(exc), type="rate_limit_error", headers={"Retry-After": "1"}) from None
+        except InputError as exc:
+            raise _invalid(str(exc), exc.param) from None
+        except Exception as exc:
+            raise ApiError(500, f"the model failed: {type(exc).__name__}: {exc}", type="server_error") from None
+
+    def make_query(task: str, image_bytes: bytes, inputs: dict, options: dict, param: str = "image") -> Any:
+        # Runs in a worker thread: decoding a large image must not stall the event loop.
+        image = decode_image(image_bytes, max_image_bytes=max_image_bytes, max_pixels=max_pixels, param=param)
+        try:
+            return predictor.query(task, image, inputs, **options)
+        except InputError as exc:
+            raise _invalid(str(exc), exc.param) from None
+        except ImageLoadError as exc:
+            raise _bad_image(str(exc), param) from None
+
+    # -- endpoints ----------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": predictor.name, "queue_depth": batcher.queue_depth, "max_batch": max_batch}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        metrics.queue_depth.set(batcher.queue_depth)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_key(request)
+        card = {
+            "id": predictor.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "unified-vl",
+            "tasks": {name: input_fields(name) for name in known_tasks()},
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/predict")
+    async def predict(request: Request):
+        check_key(request)
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            body, image_bytes = await _multipart_body(request)
+        else:
+            body = await _json_body(request)
+            image_bytes = None
+        task = body.get("task")
+        if task is None:
+            raise _invalid(f"missing field 'task'; one of {', '.join(known_tasks())}", "task")
+        if not isinstance(task, str) or task not in known_tasks():
+            raise _invalid(f"unknown task {task!r:.60}; known tasks: {', '.join(known_tasks())}", "task")
+        fields = input_fields(task)
+        allowed = {"task", "image", *RANKING_OPTIONS, *GENERATION_OPTIONS, *fields}
+        for name in body:
+            if name not in allowed:
+                raise _invalid(
+                    f"unknown field {name!r:.60} for task {task!r}; allowed: {', '.join(sorted(allowed))}", name
+                )
+        if image_bytes is None:
+            image = body.get("image")
+            if image is None:
+                raise _invalid("missing field 'image' (base64, a data: URI, or a multipart file)", "image")
+            if not isinstance(image, str):
+                raise _invalid(f"'image' must be a base64 string or a data: URI, got {type(image).__name__}", "image")
+            image_bytes = _image_bytes_from_text(image, max_image_bytes=max_image_bytes, param="image")
+        options: dict[str, Any] = {"candidates": _text_list(body, "candidates"), "labels": _text_list(body, "labels")}
+        top_k = _int_option(body, "top_k", 1, 1000)
+        if top_k is not None:
+            options["top_k"] = top_k
+        for name, (_, low, high) in GENERATION_OPTIONS.items():
+            value = _int_option(body, name, low, high)
+            if value is not None:
+                options[name] = value
+        inputs = {name: body[name] for name in fields if name in body}
+        query = await asyncio.to_thread(make_query, task, image_bytes, inputs, options)
+        result = await run_query(query)
+        return {"task": task, "model": predictor.name, "prediction": result.to_dict()}
+
+    async def _multipart_body(request: Request) -> tuple[dict[str, Any], bytes | None]:
+        form = await request.form(max_files=1, max_fields=64)
+        body: dict[str, Any] = {}
+        image_bytes = None
+        try:
+            for name in form:
+                values = form.getlist(name)
+                if name == "image":
+                    part = values[0]
+                    image_bytes = await part.read() if isinstance(part, UploadFile) else None
+                    if image_bytes is None:
+                        body["image"] = part  # a base64 text field
+                elif name in ("candidates", "labels"):
+                    # Repeated fields (-F labels=cat -F labels=dog) or one JSON array.
+                    body[name] = (
+                        json.loads(values[0]) if len(values) == 1 and values[0].startswith("[") else list(values)
+                    )
+                else:
+                    body[name] = values[0] if isinstance(values[0], str) else None
+        except json.JSONDecodeError as exc:
+            raise _invalid(f"a list field is not a JSON array ({exc})") from None
+        finally:
+            await form.close()
+        task = body.get("task")
+        if isinstance(task, str) and task in known_tasks() and task != GENERATE:
+            # Non-text task fields (a region box) come as JSON text in a form.
+            from tasks import get_task
+
+            for name, spec in get_task(task).fields.items():
+                if name in body and spec.type != "str" and isinstance(body[name], str):
+                    try:
+                        body[name] = json.loads(body[name])
+                    except json.JSONDecodeError:
+                        raise _invalid(f"field {name!r} must be JSON ({spec.type})", name) from None
+        return body, image_bytes
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_key(request)
+        body = await _json_body(request)
+        prompt, image_text, param = _chat_input(body)
+        options: dict[str, Any] = {}
+        for name in ("max_completion_tokens", "max_tokens"):  # max_tokens: the older name (API reference)
+            value = _int_option(body, name, 1, GENERATION_OPTIONS["max_new_tokens"][2])
+            if value is not None:
+                options["max_new_tokens"] = value
+                break
+        if body.get("n", 1) != 1:
+            raise _invalid("n must be 1: decoding is deterministic, every choice would be the same", "n")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise _invalid(f"stream must be a boolean, got {stream!r:.60}", "stream")
+        image_bytes = _image_bytes_from_text(image_text, max_image_bytes=max_image_bytes, param=param)
+        query = await asyncio.to_thread(make_query, GENERATE, image_bytes, {"prompt": prompt}, options, param)
+        result = await run_query(query)
+
+        max_new_tokens = options.get("max_new_tokens", predictor.model.config.max_target_length)
+        tokenizer = predictor.processor.tokenizer
+        completion_tokens = len(tokenizer(result.text, add_special_tokens=False)["input_ids"])
+        prompt_tokens = len(tokenizer(prompt)["input_ids"]) + predictor.model.visual.num_patches
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        finish_reason = "length" if completion_tokens >= max_new_tokens else "stop"
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if not stream:
+            return {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": predictor.name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": result.text},
+                        "logprobs": None,
+                        "finish_reason": finish_reason,
+                    }
+                ],
+                "usage": usage,
+            }
+
+        def chunk(delta: dict, finish: str | None, **extra) -> str:
+            payload = {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": predictor.name,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                **extra,
+            }
+            return f"data: {json.dumps(payload)}\n\n"  # one SSE event: a data line, then a blank line
+
+        include_usage = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage")
+
+        async def events():
+            # OpenAI's stream: the role first, then the content, then the finish reason, then
+            # (with stream_options.include_usage) a chunk of usage with no choices, then [DONE].
+            yield chunk({"role": "assistant", "content": ""}, None)
+            if result.text:
+                yield chunk({"content": result.text}, None)
+            yield chunk({}, finish_reason)
+            if include_usage:
+                payload = {
+                    "id": completion_id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": predictor.name,
+                    "choices": [],
+                    "usage": usage,
+                }
+                yield f"data: {json.dumps(payload)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # Ahead of the routes, so the limit holds before anything reads the body.
+    app.add_middleware(_Limits, max_body_bytes=max_body_bytes, metrics=metrics)
+    return app
+
+
+def _chat_input(body: Mapping[str, Any]) -> tuple[str, str, str]:
+    """The instruction, the image (data: URI text) and the image's param path from ``messages``."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("messages must be a non-empty list of {role, content} objects", "messages")
+    last_user = None
+    image = None
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise _invalid(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}]")
+        content = message.get("content")
+        if message["role"] != "user":
+            continue
+        if isinstance(content, str):
+            last_user = (i, [content])
+            continue
+        if not isinstance(content, list):
+            raise _invalid(
+                f"messages[{i}].content must be a string or a list of content parts", f"messages[{i}].content"
+            )
+        texts = []
+        for j, part in enumerate(content):
+            where = f"messages[{i}].content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise _invalid(f"{where}.text must be a string", f"{where}.text")
+                texts.append(part["text"])
+            elif kind == "image_url":
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                if not isinstance(url, str):
+                    raise _invalid(f"{where}.image_url.url must be a string", f"{where}.image_url.url")
+                if not url.startswith("data:"):
+                    raise _invalid(
+                        f"{where}.image_url.url must be a data: URI (data:image/png;base64,...); the server fetches nothing",
+                        f"{where}.image_url.url",
+                    )
+                image = (url, f"{where}.image_url.url")
+            else:
+                raise _invalid(f"{where}.type must be 'text' or 'image_url', got {kind!r:.40}", f"{where}.type")
+        last_user = (i, texts)
+    if last_user is None:
+        raise _invalid("messages holds no user message", "messages")
+    index, texts = last_user
+    prompt = " ".join(t.strip() for t in texts if t.strip())
+    if not prompt:
+        raise _invalid(f"messages[{index}] has no text: the text is the instruction", f"messages[{index}].content")
+    if image is None:
+        raise _invalid(
+            "no image: add a content part {'type': 'image_url', 'image_url': {'url': 'data:...'}}", "messages"
+        )
+    return prompt, image[0], image[1]
