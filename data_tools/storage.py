@@ -45,7 +45,6 @@ from datasets.arrow_writer import ArrowWriter
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
-SPLITS = ("train", "val", "test", "heldout")  # the usual split names; converters may add benchmark splits
 _STAGING_PREFIX = ".staging-"
 _TRASH_PREFIX = ".trash-"
 _SHARD_NAME = "data-00000-of-00001.arrow"  # the name save_to_disk gives a single shard

@@ -78,7 +78,6 @@ COLORS = {
 COLOR_NAMES = tuple(COLORS)
 SIZES = ("small", "large")
 RELATIONS = ("left of", "right of", "above", "below")
-OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 ORDINALS = ("leftmost", "rightmost", "topmost", "bottommost")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 OBJECT_NOUN = "object"  # the noun of a description that leaves the shape open ("the red object")
