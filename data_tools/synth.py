@@ -152,7 +152,7 @@ OTHER_LARGE_R = (0.9, 1.0)
 SMALL_R_RANGE = (0.9, 1.1)
 MIN_SEPARATION = 0.1  # pairs: dominant-axis centre distance >= this * S
 AXIS_RATIO = 1.3  # pairs: dominant-axis distance >= this * the other axis (not near-diagonal)
-MAX_IOU = 0.15  # objects may overlap a little, never hide each other
+MAX_IOU = 0.15  # objects of different colours may overlap a little, never hide each other
 COLOR_JITTER = 14
 NUM_OBJECTS = (2, 3, 4, 5)
 NUM_OBJECTS_WEIGHTS = (1, 2, 2, 2)  # more crowded scenes make trivial box baselines weaker
@@ -292,7 +292,8 @@ def sample_scene(seed: str, *, image_size: int, split: str) -> Scene:
                 candidate = SceneObject(shape, color, size, cx, cy, r, rgb)
                 if all(
                     relation(candidate, other, image_size=image_size) is not None
-                    and _iou(candidate.box, other.box) <= MAX_IOU
+                    # Same-coloured shapes never touch: overlapping, they would read as one blob.
+                    and _iou(candidate.box, other.box) <= (0.0 if other.color == color else MAX_IOU)
                     for other in placed
                 ):
                     placed.append(candidate)

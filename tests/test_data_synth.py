@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 import subprocess
 import sys
@@ -339,3 +340,13 @@ def test_the_resolver_itself_sees_ambiguity():
     assert resolve("the circle above the circle", scene) == []  # two landmarks: not "the"
     assert resolve("the large object", scene) == [2]
     assert answer_question("how many red circles are there?", scene) == "2"
+
+
+def test_objects_stay_visible(world):
+    from unified_vl.boxes import iou
+
+    for scene, _ in world["train"]:
+        for a, b in itertools.combinations(scene.objects, 2):
+            limit = 0.0 if a.color == b.color else synth.MAX_IOU
+            assert iou(a.box, b.box) <= limit + 1e-9
+            assert 0 <= min(a.box) and max(a.box) <= scene.size
