@@ -79,7 +79,7 @@ def train_tokenizer(
     vocab_size: int,
     num_bins: int = DEFAULT_NUM_BINS,
 ) -> T5Tokenizer:
-    """Trains a SentencePiece unigram model on ``texts`` and saves a full tokenizer folder.
+    """Trains a SentencePiece BPE model on ``texts`` and saves a full tokenizer folder.
 
     The folder gets ``spiece.model`` and the Hugging Face tokenizer files; it is written to a
     temporary folder first and moved into place, so an interrupted run leaves nothing half-made.
@@ -109,7 +109,7 @@ def train_tokenizer(
             sentence_iterator=iter(lines),
             model_prefix=str(tmp / "spiece"),
             vocab_size=vocab_size,
-            model_type="unigram",
+            model_type="bpe",
             # T5's special ids: pad 0, eos 1, unk 2, no bos (t5 spiece.model convention).
             pad_id=0,
             eos_id=1,
