@@ -1,0 +1,1 @@
+"""Training on DeepSpeed: typed config, the loop, checkpoints and export. The only package that imports DeepSpeed."""

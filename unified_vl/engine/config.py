@@ -1,0 +1,528 @@
+"""The typed training configuration, its YAML / ``key=value`` loading, and the values derived from it.
+
+Typed dataclasses are the schema (DESIGN.md §5). A run is built in layers, later ones winning::
+
+    dataclass defaults  <-  job defaults (pretrain / finetune)  <-  CONFIG.yaml  <-  key=value ...
+
+``key=value`` uses dotted keys (``optim.lr=3e-4``, ``data.tasks.vqa=2``,
+``model.overrides.text_config.d_model=64``); a value is parsed for the field's type. An unknown key
+or a value of the wrong type is a `ConfigError` that lists what is allowed.
+
+Derived values (gradient accumulation, the DeepSpeed JSON) are computed here from the config and
+the world size, never configured twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Precision = Literal["fp32", "bf16", "fp16"]
+Weighting = Literal["explicit", "size", "temperature"]
+Schedule = Literal["cosine", "linear", "constant"]
+ZeroStage = Literal[0, 1, 2, 3]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key, the value and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train."""
+
+    preset: str | None = None  # a key of unified_vl.config.PRESETS; None: uvl-tiny, or the architecture of `init`
+    # UnifiedVLConfig fields over the preset, e.g. {"image_size": 32, "text_config": {"d_model": 64}};
+    # text_config merges field by field (UnifiedVLConfig.from_preset).
+    overrides: dict[str, Any] = field(default_factory=dict)
+    init: str | None = None  # a model folder (unified_vl.checkpoint.save_pretrained) to start from
+    tokenizer: str | None = None  # a tokenizer folder; None: trained on the data if tokenizer_vocab_size, else packaged
+    tokenizer_vocab_size: int | None = None  # train a SentencePiece tokenizer of this size on the training data
+
+
+@dataclass
+class SynthConfig:
+    """The synthetic world generated (and cached) when ``data.path`` is None."""
+
+    num_images: int = 6000  # scenes in train; val/test/heldout get their own (data_tools' split sizes)
+    image_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """The task mixture."""
+
+    path: str | None = None  # a data folder (data_tools.storage layout); None: the synthetic world, cached
+    tasks: dict[str, float] = field(default_factory=dict)  # task -> weight (used as given when weighting=explicit)
+    # explicit: the weights above; size: proportional to each task's training examples; temperature:
+    # proportional to n ** (1 / temperature) (T5's temperature-scaled mixing, Raffel et al. 2020 §3.5.2).
+    weighting: Weighting = "explicit"
+    temperature: float = 2.0
+    train_split: str = "train"
+    shots: int | None = None  # keep K training examples per task, drawn reproducibly from train.seed (few-shot)
+    cache_dir: str | None = None  # where the synthetic world and trained tokenizers go; None: ~/.cache/unified-vl
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up, then decay (no weight decay on norms and biases)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    schedule: Schedule = "cosine"
+    min_lr_ratio: float = 0.1  # the learning rate decays to lr * min_lr_ratio at the last step
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    """Batching, length, precision and parallelism."""
+
+    global_batch_size: int = 32  # examples per optimizer step, over all ranks
+    micro_batch_size: int = 32  # examples per forward pass on one rank; accumulation is derived
+    max_steps: int = 1000  # optimizer steps; the learning-rate schedule spans them
+    # Stop training after this many minutes; the schedule is then shortened to the steps that fit,
+    # measured after the first steps (so the learning rate still decays).
+    max_minutes: float | None = None
+    precision: Precision = "fp32"
+    zero_stage: ZeroStage = 0
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU (stages 1-3)
+    offload_params: bool = False  # ZeRO-Infinity-style parameter offload to the CPU (stage 3 only)
+    seed: int = 0
+    freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept frozen, e.g. ["visual"]
+    log_every: int = 10  # optimizer steps between log lines (progress bar, TensorBoard, metrics.jsonl)
+    num_threads: int | None = None  # torch CPU threads; None: torch's default
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation by generation through the task modules."""
+
+    every: int = 0  # optimizer steps between evaluations during training; 0: none
+    splits: list[str] = field(default_factory=lambda: ["val"])  # evaluated during training
+    final_splits: list[str] = field(default_factory=lambda: ["test"])  # evaluated once training ends
+    max_examples: int | None = 200  # per (task, split) during training; final evaluation uses all
+    batch_size: int = 64
+    num_beams: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    """DeepSpeed training checkpoints and the exported model folder."""
+
+    every: int = 0  # optimizer steps between checkpoints; 0: only at the end
+    keep_last: int = 2  # newest checkpoints kept (the best one is kept besides them)
+    best_metric: str | None = None  # e.g. "vqa/val/accuracy"; None: mean/{first eval split}/primary
+    export: bool = True  # write the Hugging Face folder <output_dir>/model when training ends
+
+
+@dataclass
+class RunConfig:
+    """One training run."""
+
+    output_dir: str | None = None  # None: runs/<job>-<date-time>
+    resume: bool = False  # continue from <output_dir>/checkpoints/latest
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Types: describe, coerce
+# --------------------------------------------------------------------------------------------
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _describe(tp: Any) -> str:
+    if dataclasses.is_dataclass(tp):
+        return "section"
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is list:
+        return f"list[{_describe(args[0])}]"
+    if origin is dict:
+        return f"dict[str, {_describe(args[1])}]"
+    if tp is Any:
+        return "any"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _parse_text(text: str) -> Any:
+    """A command-line value as YAML, with numbers PyYAML 1.1 leaves as strings ("1e-3") made numbers."""
+    value = yaml.safe_load(text) if text.strip() else ""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _coerce(value: Any, tp: Any, key: str, *, from_text: bool) -> Any:
+    """``value`` as type ``tp``; ``from_text``: it came from the command line as a string."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    def fail() -> ConfigError:
+        return ConfigError(f"{key}: expected {_describe(tp)}, got {type(value).__name__} {value!r}")
+
+    if tp is Any:
+        return _parse_text(value) if from_text and isinstance(value, str) else value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, str) and from_text:
+            value = _parse_text(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: is a section; set its keys ({key}.KEY=VALUE) or give a mapping, got {value!r}")
+        return _from_dict(tp, value, key, from_text=from_text)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (from_text and isinstance(value, str) and value.strip().lower() in ("null", "none", "~")):
+            if type(None) in args:
+                return None
+            raise fail()
+        errors = []
+        for arm in args:
+            if arm is type(None):
+                continue
+            try:
+                return _coerce(value, arm, key, from_text=from_text)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise fail()
+    if origin is Literal:
+        for allowed in args:
+            if value == allowed and type(value) is type(allowed):
+                return allowed
+            if from_text and isinstance(value, str) and str(allowed) == value.strip():
+                return allowed
+        raise fail()
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.strip().lower() in ("true", "yes", "1")
+        raise fail()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer() and not from_text:
+            return int(value)
+        if from_text and isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise fail() from None
+        raise fail()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML 1.1 reads "1e-3" as a string, in files too
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise fail() from None
+        raise fail()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise fail()
+    if origin is list:
+        if from_text and isinstance(value, str):
+            text = value.strip()
+            value = _parse_text(text) if text.startswith("[") else [v.strip() for v in text.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise fail()
+        return [_coerce(v, args[0], f"{key}[{i}]", from_text=from_text) for i, v in enumerate(value)]
+    if origin is dict:
+        if from_text and isinstance(value, str):
+            value = _parse_text(value)
+        if not isinstance(value, dict):
+            raise fail()
+        return {str(k): _coerce(v, args[1], f"{key}.{k}", from_text=from_text) for k, v in value.items()}
+    raise TypeError(f"{key}: unsupported config type {tp!r}")  # a schema bug, not a user error
+
+
+def allowed_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """``"section.key: type"`` for every leaf key of ``cls`` (for error messages and --help)."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines += allowed_keys(tp, f"{prefix}{f.name}.")
+        else:
+            lines.append(f"{prefix}{f.name}: {_describe(tp)}")
+    return lines
+
+
+def _unknown_key(cls: type, key: str, name: str) -> ConfigError:
+    section = key.rpartition(".")[0]
+    known = ", ".join(f.name for f in dataclasses.fields(cls))
+    where = f"section {section!r}" if section else "the top level"
+    return ConfigError(
+        f"unknown config key {key!r}: {where} has no {name!r}; allowed there: {known}.\n"
+        "All keys:\n  " + "\n  ".join(allowed_keys())
+    )
+
+
+def _from_dict(cls: type, values: dict, prefix: str, *, from_text: bool) -> Any:
+    """A dataclass from a mapping, every value checked; missing keys keep their defaults."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    hints = _hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in names:
+            raise _unknown_key(cls, key, str(name))
+        kwargs[name] = _coerce(value, hints[name], key, from_text=from_text)
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict:
+    """A config as plain nested dicts and lists (for YAML and JSON)."""
+    return dataclasses.asdict(config)
+
+
+def _set_dotted(target: dict, cls: type, parts: list[str], value: str, key: str) -> None:
+    """Sets ``parts`` (the tail of the dotted ``key``) in the nested dict ``target`` shaped like ``cls``."""
+    name = parts[0]
+    names = {f.name for f in dataclasses.fields(cls)}
+    if name not in names:
+        depth = len(key.split(".")) - len(parts)
+        raise _unknown_key(cls, ".".join(key.split(".")[: depth + 1]), name)
+    tp = _hints(cls)[name]
+    if len(parts) == 1:
+        target[name] = _coerce(value, tp, key, from_text=True)
+        return
+    if dataclasses.is_dataclass(tp):
+        _set_dotted(target.setdefault(name, {}), tp, parts[1:], value, key)
+        return
+    if typing.get_origin(tp) is dict:
+        # Into a free-form mapping: the rest of the path are its (nested) keys.
+        node = target.setdefault(name, {})
+        for part in parts[1:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {part!r} already holds a value, not a mapping")
+        node[parts[-1]] = _coerce(value, typing.get_args(tp)[1], key, from_text=True)
+        return
+    raise ConfigError(f"{key}: {'.'.join(key.split('.')[:-1])} is a {_describe(tp)}, it has no sub-keys")
+
+
+def _deep_merge(base: dict, update: dict, cls: type) -> dict:
+    """``update`` over ``base``; sections merge key by key, any other value (mappings too) replaces."""
+    out = dict(base)
+    hints = _hints(cls)
+    for name, value in update.items():
+        tp = hints.get(name)
+        if (
+            tp is not None
+            and dataclasses.is_dataclass(tp)
+            and isinstance(value, dict)
+            and isinstance(out.get(name), dict)
+        ):
+            out[name] = _deep_merge(out[name], value, tp)
+        else:
+            out[name] = value
+    return out
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *, defaults: dict | None = None
+) -> RunConfig:
+    """The run config from job defaults, a YAML file and ``key=value`` overrides.
+
+    Args:
+        path: a YAML run file (sections as in `RunConfig`), or None.
+        overrides: ``"dotted.key=value"`` strings, applied last.
+        defaults: the job's defaults over the dataclass defaults (nested mapping).
+
+    Raises:
+        ConfigError: an unknown key, a wrong type, or an override without ``=``.
+    """
+    merged: dict = {}
+    layers: list[tuple[dict, bool]] = []
+    if defaults:
+        layers.append((defaults, False))
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file {str(file)!r} does not exist")
+        loaded = yaml.safe_load(file.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(file)!r} must hold a mapping of sections, got {type(loaded).__name__}")
+        layers.append((loaded, False))
+    for data, from_text in layers:
+        # Validate each layer on its own so that errors name the right key.
+        _from_dict(RunConfig, data, "", from_text=from_text)
+        merged = _deep_merge(merged, data, RunConfig)
+    config = _from_dict(RunConfig, merged, "", from_text=False)
+    if overrides:
+        tree = to_dict(config)
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. optim.lr=3e-4)")
+            _set_dotted(tree, RunConfig, key.strip().split("."), value, key.strip())
+        config = _from_dict(RunConfig, tree, "", from_text=False)
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    """Checks values that types alone do not (ranges, combinations, model overrides)."""
+    from transformers import T5Config
+
+    from unified_vl.config import PRESETS, UnifiedVLConfig
+
+    def positive(key: str, value: float | None, *, allow_zero: bool = False) -> None:
+        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+            raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+    m, d, o, t, e, c = config.model, config.data, config.optim, config.train, config.eval, config.checkpoint
+    if m.preset is not None and m.preset not in PRESETS:
+        raise ConfigError(f"model.preset: unknown preset {m.preset!r}; known: {', '.join(PRESETS)}")
+    if m.init is not None and (m.preset is not None or m.overrides):
+        raise ConfigError(
+            "model.init fixes the architecture (the folder's config.json); leave model.preset and model.overrides unset"
+        )
+    allowed = set(inspect.signature(UnifiedVLConfig.__init__).parameters) - {"self", "kwargs"}
+    for name, value in m.overrides.items():
+        if name not in allowed:
+            raise ConfigError(f"model.overrides: unknown field {name!r}; allowed: {', '.join(sorted(allowed))}")
+        if name == "text_config":
+            if not isinstance(value, dict):
+                raise ConfigError(f"model.overrides.text_config must be a mapping, got {value!r}")
+            t5_fields = set(T5Config().to_dict())
+            for k in value:
+                if k not in t5_fields:
+                    raise ConfigError(
+                        f"model.overrides.text_config: unknown T5Config field {k!r}; allowed: {', '.join(sorted(t5_fields))}"
+                    )
+    positive("model.tokenizer_vocab_size", m.tokenizer_vocab_size)
+    if not d.tasks:
+        raise ConfigError("data.tasks is empty; name the tasks to train, e.g. data.tasks={vqa: 1, rec: 1}")
+    for task, weight in d.tasks.items():
+        if weight < 0 or (d.weighting == "explicit" and weight == 0):
+            raise ConfigError(f"data.tasks.{task}: a weight must be > 0, got {weight!r}")
+    positive("data.temperature", d.temperature)
+    positive("data.shots", d.shots)
+    positive("data.synth.num_images", d.synth.num_images)
+    positive("data.synth.image_size", d.synth.image_size)
+    positive("optim.lr", o.lr)
+    positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    positive("optim.grad_clip", o.grad_clip, allow_zero=True)
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio!r}")
+    for key in ("global_batch_size", "micro_batch_size", "max_steps", "log_every"):
+        positive(f"train.{key}", getattr(t, key))
+    positive("train.max_minutes", t.max_minutes)
+    positive("train.num_threads", t.num_threads)
+    if t.offload_params and t.zero_stage != 3:
+        raise ConfigError(f"train.offload_params needs train.zero_stage=3, got zero_stage={t.zero_stage}")
+    if t.offload_optimizer and t.zero_stage == 0:
+        raise ConfigError("train.offload_optimizer needs train.zero_stage 1, 2 or 3 (ZeRO-Offload), got 0")
+    positive("eval.every", e.every, allow_zero=True)
+    positive("eval.max_examples", e.max_examples)
+    positive("eval.batch_size", e.batch_size)
+    positive("eval.num_beams", e.num_beams)
+    positive("checkpoint.every", c.every, allow_zero=True)
+    positive("checkpoint.keep_last", c.keep_last)
+    if c.best_metric is not None and len(c.best_metric.split("/")) != 3:
+        raise ConfigError(f"checkpoint.best_metric must be a metric key 'task/split/metric', got {c.best_metric!r}")
+
+
+def dump_yaml(config: RunConfig, derived: Derived | None = None) -> str:
+    """The resolved config as YAML (what each run saves beside its checkpoints)."""
+    text = yaml.safe_dump(to_dict(config), sort_keys=False)
+    if derived is not None:
+        lines = "\n".join(f"#   {k}: {v}" for k, v in dataclasses.asdict(derived).items())
+        text += f"# derived (computed, not configured):\n{lines}\n"
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# Derived values and the DeepSpeed config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Values computed from the config and the world size."""
+
+    world_size: int
+    gradient_accumulation_steps: int  # global batch / (micro batch x world size)
+    examples_per_rank_per_step: int
+
+
+def derive(config: RunConfig, world_size: int) -> Derived:
+    """Gradient accumulation and per-rank batch; errors on a global batch that does not divide.
+
+    Raises:
+        ConfigError: ``global_batch_size`` is not a multiple of ``micro_batch_size x world_size``.
+    """
+    t = config.train
+    per_pass = t.micro_batch_size * world_size
+    if t.global_batch_size % per_pass:
+        low = max(per_pass, t.global_batch_size // per_pass * per_pass)
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size x world size "
+            f"= {t.micro_batch_size} x {world_size} = {per_pass}; use a multiple of {per_pass} "
+            f"(e.g. {low} or {low + per_pass}) or change train.micro_batch_size"
+        )
+    return Derived(
+        world_size=world_size,
+        gradient_accumulation_steps=t.global_batch_size // per_pass,
+        examples_per_rank_per_step=t.global_batch_size // world_size,
+    )
+
+
+def deepspeed_config(config: RunConfig, derived: Derived) -> dict:
+    """The DeepSpeed JSON for this run (https://www.deepspeed.ai/docs/config-json/).
+
+    The optimizer and scheduler are not in it: the engine passes its own (AdamW with parameter
+    groups, a warm-up-then-decay ``LambdaLR``) to ``deepspeed.initialize``.
+    """
+    t = config.train
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if t.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    if t.zero_stage == 3:
+        # Gather the full weights on save so that an export needs no offline consolidation.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    ds: dict[str, Any] = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": derived.gradient_accumulation_steps,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # Our own progress bar and logs report; DeepSpeed's per-step prints would repeat them.
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if config.optim.grad_clip > 0:
+        ds["gradient_clipping"] = config.optim.grad_clip
+    return ds

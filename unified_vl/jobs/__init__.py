@@ -1,0 +1,1 @@
+"""The application layer's jobs: pretrain, finetune, evaluate (each ``main(argv) -> int``)."""

@@ -1,0 +1,201 @@
+"""What the training jobs share: command-line parsing, the data (synthetic world cache, tokenizer),
+records -> examples through the task modules, and the checks that run before any training.
+
+This is the application layer (DESIGN.md §4): it may import ``tasks`` and ``data_tools`` and
+hands them to the engine as plain functions and records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from unified_vl.engine import distributed
+from unified_vl.engine.config import ConfigError, RunConfig, allowed_keys, derive, load_config
+from unified_vl.engine.trainer import Example, TrainData, check_precision
+
+EPILOG = "Config keys (set as KEY=VALUE, dotted; a YAML file sets the same keys as nested sections):\n  " + "\n  ".join(
+    allowed_keys()
+)
+
+
+def strip_launcher_args(argv: Sequence[str]) -> list[str]:
+    """Drops ``--local_rank=N`` that the ``deepspeed`` launcher appends (the rank is in the environment)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--local_rank", "--local-rank"):
+            skip = True
+        elif not arg.startswith(("--local_rank=", "--local-rank=")):
+            out.append(arg)
+    return out
+
+
+def split_config_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
+    """``[CONFIG.yaml] [key=value ...]`` -> (config path or None, overrides)."""
+    path, overrides = None, []
+    for i, item in enumerate(items):
+        if "=" in item:
+            overrides.append(item)
+        elif i == 0 and item.endswith((".yaml", ".yml")):
+            path = item
+        else:
+            raise ConfigError(f"argument {item!r} is neither a config file (first, *.yaml) nor KEY=VALUE")
+    return path, overrides
+
+
+def cache_root(config: RunConfig) -> Path:
+    """Where generated data and trained tokenizers are kept between runs."""
+    if config.data.cache_dir:
+        return Path(config.data.cache_dir)
+    return Path(os.environ.get("UNIFIED_VL_CACHE", Path.home() / ".cache" / "unified-vl"))
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def synth_dir(config: RunConfig) -> Path:
+    """The cache folder of the synthetic world these settings (and this version of its code) make."""
+    from data_tools import synth
+
+    s = config.data.synth
+    code = hashlib.sha256(Path(synth.__file__).read_bytes()).hexdigest()  # a changed world is a new cache entry
+    return cache_root(config) / f"synth-{_digest(s.num_images, s.image_size, s.seed, code)}"
+
+
+def prepare_data(config: RunConfig, dist: distributed.DistInfo) -> RunConfig:
+    """Fills ``data.path`` (generating the synthetic world if needed) and ``model.tokenizer``
+    (training one on the data if ``model.tokenizer_vocab_size`` is set). Rank 0 makes, the others wait.
+    """
+    from data_tools import storage
+
+    if config.data.path is None:
+        folder = synth_dir(config)
+        if dist.is_main and not (folder / storage.MANIFEST_NAME).is_file():
+            from data_tools import synth
+
+            s = config.data.synth
+            print(f"generating the synthetic world into {folder} (cached for later runs)", flush=True)
+            synth.generate(
+                str(folder),
+                num_images=s.num_images,
+                image_size=s.image_size,
+                seed=s.seed,
+                command=f"unified-vl data synth --out {folder} --num-images {s.num_images} --image-size {s.image_size} --seed {s.seed}",
+            )
+        config.data.path = str(folder)
+    distributed.barrier()
+    if config.model.tokenizer is None and config.model.tokenizer_vocab_size and config.model.init is None:
+        manifest = storage.read_manifest(config.data.path)
+        folder = cache_root(config) / f"tokenizer-{_digest(manifest, config.model.tokenizer_vocab_size)}"
+        if dist.is_main and not (folder / "tokenizer.json").is_file():
+            from data_tools.cli import tokenizer_main
+
+            print(f"training a tokenizer on {config.data.path} into {folder}", flush=True)
+            args = [
+                "train",
+                "--data",
+                config.data.path,
+                "--vocab-size",
+                str(config.model.tokenizer_vocab_size),
+                "--out",
+                str(folder),
+            ]
+            if tokenizer_main(args) != 0:
+                raise RuntimeError(f"training the tokenizer failed: unified-vl tokenizer {' '.join(args)}")
+        config.model.tokenizer = str(folder)
+    distributed.barrier()
+    return config
+
+
+def check_tasks_and_data(config: RunConfig, splits: Sequence[str] = ()) -> None:
+    """Every configured task is known and has a training split in the data folder.
+
+    Raises:
+        ConfigError: an unknown task or a task the data folder lacks (the message lists what exists).
+    """
+    import tasks
+    from data_tools import storage
+
+    unknown = [t for t in config.data.tasks if t not in tasks.TASKS]
+    if unknown:
+        raise ConfigError(f"data.tasks: unknown task(s) {unknown}; known tasks: {', '.join(sorted(tasks.TASKS))}")
+    available = storage.available(config.data.path)
+    have = ", ".join(f"{t} ({'/'.join(s)})" for t, s in available.items()) or "nothing"
+    for task in config.data.tasks:
+        for split in (config.data.train_split, *splits):
+            if split not in available.get(task, {}):
+                raise ConfigError(
+                    f"data.tasks names {task!r} but the data folder {config.data.path} has no {task}/{split}; it has: {have}"
+                )
+
+
+def blank_image():
+    """The image of a text-only record (text infilling): the model always reads an image."""
+    from PIL import Image
+
+    return Image.new("RGB", (8, 8), (0, 0, 0))
+
+
+def make_example(task_name: str, record: Mapping, rng: random.Random) -> Example:
+    """A record -> (image, instruction, target) through its task; the template and target are drawn with ``rng``."""
+    import tasks
+
+    task = tasks.get_task(task_name)
+    image = record.get("image")
+    return Example(
+        image=image if image is not None else blank_image(),
+        prompt=task.prompt(record, rng=rng),
+        target=task.target(record, rng=rng),
+    )
+
+
+def training_data(config: RunConfig) -> TrainData:
+    """The training split of every configured task, memory-mapped (images decode on access)."""
+    from data_tools import storage
+
+    return TrainData(
+        {task: storage.load_split(config.data.path, task, config.data.train_split) for task in config.data.tasks},
+        make_example,
+    )
+
+
+def preflight(config: RunConfig) -> distributed.DistInfo:
+    """Checks that need no data (batch arithmetic, precision), then joins the process group."""
+    derive(config, distributed.world_size_from_env())
+    check_precision(config.train.precision)
+    return distributed.init_distributed()
+
+
+def run_main(body, argv: Sequence[str]) -> int:
+    """Runs a job body, turning configuration and data errors into one clear line and exit status 2/1."""
+    from data_tools.storage import StorageError
+    from unified_vl.checkpoint import CheckpointError as FolderError
+    from unified_vl.engine.checkpoints import CheckpointError
+
+    try:
+        return body(strip_launcher_args(argv))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (CheckpointError, FolderError, StorageError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in output_dir from its latest checkpoint"
+    )
+
+
+def config_from(path: str | None, overrides: list[str], *, defaults: dict, resume: bool) -> RunConfig:
+    return load_config(path, [*overrides, *(["resume=true"] if resume else [])], defaults=defaults)
