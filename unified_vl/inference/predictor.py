@@ -25,6 +25,7 @@ whatever their tasks.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -101,7 +102,7 @@ class Query:
 
     Attributes:
         task: a registry task name or ``"generate"``.
-        image: the RGB image.
+        image: the RGB image, resized to the model's input size.
         record: the record the task reads (image size and the task's input fields).
         prompt: the instruction, ``task.prompt(record)``.
         decoding: ``"open"``, ``"loc4"``, ``"candidates"`` (constrained to ``candidates``) or
@@ -109,6 +110,7 @@ class Query:
         candidates: the candidate texts of ``"candidates"`` decoding.
         label_words: for ``"rank"``: ``(label, its label words)`` pairs.
         top_k: how many ranked labels to return.
+        with_score: whether to score the generated text.
         generation: keyword arguments for ``generate_texts`` (``num_beams``, ``max_new_tokens``, ...).
     """
 
@@ -120,11 +122,12 @@ class Query:
     candidates: tuple[str, ...] | None = None
     label_words: tuple[tuple[str, tuple[str, ...]], ...] | None = None
     top_k: int = 1
+    with_score: bool = True
     generation: Mapping[str, Any] = field(default_factory=dict)
 
     def group_key(self) -> tuple:
         """Queries with equal keys run in one forward pass."""
-        return (self.decoding, self.candidates, self.label_words, _freeze(dict(self.generation)))
+        return (self.decoding, self.candidates, self.label_words, self.with_score, _freeze(dict(self.generation)))
 
 
 class Predictor:
@@ -193,6 +196,7 @@ class Predictor:
         candidates: Sequence[str] | None = None,
         labels: Sequence[str] | None = None,
         top_k: int = 1,
+        with_score: bool = True,
         **generation_kwargs,
     ) -> Query:
         """Validates one input and builds its :class:`Query`.
@@ -205,6 +209,8 @@ class Predictor:
             candidates: constrain the output to one of these texts.
             labels: rank classification over these labels (tasks with a ``label`` field).
             top_k: how many ranked labels to return (needs ``labels``).
+            with_score: compute the result's score (one teacher-forced pass more); without it
+                the score is NaN. The chat endpoint, which returns no score, skips it.
             **generation_kwargs: passed to ``generate_texts``.
 
         Raises:
@@ -221,8 +227,13 @@ class Predictor:
                     f"{task}: unknown field {name!r}; the fields of {task!r} are {', '.join(allowed) or 'none'}",
                     param=name,
                 )
-        image = load_image(image)
-        record = {"id": None, "image": image, "width": image.width, "height": image.height, **inputs}
+        original = load_image(image)
+        record = {"id": None, "image": original, "width": original.width, "height": original.height, **inputs}
+        # Resize here exactly as the processor does (bicubic to S x S, no crop). Pillow's resize to
+        # an unchanged size is a copy, so the processor's own resize in generation and in scoring
+        # costs nothing, and the server resizes in its request threads, off the model thread.
+        size = self.processor.image_size
+        image = original.resize((size, size), Image.Resampling.BICUBIC)
         if task_obj is None:
             prompt = inputs.get("prompt")
             if not isinstance(prompt, str) or not prompt.strip():
@@ -267,6 +278,7 @@ class Predictor:
             candidates=candidates,
             label_words=label_words,
             top_k=top_k,
+            with_score=with_score,
             generation=dict(generation_kwargs),
         )
 
@@ -323,10 +335,13 @@ class Predictor:
             batch_size=self.batch_size,
             **first.generation,
         )
-        # The score of each text: the same teacher-forced log-likelihood rank classification uses.
-        scores = score_candidates(
-            self.model, self.processor, images, prompts, [[t] for t in texts], batch_size=self.batch_size
-        )[:, 0].tolist()
+        if first.with_score:
+            # The score of each text: the same teacher-forced log-likelihood rank classification uses.
+            scores = score_candidates(
+                self.model, self.processor, images, prompts, [[t] for t in texts], batch_size=self.batch_size
+            )[:, 0].tolist()
+        else:
+            scores = [math.nan] * len(texts)
         return [_result(q, text, score) for q, text, score in zip(group, texts, scores, strict=True)]
 
     def predict(

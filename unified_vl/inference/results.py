@@ -4,7 +4,8 @@ Every result keeps ``text``, what the model wrote, next to the parsed value (the
 ``parse``, the same value evaluation scores), and ``score``: the mean log-probability per token
 of ``text`` (end-of-sequence token included) given the image and the instruction, as
 :func:`unified_vl.generation.score_candidates` computes it. It lies in (-inf, 0]; ``exp(score)``
-is the geometric-mean token probability. Boxes are ``[x1, y1, x2, y2]`` in pixels of the original
+is the geometric-mean token probability (NaN where a query asked for no score,
+``with_score=False``). Boxes are ``[x1, y1, x2, y2]`` in pixels of the original
 image. ``to_dict()`` gives JSON-ready dicts (the HTTP server's payload).
 """
 

@@ -482,6 +482,8 @@ def create_app(
         if not isinstance(stream, bool):
             raise _invalid(f"stream must be a boolean, got {stream!r:.60}", "stream")
         image_bytes = _image_bytes_from_text(image_text, max_image_bytes=max_image_bytes, param=param)
+        # No score: a chat completion has no field for it, and scoring is one more forward pass.
+        options["with_score"] = False
         query = await asyncio.to_thread(make_query, GENERATE, image_bytes, {"prompt": prompt}, options, param)
         result = await run_query(query)
 
