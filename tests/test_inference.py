@@ -273,6 +273,18 @@ def test_adapters_load_onto_the_language_model(served_model_dir, images, tmp_pat
     assert not torch.allclose(got, base)
 
 
+def test_from_pretrained_takes_a_dtype(served_model_dir, images):
+    from unified_vl import Predictor
+
+    with torch_threads(1):
+        predictor = Predictor.from_pretrained(served_model_dir, device="cpu", dtype="bfloat16")
+        (result,) = predictor.caption(images[:1])
+    assert predictor.model.dtype == torch.bfloat16 and predictor.name == "served-model"
+    assert isinstance(result.caption, str) and math.isfinite(result.score)
+    with pytest.raises(ValueError, match="unknown dtype 'float8'; expected one of float32, float16, bfloat16"):
+        Predictor.from_pretrained(served_model_dir, dtype="float8")
+
+
 def test_predict_cli_prints_json_and_draws_boxes(served_model_dir, images, tmp_path, capsys):
     from unified_vl.cli import main
 

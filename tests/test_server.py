@@ -313,6 +313,7 @@ BAD_REQUESTS = {
     "image over the limit": (lambda p: {"data": {"task": "captioning"}, "files": {"image": ("i.png", b"\0" * (MAX_IMAGE_BYTES + 1))}}, 413, "image"),
     "base64 image over the limit": (lambda p: {"json": {"task": "captioning", "image": b64(b"\0" * (MAX_IMAGE_BYTES + 100))}}, 413, "image"),
     "body over the limit": (lambda p: {"content": b"{" + b" " * MAX_BODY_BYTES + b"}", "headers": {"content-type": "application/json"}}, 413, None),
+    "chunked body over the limit": (lambda p: {"content": iter([b"{", b" " * MAX_BODY_BYTES, b"}"]), "headers": {"content-type": "application/json"}}, 413, None),
     "invalid JSON": (lambda p: {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, None),
     "body not an object": (lambda p: {"json": ["captioning"]}, 422, None),
     "unknown task": (lambda p: {"json": {"task": "painting", "image": b64(p[0])}}, 422, "task"),

@@ -233,7 +233,8 @@ def _error_response(error: ApiError) -> JSONResponse:
 async def _json_body(request: Request) -> dict[str, Any]:
     raw = await request.body()
     try:
-        body = json.loads(raw)
+        # A large body (a base64 image) parses in a thread, not on the event loop.
+        body = json.loads(raw) if len(raw) < 65536 else await asyncio.to_thread(json.loads, raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the body is not valid JSON ({exc})", type="invalid_request_error") from None
     if not isinstance(body, dict):
@@ -357,9 +358,11 @@ def create_app(
         except Exception as exc:
             raise ApiError(500, f"the model failed: {type(exc).__name__}: {exc}", type="server_error") from None
 
-    def make_query(task: str, image_bytes: bytes, inputs: dict, options: dict, param: str = "image") -> Any:
-        # Runs in a worker thread: decoding a large image must not stall the event loop.
-        image = decode_image(image_bytes, max_image_bytes=max_image_bytes, max_pixels=max_pixels, param=param)
+    def make_query(task: str, image: bytes | str, inputs: dict, options: dict, param: str = "image") -> Any:
+        # Runs in a worker thread: base64 and image decoding must not stall the event loop.
+        if isinstance(image, str):
+            image = _image_bytes_from_text(image, max_image_bytes=max_image_bytes, param=param)
+        image = decode_image(image, max_image_bytes=max_image_bytes, max_pixels=max_pixels, param=param)
         try:
             return predictor.query(task, image, inputs, **options)
         except InputError as exc:
@@ -393,10 +396,10 @@ def create_app(
     async def predict(request: Request):
         check_key(request)
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            body, image_bytes = await _multipart_body(request)
+            body, image_source = await _multipart_body(request)
         else:
             body = await _json_body(request)
-            image_bytes = None
+            image_source = None
         task = body.get("task")
         if task is None:
             raise _invalid(f"missing field 'task'; one of {', '.join(known_tasks())}", "task")
@@ -409,13 +412,13 @@ def create_app(
                 raise _invalid(
                     f"unknown field {name!r:.60} for task {task!r}; allowed: {', '.join(sorted(allowed))}", name
                 )
-        if image_bytes is None:
+        if image_source is None:
             image = body.get("image")
             if image is None:
                 raise _invalid("missing field 'image' (base64, a data: URI, or a multipart file)", "image")
             if not isinstance(image, str):
                 raise _invalid(f"'image' must be a base64 string or a data: URI, got {type(image).__name__}", "image")
-            image_bytes = _image_bytes_from_text(image, max_image_bytes=max_image_bytes, param="image")
+            image_source = image  # base64 or a data: URI, decoded in make_query's thread
         options: dict[str, Any] = {"candidates": _text_list(body, "candidates"), "labels": _text_list(body, "labels")}
         top_k = _int_option(body, "top_k", 1, 1000)
         if top_k is not None:
@@ -425,7 +428,7 @@ def create_app(
             if value is not None:
                 options[name] = value
         inputs = {name: body[name] for name in fields if name in body}
-        query = await asyncio.to_thread(make_query, task, image_bytes, inputs, options)
+        query = await asyncio.to_thread(make_query, task, image_source, inputs, options)
         result = await run_query(query)
         return {"task": task, "model": predictor.name, "prediction": result.to_dict()}
 
@@ -481,10 +484,9 @@ def create_app(
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise _invalid(f"stream must be a boolean, got {stream!r:.60}", "stream")
-        image_bytes = _image_bytes_from_text(image_text, max_image_bytes=max_image_bytes, param=param)
         # No score: a chat completion has no field for it, and scoring is one more forward pass.
         options["with_score"] = False
-        query = await asyncio.to_thread(make_query, GENERATE, image_bytes, {"prompt": prompt}, options, param)
+        query = await asyncio.to_thread(make_query, GENERATE, image_text, {"prompt": prompt}, options, param)
         result = await run_query(query)
 
         max_new_tokens = options.get("max_new_tokens", predictor.model.config.max_target_length)
