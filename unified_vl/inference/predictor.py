@@ -228,7 +228,8 @@ class Predictor:
                     param=name,
                 )
         original = load_image(image)
-        record = {"id": None, "image": original, "width": original.width, "height": original.height, **inputs}
+        # No image in the record: tasks read only its size, and a queued query should not hold it.
+        record = {"id": None, "image": None, "width": original.width, "height": original.height, **inputs}
         # Resize here exactly as the processor does (bicubic to S x S, no crop). Pillow's resize to
         # an unchanged size is a copy, so the processor's own resize in generation and in scoring
         # costs nothing, and the server resizes in its request threads, off the model thread.
