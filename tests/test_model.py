@@ -49,9 +49,18 @@ def test_batched_generation_equals_one_at_a_time(tiny_model, processor, num_beam
     texts = processor.decode(batched)
     assert len(set(texts)) > 1, f"untrained model wrote identical outputs, the test would be vacuous: {texts}"
     for row, single in zip(batched.tolist(), singles, strict=True):
-        pad = processor.tokenizer.pad_token_id
-        strip = lambda seq: [t for t in seq if t != pad]  # noqa: E731
-        assert strip(row) == strip(single)
+        assert _until_eos(row, processor.tokenizer) == _until_eos(single, processor.tokenizer)
+
+
+def _until_eos(ids, tokenizer):
+    """Tokens up to the first eos, pads dropped (beam search fills finished rows with eos)."""
+    out = []
+    for t in ids:
+        if t == tokenizer.eos_token_id:
+            break
+        if t != tokenizer.pad_token_id:
+            out.append(t)
+    return out
 
 
 def test_padding_does_not_change_encoder_states(tiny_model, processor):
@@ -99,14 +108,18 @@ def test_overfits_eight_examples_with_location_targets(tiny_config, tokenizer):
 
 def test_save_and_load_round_trip_gives_identical_logits(tiny_model, tokenizer, tiny_config, tmp_path):
     processor = UnifiedVLProcessor.from_config(tiny_config, tokenizer, vision_backbone=tiny_model.visual.backbone)
-    batch = processor(images=random_images(2), text=PROMPTS[:2], targets=["a red circle", "<loc_1><loc_2><loc_3><loc_4>"])
+    batch = processor(
+        images=random_images(2), text=PROMPTS[:2], targets=["a red circle", "<loc_1><loc_2><loc_3><loc_4>"]
+    )
     folder = save_pretrained(tiny_model, processor, tmp_path / "model")
     names = {p.name for p in folder.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= names
     assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)
     model2, processor2 = load_pretrained(folder)
     model2.eval()
-    batch2 = processor2(images=random_images(2), text=PROMPTS[:2], targets=["a red circle", "<loc_1><loc_2><loc_3><loc_4>"])
+    batch2 = processor2(
+        images=random_images(2), text=PROMPTS[:2], targets=["a red circle", "<loc_1><loc_2><loc_3><loc_4>"]
+    )
     for key in batch:
         torch.testing.assert_close(batch[key], batch2[key])
     torch.testing.assert_close(tiny_model(**batch).logits, model2(**batch2).logits, atol=0, rtol=0)
@@ -115,7 +128,9 @@ def test_save_and_load_round_trip_gives_identical_logits(tiny_model, tokenizer, 
 def test_loading_a_folder_of_another_architecture_is_a_clear_error(tmp_path):
     from transformers import T5Config, T5ForConditionalGeneration
 
-    T5ForConditionalGeneration(T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=64)).save_pretrained(tmp_path)
+    T5ForConditionalGeneration(
+        T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=64)
+    ).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="'t5' model, not a 'unified_vl'"):
         load_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="no config.json"):
@@ -135,7 +150,16 @@ def test_local_t5_folder_and_timm_weight_file_become_the_backbones(tmp_path, tok
     (t5_dir / "spiece.model").write_bytes((default_tokenizer_dir() / "spiece.model").read_bytes())
     base_vocab = len(load_tokenizer(t5_dir)) - 1000  # pieces + sentinels, location tokens aside
     t5 = T5ForConditionalGeneration(
-        T5Config(d_model=32, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2, d_kv=16, vocab_size=base_vocab, decoder_start_token_id=0)
+        T5Config(
+            d_model=32,
+            d_ff=64,
+            num_layers=1,
+            num_decoder_layers=1,
+            num_heads=2,
+            d_kv=16,
+            vocab_size=base_vocab,
+            decoder_start_token_id=0,
+        )
     )
     t5.save_pretrained(t5_dir)
     # A tiny timm weight file with a classification head, as released timm weights have.
@@ -164,8 +188,12 @@ def test_local_t5_folder_and_timm_weight_file_become_the_backbones(tmp_path, tok
             atol=0,
             rtol=0,
         )
-        torch.testing.assert_close(model.visual.backbone.patch_embed.proj.weight, source.patch_embed.proj.weight, atol=0, rtol=0)
-        torch.testing.assert_close(model.visual.backbone.blocks[0].mlp.fc1.weight, source.blocks[0].mlp.fc1.weight, atol=0, rtol=0)
+        torch.testing.assert_close(
+            model.visual.backbone.patch_embed.proj.weight, source.patch_embed.proj.weight, atol=0, rtol=0
+        )
+        torch.testing.assert_close(
+            model.visual.backbone.blocks[0].mlp.fc1.weight, source.blocks[0].mlp.fc1.weight, atol=0, rtol=0
+        )
 
 
 def test_vision_weights_of_another_model_are_refused(tmp_path):
@@ -192,7 +220,11 @@ def test_unknown_visual_mode_is_an_error():
 
 
 def test_processor_batch_names_and_label_padding(processor):
-    batch = processor(images=random_images(2), text=["short", "a much longer prompt than the first one"], targets=["red", "a red circle left of a blue square"])
+    batch = processor(
+        images=random_images(2),
+        text=["short", "a much longer prompt than the first one"],
+        targets=["red", "a red circle left of a blue square"],
+    )
     assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "labels"}
     assert batch["pixel_values"].shape == (2, 3, 64, 64)
     labels = batch["labels"]

@@ -23,7 +23,9 @@ class CheckpointError(ValueError):
     """A folder that is not a unified-vl model folder (or of another architecture)."""
 
 
-def save_pretrained(model: UnifiedVLForConditionalGeneration, processor: UnifiedVLProcessor, out_dir: str | os.PathLike) -> Path:
+def save_pretrained(
+    model: UnifiedVLForConditionalGeneration, processor: UnifiedVLProcessor, out_dir: str | os.PathLike
+) -> Path:
     """Saves model, tokenizer and processor into ``out_dir`` atomically; returns the folder."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -58,7 +60,9 @@ def check_model_folder(path: str | os.PathLike) -> dict:
     return config
 
 
-def load_pretrained(path: str | os.PathLike, **model_kwargs) -> tuple[UnifiedVLForConditionalGeneration, UnifiedVLProcessor]:
+def load_pretrained(
+    path: str | os.PathLike, **model_kwargs
+) -> tuple[UnifiedVLForConditionalGeneration, UnifiedVLProcessor]:
     """Loads ``(model, processor)`` from a folder written by :func:`save_pretrained`."""
     check_model_folder(path)
     model = UnifiedVLForConditionalGeneration.from_pretrained(str(path), **model_kwargs)

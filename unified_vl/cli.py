@@ -14,13 +14,25 @@ import sys
 
 # name -> ("module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("data_tools.cli:main", "synthetic world, dataset converters, and a look at the data (synth | convert | show)"),
+    "data": (
+        "data_tools.cli:main",
+        "synthetic world, dataset converters, and a look at the data (synth | convert | show)",
+    ),
     "tokenizer": ("data_tools.cli:tokenizer_main", "train a SentencePiece tokenizer with location tokens (train)"),
-    "pretrain": ("unified_vl.jobs.pretrain:main", "multi-task pretraining on DeepSpeed (no arguments: the built-in main job)"),
+    "pretrain": (
+        "unified_vl.jobs.pretrain:main",
+        "multi-task pretraining on DeepSpeed (no arguments: the built-in main job)",
+    ),
     "finetune": ("unified_vl.jobs.finetune:main", "fine-tune one task (full, frozen parts, few-shot)"),
     "eval": ("unified_vl.jobs.evaluate:main", "evaluate a model folder on stored data with the official metrics"),
-    "predict": ("unified_vl.inference.cli:predict_main", "predict on one image; prints JSON, optionally draws the result"),
-    "serve": ("unified_vl.inference.cli:serve_main", "HTTP server with dynamic batching (OpenAI-compatible chat endpoint)"),
+    "predict": (
+        "unified_vl.inference.cli:predict_main",
+        "predict on one image; prints JSON, optionally draws the result",
+    ),
+    "serve": (
+        "unified_vl.inference.cli:serve_main",
+        "HTTP server with dynamic batching (OpenAI-compatible chat endpoint)",
+    ),
     "presets": ("unified_vl.presets_cli:main", "list the model presets with their parameter counts"),
 }
 

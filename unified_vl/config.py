@@ -140,7 +140,9 @@ class UnifiedVLConfig(PretrainedConfig):
         if text_config is None and text_model_path is not None:
             config_file = Path(text_model_path) / "config.json"
             if not config_file.is_file():
-                raise FileNotFoundError(f"text_model_path {text_model_path!r} has no config.json (a Hugging Face T5 folder)")
+                raise FileNotFoundError(
+                    f"text_model_path {text_model_path!r} has no config.json (a Hugging Face T5 folder)"
+                )
             text_config = json.loads(config_file.read_text())
         # T5's special ids (pad 0 doubles as decoder start, eos 1) unless the folder says otherwise.
         text_config = {**T5_SPECIAL_IDS, **(text_config or {})}

@@ -35,7 +35,11 @@ class VisualEmbedding(nn.Module):
         if config.vision_out_index is not None:
             # A CNN stage as the grid (OFA uses ResNet's first three stages, §3.1).
             self.backbone = timm.create_model(
-                config.vision_model, pretrained=False, features_only=True, out_indices=(config.vision_out_index,), **kwargs
+                config.vision_model,
+                pretrained=False,
+                features_only=True,
+                out_indices=(config.vision_out_index,),
+                **kwargs,
             )
         else:
             try:  # transformer backbones take the input size; CNNs refuse the argument

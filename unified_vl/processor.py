@@ -142,7 +142,9 @@ class UnifiedVLProcessor:
                 raise TypeError(f"{field} {i}: expected a string, got {type(t).__name__}")
         ids = self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]  # unpadded, ends in eos
         if any(len(x) > max_length for x in ids) and not self._warned_truncation:
-            logger.warning("%s longer than %d tokens are truncated (keeping the end-of-sequence token)", field, max_length)
+            logger.warning(
+                "%s longer than %d tokens are truncated (keeping the end-of-sequence token)", field, max_length
+            )
             self._warned_truncation = True
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         rows = [seq[: max_length - 1] + [eos] if len(seq) > max_length else list(seq) for seq in ids]
@@ -152,7 +154,10 @@ class UnifiedVLProcessor:
         for r in rows:
             masks.append([1] * len(r) + [0] * (width - len(r)))
             r.extend([pad] * (width - len(r)))
-        return {"input_ids": torch.tensor(rows, dtype=torch.long), "attention_mask": torch.tensor(masks, dtype=torch.long)}
+        return {
+            "input_ids": torch.tensor(rows, dtype=torch.long),
+            "attention_mask": torch.tensor(masks, dtype=torch.long),
+        }
 
     def tokenize_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """``input_ids`` and ``attention_mask`` (B, T), right-padded."""
