@@ -1,0 +1,313 @@
+"""The DeepSpeed engine on the CPU, for real: ZeRO stages, export, resume, failing saves, bad input.
+
+Records here are tiny in-memory ones (random 32 px images, short targets) so that the engine is
+tested on its own; the jobs tests run it on the synthetic world through the task modules.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import random
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from unified_vl.checkpoint import CheckpointError as FolderError
+from unified_vl.checkpoint import load_pretrained
+from unified_vl.engine import mixture
+from unified_vl.engine.checkpoints import CheckpointError
+from unified_vl.engine.config import ConfigError, load_config
+from unified_vl.engine.trainer import Example, TrainData, train
+
+# A model small enough that a DeepSpeed step takes milliseconds; dropout on, so that resuming
+# must restore the RNG too.
+TINY = (
+    "model.overrides={image_size: 32, vision_kwargs: {patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}, "
+    "text_config: {d_model: 32, d_kv: 16, d_ff: 64, num_heads: 2, num_layers: 1, num_decoder_layers: 1, dropout_rate: 0.1}}"
+)
+NO_DROPOUT = TINY.replace("dropout_rate: 0.1", "dropout_rate: 0.0")
+WORDS = ["red", "blue", "green", "circle", "square", "left", "right"]
+
+
+def _records(n: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [
+        {"image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), "word": WORDS[i % len(WORDS)]} for i in range(n)
+    ]
+
+
+DATA = {"colors": _records(24, 0), "shapes": _records(18, 1)}
+
+
+def make_example(task: str, record: dict, rng: random.Random) -> Example:
+    # rng: the target varies with it, so the per-slot seeding is part of what resume must reproduce.
+    return Example(record["image"], f"{task}: name it", f"{record['word']} {rng.choice(WORDS)}")
+
+
+def run(tmp: Path, name: str, *overrides: str, data: TrainData | None = None):
+    base = [
+        "data.tasks={colors: 1, shapes: 1}",
+        TINY,
+        "train.global_batch_size=8",
+        "train.micro_batch_size=4",
+        "train.max_steps=6",
+        "optim.warmup_steps=2",
+        "train.log_every=2",
+        "optim.lr=5e-3",
+        # One thread: the CPU is shared in CI, and two OpenMP threads contending with another
+        # process make a step many times slower.
+        "train.num_threads=1",
+        f"output_dir={tmp / name}",
+    ]
+    return train(load_config(None, [*base, *overrides]), data or TrainData(DATA, make_example))
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    model, _ = load_pretrained(folder)
+    return model.state_dict()
+
+
+@pytest.fixture(scope="module")
+def stage0(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("zero"), "stage0", "train.zero_stage=0")
+
+
+def test_training_lowers_the_loss_and_writes_the_run(stage0):
+    assert len(stage0.losses) == 6 and stage0.losses[-1] < stage0.losses[0]
+    run_dir = stage0.run_dir
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000006"
+    assert json.loads((run_dir / "ds_config.json").read_text())["gradient_accumulation_steps"] == 2
+    assert "gradient_accumulation_steps: 2" in (run_dir / "config.yaml").read_text()  # the derived values
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert {"train/loss", "train/lr", "train/samples_per_s", "train/loss/colors", "train/loss/shapes"} <= set(rows[0])
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert (run_dir / "curves.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_stages_train_alike_and_export(stage, stage0, tmp_path):
+    result = run(tmp_path, f"stage{stage}", f"train.zero_stage={stage}")
+    np.testing.assert_allclose(result.losses, stage0.losses, rtol=1e-5)
+    reference, exported = _weights(stage0.model_dir), _weights(result.model_dir)  # ZeRO-3 shards consolidated
+    assert reference.keys() == exported.keys()
+    for key in reference:
+        torch.testing.assert_close(exported[key], reference[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert (result.run_dir / "model" / "model.safetensors").is_file()
+
+
+def test_resume_after_a_kill_gives_the_same_losses(tmp_path, monkeypatch):
+    args = ["train.max_steps=20", "checkpoint.every=10", "checkpoint.export=false"]
+    full = run(tmp_path, "full", *args).losses
+
+    real_next_step = mixture.MixtureSampler.next_step
+
+    def killed_at_step_10(self):
+        if self.step == 10:
+            raise KeyboardInterrupt("killed")  # dies mid-run: no final checkpoint, nothing cleaned up
+        return real_next_step(self)
+
+    monkeypatch.setattr(mixture.MixtureSampler, "next_step", killed_at_step_10)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "part", *args)
+    monkeypatch.undo()
+    assert (tmp_path / "part" / "checkpoints" / "latest").read_text() == "step_00000010"
+    resumed = run(tmp_path, "part", *args, "resume=true").losses
+    assert len(resumed) == 10
+    np.testing.assert_allclose(resumed, full[10:], rtol=0, atol=1e-6)
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def disk_full_on_the_second_checkpoint(obj, f, *args, **kwargs):
+        if "step_00000004" in str(f):
+            calls["n"] += 1
+            Path(f).write_bytes(b"half a checkpoint")  # a partial file, as a full disk leaves it
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_on_the_second_checkpoint)
+    with pytest.raises(CheckpointError, match=r"disk is full.*'step_00000002' is intact"):
+        run(tmp_path, "full_disk", "checkpoint.every=2", "train.max_steps=6")
+    assert calls["n"] == 1
+    checkpoints = tmp_path / "full_disk" / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_00000002"
+    assert not (checkpoints / "step_00000004").exists()
+    monkeypatch.undo()
+    resumed = run(tmp_path, "full_disk", "checkpoint.every=2", "train.max_steps=6", "resume=true")
+    assert resumed.steps == 6 and len(resumed.losses) == 4
+
+
+def test_keeps_the_last_k_and_the_best(tmp_path):
+    class Evaluator:  # a fake metric that peaks at step 2
+        def generate(self, model, processor, *, split, max_examples, rank, world_size):
+            return {}
+
+        def score(self, texts, *, split, max_examples):
+            self.calls = getattr(self, "calls", 0) + 1
+            return {f"colors/{split}/acc": [0.2, 0.9, 0.5, 0.4, 0.3, 0.1][self.calls - 1]}
+
+    config = load_config(
+        None,
+        [
+            "data.tasks={colors: 1}",
+            TINY,
+            "train.global_batch_size=4",
+            "train.micro_batch_size=4",
+            "train.max_steps=6",
+            "eval.every=1",
+            "eval.final_splits=[]",
+            "checkpoint.every=1",
+            "checkpoint.keep_last=2",
+            "checkpoint.best_metric=colors/val/acc",
+            "checkpoint.export=false",
+            f"output_dir={tmp_path / 'best'}",
+        ],
+    )
+    train(config, TrainData(DATA, make_example), evaluator=Evaluator())
+    checkpoints = tmp_path / "best" / "checkpoints"
+    kept = sorted(p.name for p in checkpoints.iterdir() if p.is_dir())
+    assert kept == ["step_00000002", "step_00000005", "step_00000006"]
+    assert json.loads((checkpoints / "index.json").read_text())["best"] == {
+        "tag": "step_00000002",
+        "metric": "colors/val/acc",
+        "value": 0.9,
+    }
+
+
+def test_freeze_and_few_shot(tmp_path):
+    seen = set()
+
+    def recording(task, record, rng):
+        seen.add((task, record["word"], int(record["image"].sum())))
+        return make_example(task, record, rng)
+
+    result = run(
+        tmp_path,
+        "frozen",
+        "train.freeze=[visual]",
+        "data.shots=3",
+        "train.max_steps=4",
+        data=TrainData(DATA, recording),
+    )
+    assert len(seen) == 6  # 3 shots of each task, nothing else
+    from unified_vl.engine.trainer import build_model_and_processor
+
+    torch.manual_seed(0)
+    initial, _ = build_model_and_processor(load_config(None, ["data.tasks={colors: 1}", TINY]))
+    trained = _weights(result.model_dir)
+    for key, value in initial.state_dict().items():
+        if key.startswith("visual."):
+            torch.testing.assert_close(trained[key], value, msg=key)
+    assert not torch.equal(trained["type_embed"], initial.state_dict()["type_embed"])
+
+
+def test_bf16_on_cpu_trains_and_exports_float32(tmp_path):
+    result = run(tmp_path, "bf16", "train.precision=bf16", "train.zero_stage=2", "train.max_steps=2")
+    assert all(np.isfinite(result.losses))
+    assert all(v.dtype == torch.float32 for v in _weights(result.model_dir).values())
+
+
+# -- bad input: a clear error before any training ---------------------------------------------
+
+
+def test_global_batch_not_divisible_fails_before_anything(tmp_path):
+    with pytest.raises(ConfigError, match="global_batch_size=10 is not divisible"):
+        run(tmp_path, "bad", "train.global_batch_size=10")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_fp16_on_cpu_is_refused(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("fp16 runs on a GPU")
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        run(tmp_path, "fp16", "train.precision=fp16")
+
+
+def test_checkpoint_of_another_architecture(stage0, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(stage0.run_dir, copy)
+    other = TINY.replace("d_model: 32", "d_model: 48")
+    with pytest.raises(CheckpointError, match=r"(?s)another architecture.*d_model: checkpoint 32 vs now 48"):
+        train(
+            load_config(
+                None,
+                [
+                    "data.tasks={colors: 1, shapes: 1}",
+                    other,
+                    "train.global_batch_size=8",
+                    "train.micro_batch_size=4",
+                    f"output_dir={copy}",
+                    "resume=true",
+                ],
+            ),
+            TrainData(DATA, make_example),
+        )
+    foreign = tmp_path / "t5"
+    foreign.mkdir()
+    (foreign / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    config = load_config(None, ["data.tasks={colors: 1}", f"model.init={foreign}", f"output_dir={tmp_path / 'init'}"])
+    with pytest.raises(FolderError, match="holds a 't5' model"):
+        train(config, TrainData(DATA, make_example))
+
+
+def test_existing_run_needs_resume_and_freeze_must_match(stage0, tmp_path):
+    with pytest.raises(CheckpointError, match="already holds a run's checkpoints; pass --resume"):
+        train(
+            load_config(None, ["data.tasks={colors: 1}", TINY, f"output_dir={stage0.run_dir}"]),
+            TrainData(DATA, make_example),
+        )
+    with pytest.raises(ConfigError, match="train.freeze: 'vision' matches no parameter"):
+        run(tmp_path, "freeze", "train.freeze=[vision]")
+    with pytest.raises(ConfigError, match=r"names \['missing'\] but no training records"):
+        run(tmp_path, "missing", "data.tasks={colors: 1, missing: 1}")
+
+
+# -- several processes ---------------------------------------------------------------------------
+
+TWO_PROCESS_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+import torch.distributed as dist
+from test_engine import run
+from test_engine import NO_DROPOUT
+result = run(Path({tmp!r}), "two", "train.max_steps=4", NO_DROPOUT)
+if dist.get_rank() == 0:
+    Path({out!r}).write_text(json.dumps(result.losses))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, stage0):
+    script = tmp_path / "two.py"
+    out = tmp_path / "losses.json"
+    script.write_text(TWO_PROCESS_SCRIPT.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), out=str(out)))
+    one = run(tmp_path, "one", "train.max_steps=4", NO_DROPOUT).losses
+    port = _free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(script)]
+    subprocess.run(cmd, check=True, timeout=600, cwd=tmp_path)
+    # Dropout off: each rank has its own dropout stream. 1 process: micro batches of 4 with 2 accumulation steps; 2 processes: one each, same examples.
+    np.testing.assert_allclose(json.loads(out.read_text()), one, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_zero_offload_trains(tmp_path):
+    # DeepSpeedCPUAdam is JIT-built on its first use (about two minutes, then cached).
+    result = run(tmp_path, "offload", "train.zero_stage=2", "train.offload_optimizer=true", "train.max_steps=3")
+    assert result.losses[-1] < result.losses[0]

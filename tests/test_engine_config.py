@@ -1,0 +1,186 @@
+"""The run config (layers, errors, derived values) and the mixture sampler; no DeepSpeed run here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from unified_vl.engine.config import ConfigError, RunConfig, deepspeed_config, derive, dump_yaml, load_config
+from unified_vl.engine.mixture import MixtureSampler, few_shot_indices, mixture_probabilities, shard
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ["data.tasks={vqa: 1}"]
+
+
+def test_layers_and_dotted_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"optim": {"lr": "1e-3"}, "data": {"tasks": {"vqa": 1, "rec": 2}}}))
+    config = load_config(
+        path,
+        [
+            "optim.lr=3e-4",
+            "data.tasks.rec=5",
+            "model.overrides.text_config.d_model=64",
+            "train.freeze=visual,type_embed",
+        ],
+        defaults={"train": {"max_steps": 7}},
+    )
+    assert config.optim.lr == 3e-4  # the command line wins over the file ...
+    assert config.data.tasks == {"vqa": 1.0, "rec": 5.0}
+    assert config.train.max_steps == 7  # ... and the file leaves the job defaults it does not name
+    assert config.model.overrides == {"text_config": {"d_model": 64}}
+    assert config.train.freeze == ["visual", "type_embed"]
+    # The saved resolved config loads back to the same thing.
+    again = tmp_path / "resolved.yaml"
+    again.write_text(dump_yaml(config))
+    assert load_config(again) == config
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.lrr=1"], "unknown config key 'optim.lrr'"),
+        (["optim.lrr=1"], "allowed there: lr, weight_decay"),
+        (["trian.max_steps=1"], "unknown config key 'trian'"),
+        (["optim.lr=fast"], "optim.lr: expected float, got str 'fast'"),
+        (["train.max_steps=1.5"], "train.max_steps: expected int"),
+        (["train.zero_stage=4"], "expected one of 0, 1, 2, 3"),
+        (["train.precision=fp8"], "expected one of 'fp32', 'bf16', 'fp16'"),
+        (["train.offload_params=true"], "needs train.zero_stage=3"),
+        (["model.overrides.depth=3"], "model.overrides: unknown field 'depth'; allowed: image_size"),
+        (["model.overrides.text_config.layers=3"], "unknown T5Config field 'layers'"),
+        (["model.init=/x", "model.preset=uvl-tiny"], "model.init fixes the architecture"),
+        (["model.preset=uvl-huge"], "unknown preset 'uvl-huge'; known: uvl-tiny"),
+        (["optim.lr"], "is not KEY=VALUE"),
+        (["optim.lr.x=1"], "optim.lr is a float, it has no sub-keys"),
+        (["checkpoint.best_metric=accuracy"], "must be a metric key 'task/split/metric'"),
+    ],
+)
+def test_bad_keys_and_types_say_what_is_allowed(overrides, message):
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(None, [*TASKS, *overrides])
+    assert message in str(info.value)
+
+
+def test_wrong_type_in_a_file_names_the_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  global_batch_size: lots\n")
+    with pytest.raises(ConfigError, match="train.global_batch_size: expected int, got str 'lots'"):
+        load_config(path, TASKS)
+    path.write_text("train:\n  batch: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'train.batch'"):
+        load_config(path, TASKS)
+
+
+def test_no_tasks_is_an_error():
+    with pytest.raises(ConfigError, match="data.tasks is empty"):
+        load_config(None, [])
+
+
+def test_gradient_accumulation_is_derived_and_checked():
+    config = load_config(None, [*TASKS, "train.global_batch_size=64", "train.micro_batch_size=8"])
+    assert derive(config, 1).gradient_accumulation_steps == 8
+    assert derive(config, 4).gradient_accumulation_steps == 2
+    ds = deepspeed_config(config, derive(config, 4))
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        64,
+        8,
+        2,
+    )
+    with pytest.raises(
+        ConfigError, match=r"global_batch_size=64 is not divisible by .* 8 x 3 = 24; use a multiple of 24"
+    ):
+        derive(config, 3)
+
+
+def test_deepspeed_config_follows_precision_zero_and_clipping():
+    config = load_config(
+        None,
+        [*TASKS, "train.zero_stage=3", "train.offload_optimizer=true", "train.precision=bf16", "optim.grad_clip=0"],
+    )
+    ds = deepspeed_config(config, derive(config, 1))
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert "gradient_clipping" not in ds
+
+
+def test_every_config_file_loads_and_starts_with_its_command():
+    files = sorted((ROOT / "scripts" / "configs").glob("*.yaml"))
+    assert files
+    for path in files:
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# ") and ("unified-vl" in first or "scripts/" in first), path.name
+        assert "expect" in path.read_text().lower(), f"{path.name} should say what it reaches"
+        assert isinstance(load_config(path, [] if "tasks" in path.read_text() else TASKS), RunConfig)
+
+
+def test_main_job_file_equals_the_builtin_main_job():
+    from unified_vl.jobs.pretrain import MAIN_JOB
+
+    assert load_config(ROOT / "scripts" / "configs" / "pretrain_tiny.yaml") == load_config(None, defaults=MAIN_JOB)
+
+
+# -- the mixture -------------------------------------------------------------------------------
+
+
+def test_mixture_weightings():
+    sizes = {"a": 100, "b": 400}
+    assert mixture_probabilities(sizes, {"a": 3, "b": 1}, weighting="explicit") == {"a": 0.75, "b": 0.25}
+    assert mixture_probabilities(sizes, {"a": 1, "b": 1}, weighting="size") == {"a": 0.2, "b": 0.8}
+    temp = mixture_probabilities(sizes, {"a": 1, "b": 1}, weighting="temperature", temperature=2.0)
+    assert temp["a"] == pytest.approx(10 / 30) and temp["b"] == pytest.approx(20 / 30)
+
+
+def _sampler(**kw):
+    sizes = kw.pop("sizes", {"a": 7, "b": 5})
+    return MixtureSampler(sizes, {"a": 0.5, "b": 0.5}, seed=kw.pop("seed", 3), global_batch_size=8)
+
+
+def test_sampler_is_deterministic_and_covers_epochs():
+    one, two = _sampler(), _sampler()
+    steps = [one.next_step() for _ in range(20)]
+    assert steps == [two.next_step() for _ in range(20)]
+    assert steps != [_sampler(seed=4).next_step() for _ in range(20)]
+    drawn = [x for s in steps for x in s]
+    # Each task walks through permutations: its first len(task) draws are every example once.
+    first_a = [i for t, i in drawn if t == "a"][:7]
+    assert sorted(first_a) == list(range(7))
+
+
+def test_sampler_resumes_mid_epoch():
+    full = _sampler()
+    reference = [full.next_step() for _ in range(9)]
+    part = _sampler()
+    for _ in range(5):
+        part.next_step()
+    state = part.state_dict()
+    resumed = _sampler()
+    resumed.load_state_dict(state)
+    assert [resumed.next_step() for _ in range(4)] == reference[5:]
+    replayed = _sampler()
+    replayed.fast_forward(5)  # the pure-function definition agrees with the saved position
+    assert replayed.state_dict() == state
+    with pytest.raises(ValueError, match="seed"):
+        _sampler(seed=9).load_state_dict(state)
+
+
+def test_shards_do_not_overlap_and_match_one_process():
+    step = list(range(16))
+    ranks = [shard(step, rank=r, world_size=2, micro_batch_size=4) for r in range(2)]
+    assert ranks == [[[0, 1, 2, 3], [8, 9, 10, 11]], [[4, 5, 6, 7], [12, 13, 14, 15]]]
+    one = shard(step, rank=0, world_size=1, micro_batch_size=4)
+    # The micro batches of one process are those of the ranks, interleaved.
+    assert sorted(map(tuple, one)) == sorted(tuple(m) for r in ranks for m in r)
+
+
+def test_few_shot_is_reproducible():
+    a = few_shot_indices(100, 8, seed=1, task_index=0)
+    assert a == few_shot_indices(100, 8, seed=1, task_index=0) and len(set(a)) == 8
+    assert a != few_shot_indices(100, 8, seed=2, task_index=0)
+    with pytest.raises(ValueError, match="only 5"):
+        few_shot_indices(5, 8, seed=1, task_index=0)
+    assert np.all(np.diff(a) > 0)
