@@ -24,6 +24,7 @@ from unified_vl.checkpoint import load_pretrained
 from unified_vl.engine import mixture
 from unified_vl.engine.checkpoints import CheckpointError
 from unified_vl.engine.config import ConfigError, load_config
+from unified_vl.engine.export import export_checkpoint
 from unified_vl.engine.trainer import Example, TrainData, train
 
 # A model small enough that a DeepSpeed step takes milliseconds; dropout on, so that resuming
@@ -100,7 +101,10 @@ def test_zero_stages_train_alike_and_export(stage, stage0, tmp_path):
     assert reference.keys() == exported.keys()
     for key in reference:
         torch.testing.assert_close(exported[key], reference[key], rtol=1e-4, atol=1e-5, msg=key)
-    assert (result.run_dir / "model" / "model.safetensors").is_file()
+    # Offline: the saved checkpoint's shards consolidated by zero_to_fp32 give the same weights.
+    offline = _weights(export_checkpoint(result.run_dir, tmp_path / "offline", tag="latest"))
+    for key in reference:
+        torch.testing.assert_close(offline[key], exported[key], msg=key)
 
 
 def test_resume_after_a_kill_gives_the_same_losses(tmp_path, monkeypatch):
@@ -169,7 +173,6 @@ def test_keeps_the_last_k_and_the_best(tmp_path):
             "checkpoint.every=1",
             "checkpoint.keep_last=2",
             "checkpoint.best_metric=colors/val/acc",
-            "checkpoint.export=false",
             f"output_dir={tmp_path / 'best'}",
         ],
     )
@@ -182,6 +185,11 @@ def test_keeps_the_last_k_and_the_best(tmp_path):
         "metric": "colors/val/acc",
         "value": 0.9,
     }
+    # The best checkpoint is exported next to the final model.
+    best, last = _weights(tmp_path / "best" / "model-best"), _weights(tmp_path / "best" / "model")
+    assert not torch.equal(best["type_embed"], last["type_embed"])
+    with pytest.raises(CheckpointError, match="has no checkpoint 'step_00000001'; it has: step_00000002"):
+        export_checkpoint(tmp_path / "best", tmp_path / "x", tag="step_00000001")
 
 
 def test_freeze_and_few_shot(tmp_path):
@@ -311,3 +319,8 @@ def test_zero_offload_trains(tmp_path):
     # DeepSpeedCPUAdam is JIT-built on its first use (about two minutes, then cached).
     result = run(tmp_path, "offload", "train.zero_stage=2", "train.offload_optimizer=true", "train.max_steps=3")
     assert result.losses[-1] < result.losses[0]
+
+
+def test_sample_mean_loss_weighs_examples_not_tokens(stage0, tmp_path):
+    result = run(tmp_path, "sample", "train.loss_reduction=sample", "train.max_steps=2")
+    assert all(np.isfinite(result.losses)) and result.losses[0] != pytest.approx(stage0.losses[0])

@@ -47,6 +47,9 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Writes ``text`` to ``path`` so that readers see the old or the new file, never a mix."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

@@ -105,6 +105,10 @@ class TrainConfig:
     freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept frozen, e.g. ["visual"]
     log_every: int = 10  # optimizer steps between log lines (progress bar, TensorBoard, metrics.jsonl)
     num_threads: int | None = None  # torch CPU threads; None: torch's default
+    # How a micro batch's loss averages its target tokens: "token" (T5 / Hugging Face: every token
+    # counts once, so long targets such as grounding's weigh more) or "sample" (each example's mean
+    # first, so each task weighs what the mixture gives it).
+    loss_reduction: Literal["token", "sample"] = "token"
 
 
 @dataclass

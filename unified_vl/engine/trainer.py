@@ -21,9 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from unified_vl.config import UnifiedVLConfig
 from unified_vl.engine import distributed
 from unified_vl.engine.checkpoints import CheckpointError, CheckpointManager, atomic_write_text, export_model
 from unified_vl.engine.config import ConfigError, Derived, RunConfig, deepspeed_config, derive, dump_yaml
+from unified_vl.engine.export import SPEC, export_checkpoint
 from unified_vl.engine.mixture import MixtureSampler, few_shot_indices, mixture_probabilities, shard
 from unified_vl.engine.monitor import Monitor
 
@@ -113,7 +115,6 @@ class LRSchedule:
 def build_model_and_processor(config: RunConfig):
     """The model and processor a run starts from: a preset (+ overrides) or the folder ``model.init``."""
     from unified_vl.checkpoint import load_pretrained
-    from unified_vl.config import UnifiedVLConfig
     from unified_vl.modeling import build_model
     from unified_vl.processor import UnifiedVLProcessor
     from unified_vl.tokenizer import load_tokenizer
@@ -273,7 +274,7 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model, processor = build_model_and_processor(config)
     if config.resume:
-        check_architecture(json.loads((run_dir / "model_config.json").read_text()), model.config, run_dir)
+        check_architecture(architecture(UnifiedVLConfig.from_pretrained(run_dir / SPEC)), model.config, run_dir)
     frozen = freeze(model, t.freeze)
     torch.manual_seed(t.seed + dist.rank)  # dropout streams differ between ranks
     datasets = dict(data.datasets)
@@ -292,7 +293,9 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
         suffix = "" if not config.resume else f"-resume-{time.strftime('%Y%m%d-%H%M%S')}"
         atomic_write_text(run_dir / f"config{suffix}.yaml", dump_yaml(config, derived))
         atomic_write_text(run_dir / "ds_config.json", json.dumps(deepspeed_config(config, derived), indent=2))
-        atomic_write_text(run_dir / "model_config.json", json.dumps(architecture(model.config), indent=2))
+        if not config.resume:  # everything but the weights, for offline export (engine/export.py)
+            model.config.save_pretrained(run_dir / SPEC)
+            processor.save_pretrained(run_dir / SPEC)
 
     # -- initialize ---------------------------------------------------------------------------
     schedule = LRSchedule(
@@ -333,16 +336,20 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
     while step < schedule.horizon:
         engine.train()
         slots = [(i, task, index) for i, (task, index) in enumerate(sampler.next_step())]
+        # Micro batches of one task pad less (a grounding target is 10x a classification one);
+        # the order is a function of the step alone, so every world size cuts the same batches.
+        slots.sort(key=lambda slot: (tasks.index(slot[1]), slot[0]))
         sums = np.zeros(2 + 2 * len(tasks))  # [sum of micro-batch losses, micro batches, per task: CE sum, tokens]
         for micro in shard(slots, rank=dist.rank, world_size=dist.world_size, micro_batch_size=t.micro_batch_size):
             batch, row_tasks = collate(micro, data, processor, seed=t.seed, step=step)
             out = engine(**batch)
-            engine.backward(out.loss)
+            ce, count = token_losses(out.logits, batch["labels"])  # (B,), (B,)
+            loss = out.loss if t.loss_reduction == "token" else (ce / count.clamp(min=1)).mean()
+            engine.backward(loss)
             engine.step()
-            sums[0] += out.loss.item()
+            sums[0] += loss.item()
             sums[1] += 1
-            with torch.no_grad():
-                ce, count = token_losses(out.logits, batch["labels"])
+            ce = ce.detach()
             for row, task in enumerate(row_tasks):
                 k = tasks.index(task)
                 sums[2 + 2 * k] += ce[row].item()
@@ -416,6 +423,12 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
     model_dir = (
         export_model(engine, processor, run_dir / "model", dist=dist, zero_stage=t.zero_stage) if c.export else None
     )
+    best = checkpoints.index().get("best")
+    if c.export and dist.is_main and best and best["tag"] != checkpoints.latest_tag():
+        export_checkpoint(run_dir, run_dir / "model-best", tag=best["tag"])
+        monitor.write(
+            f"best checkpoint {best['tag']} ({best['metric']} = {best['value']:.4f}) -> {run_dir / 'model-best'}"
+        )
     monitor.close()
     elapsed = train_seconds - start_seconds
     return TrainResult(
