@@ -322,5 +322,8 @@ def test_zero_offload_trains(tmp_path):
 
 
 def test_sample_mean_loss_weighs_examples_not_tokens(stage0, tmp_path):
-    result = run(tmp_path, "sample", "train.loss_reduction=sample", "train.max_steps=2")
-    assert all(np.isfinite(result.losses)) and result.losses[0] != pytest.approx(stage0.losses[0])
+    result = run(tmp_path, "sample", "train.loss_reduction=sample", "checkpoint.export=false")
+    # At initialisation every token costs about log(V), so the first losses agree; the first
+    # update differs because the targets have different lengths.
+    assert result.losses[0] == pytest.approx(stage0.losses[0], rel=1e-4)
+    assert result.losses[1] != pytest.approx(stage0.losses[1], rel=1e-4)
