@@ -176,3 +176,49 @@ def test_synthetic_world_and_tokenizer_are_cached(tmp_path):
     assert (Path(first.data.path) / "manifest.json").stat().st_mtime_ns == stamp  # reused, not regenerated
     other = prepare_data(load_config(None, [*overrides, "data.synth.seed=1"]), dist)
     assert other.data.path != first.data.path
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_two_processes_match_one(synth_data, tmp_path):
+    """`deepspeed --num_gpus 2 scripts/pretrain.py`: sharded evaluation gives one process's metrics."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [
+        f"data.path={synth_data}",
+        *FAST,
+        "train.micro_batch_size=4",
+        "train.zero_stage=2",
+        "eval.final_splits=[test]",
+    ]
+    assert pretrain.main([*args, f"output_dir={tmp_path / 'one'}"]) == 0
+    script = Path(__file__).resolve().parents[1] / "scripts" / "pretrain.py"
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(port),
+        str(script),
+    ]
+    subprocess.run([*cmd, *args, f"output_dir={tmp_path / 'two'}"], check=True, timeout=600, cwd=tmp_path)
+
+    def metrics(name):
+        return json.loads((tmp_path / name / "eval_final.json").read_text())["metrics"]
+
+    assert metrics("two") == pytest.approx(metrics("one"), abs=1e-6)
+    losses = [
+        [
+            json.loads(line)["train/loss"]
+            for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()
+            if '"train"' in line
+        ]
+        for n in ("one", "two")
+    ]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
