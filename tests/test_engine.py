@@ -331,3 +331,37 @@ def test_sample_mean_loss_weighs_examples_not_tokens(tmp_path):
         tmp_path, "sample", "train.loss_reduction=sample", "checkpoint.export=false", "train.max_steps=3", data=data
     )
     assert all(np.isfinite(sample.losses)) and sample.losses != pytest.approx(token, rel=1e-4)
+
+
+KILL_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from test_engine import run
+resume = ["resume=true"] if Path({latest!r}).exists() else []
+run(Path({tmp!r}), "killed", "train.max_steps=100000", "checkpoint.every=1", "checkpoint.keep_last=1", *resume)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
+    import os
+    import signal
+    import time
+
+    latest = tmp_path / "killed" / "checkpoints" / "latest"
+    script = tmp_path / "killed.py"
+    script.write_text(KILL_SCRIPT.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), latest=str(latest)))
+    rng = random.Random(0)
+    for _ in range(3):  # killed three times at random moments; a checkpoint is being written most of the time
+        before = latest.read_text() if latest.exists() else ""
+        proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while (not latest.exists() or latest.read_text() == before) and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.0))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    step = int(latest.read_text().split("_")[1])
+    result = run(tmp_path, "killed", f"train.max_steps={step + 2}", "resume=true")
+    assert result.steps == step + 2 and len(result.losses) == 2

@@ -314,6 +314,11 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
         client = checkpoints.load(engine)  # model, optimizer, scheduler (with its horizon), RNG
         sampler.load_state_dict(client["sampler"])
         step, train_seconds, calibrated = client["step"], client["train_seconds"], client["calibrated"]
+        # The checkpoint restored the schedule; the config may have changed its length (training
+        # longer). A time-bounded run keeps the horizon it measured.
+        schedule.horizon = (
+            min(schedule.horizon, t.max_steps) if t.max_minutes is not None and calibrated else t.max_steps
+        )
     monitor = Monitor(run_dir, enabled=dist.is_main, total_steps=schedule.horizon, initial_step=step)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     monitor.write(
