@@ -365,3 +365,12 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
     step = int(latest.read_text().split("_")[1])
     result = run(tmp_path, "killed", f"train.max_steps={step + 2}", "resume=true")
     assert result.steps == step + 2 and len(result.losses) == 2
+
+
+def test_export_command(stage0, tmp_path, capsys):
+    from unified_vl.engine.export import main
+
+    assert main([str(stage0.run_dir), "--out", str(tmp_path / "m")]) == 0
+    assert _weights(tmp_path / "m").keys() == _weights(stage0.model_dir).keys()
+    assert main([str(stage0.run_dir), "--tag", "best", "--out", str(tmp_path / "b")]) == 1
+    assert "has no best checkpoint" in capsys.readouterr().err
