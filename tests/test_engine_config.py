@@ -184,3 +184,19 @@ def test_few_shot_is_reproducible():
     with pytest.raises(ValueError, match="only 5"):
         few_shot_indices(5, 8, seed=1, task_index=0)
     assert np.all(np.diff(a) > 0)
+
+
+def test_time_budget_fits_the_schedule_to_the_measured_speed():
+    from unified_vl.engine.trainer import TimeBudget
+
+    budget = TimeBudget(100 / 60, max_steps=1000, skip=5, window=20)  # 100 s
+    horizons = {}
+    for step in range(1, 61):
+        seconds = step * 1.0 if step <= 25 else 25 + (step - 25) * 2.0  # 1 s/step, then 2 s/step
+        horizon = budget.update(step, step, seconds)
+        if horizon is not None:
+            horizons[step] = horizon
+    assert horizons[25] == 100  # 25 s spent, 75 s left at 1 s/step
+    assert horizons[45] == 45 + int((100 - 65) / 2.0)  # re-measured: 2 s/step
+    capped = TimeBudget(100, max_steps=30, skip=1, window=1)
+    assert capped.update(1, 1, 1.0) is None and capped.update(2, 2, 2.0) == 30  # never beyond max_steps

@@ -29,9 +29,6 @@ from unified_vl.engine.export import SPEC, export_checkpoint
 from unified_vl.engine.mixture import MixtureSampler, few_shot_indices, mixture_probabilities, shard
 from unified_vl.engine.monitor import Monitor
 
-# The first optimizer steps include one-off costs (allocations, DeepSpeed's first all-reduce);
-# a time-bounded run measures its speed after them.
-CALIBRATION_SKIP, CALIBRATION_STEPS = 5, 20
 # Architecture fields that must agree between a checkpoint and the model built to resume it.
 ARCH_FIELDS = ("vision_model", "vision_kwargs", "vision_out_index", "image_size", "num_bins", "visual_mode")
 ARCH_TEXT_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads")
@@ -86,6 +83,29 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)  # final evaluation
     samples_per_s: float = 0.0
     train_seconds: float = 0.0
+
+
+class TimeBudget:
+    """Fits the schedule's length to a time budget from the measured step time, re-measured as it goes.
+
+    The first steps of a process include one-off costs (allocations, DeepSpeed's first all-reduce)
+    and are skipped; after that the horizon is re-estimated every ``window`` steps from the last
+    window's speed, so a machine that slows down (a shared CPU) still ends with a decayed rate.
+    """
+
+    def __init__(self, minutes: float, *, max_steps: int, skip: int = 5, window: int = 20):
+        self.seconds, self.max_steps, self.skip, self.window = minutes * 60, max_steps, skip, window
+        self.mark: tuple[int, float] | None = None  # (step, seconds) where the current window began
+
+    def update(self, steps_this_process: int, step: int, seconds: float) -> int | None:
+        """A new horizon at the end of each window, else None."""
+        if steps_this_process == self.skip:
+            self.mark = (step, seconds)
+        if self.mark is None or step - self.mark[0] < self.window:
+            return None
+        per_step = (seconds - self.mark[1]) / (step - self.mark[0])
+        self.mark = (step, seconds)
+        return max(step + 1, min(self.max_steps, step + int((self.seconds - seconds) / max(per_step, 1e-9))))
 
 
 class LRSchedule:
@@ -309,16 +329,15 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
         f"mean/{config.eval.splits[0]}/primary" if evaluator and config.eval.splits else None
     )
     checkpoints = CheckpointManager(run_dir / "checkpoints", dist=dist, keep_last=c.keep_last, best_metric=best_metric)
-    step, train_seconds, calibrated = 0, 0.0, t.max_minutes is None
+    step, train_seconds = 0, 0.0
     if config.resume:
         client = checkpoints.load(engine)  # model, optimizer, scheduler (with its horizon), RNG
         sampler.load_state_dict(client["sampler"])
-        step, train_seconds, calibrated = client["step"], client["train_seconds"], client["calibrated"]
+        step, train_seconds = client["step"], client["train_seconds"]
         # The checkpoint restored the schedule; the config may have changed its length (training
         # longer). A time-bounded run keeps the horizon it measured.
-        schedule.horizon = (
-            min(schedule.horizon, t.max_steps) if t.max_minutes is not None and calibrated else t.max_steps
-        )
+        schedule.horizon = min(schedule.horizon, t.max_steps) if t.max_minutes is not None else t.max_steps
+    budget = TimeBudget(t.max_minutes, max_steps=t.max_steps) if t.max_minutes is not None else None
     monitor = Monitor(run_dir, enabled=dist.is_main, total_steps=schedule.horizon, initial_step=step)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     monitor.write(
@@ -329,12 +348,11 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
     )
 
     def client_state() -> dict:
-        return {"step": step, "sampler": sampler.state_dict(), "train_seconds": train_seconds, "calibrated": calibrated}
+        return {"step": step, "sampler": sampler.state_dict(), "train_seconds": train_seconds}
 
     # -- the loop -----------------------------------------------------------------------------
     losses: list[float] = []
     start_step, start_seconds, tic = step, train_seconds, time.perf_counter()
-    calibration_start = None
     metrics: dict[str, float] = {}
     last_saved = step if config.resume else -1
     tasks = list(sampler.tasks)
@@ -367,18 +385,9 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
         train_seconds = reduced[-1]
         loss = float(reduced[0] / reduced[1])
         losses.append(loss)
-        if not calibrated:
-            if step == start_step + CALIBRATION_SKIP:
-                calibration_start = train_seconds
-            elif step == start_step + CALIBRATION_SKIP + CALIBRATION_STEPS:
-                per_step = (train_seconds - calibration_start) / CALIBRATION_STEPS
-                fits = step + int((t.max_minutes * 60 - train_seconds) / per_step)
-                schedule.horizon = max(step + 1, min(t.max_steps, fits))
-                calibrated = True
-                monitor.set_total(schedule.horizon)
-                monitor.write(
-                    f"{per_step:.3f} s/step: the time budget fits {schedule.horizon} steps (max_steps {t.max_steps})"
-                )
+        if budget is not None and (horizon := budget.update(step - start_step, step, train_seconds)) is not None:
+            schedule.horizon = horizon  # every rank computes the same: train_seconds is rank 0's
+            monitor.set_total(horizon)
         log = step % t.log_every == 0 or step == schedule.horizon
         values = {
             "train/loss": loss,
