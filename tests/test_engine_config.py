@@ -178,11 +178,11 @@ def test_shards_do_not_overlap_and_match_one_process():
 
 
 def test_few_shot_is_reproducible():
-    a = few_shot_indices(100, 8, seed=1, task_index=0)
-    assert a == few_shot_indices(100, 8, seed=1, task_index=0) and len(set(a)) == 8
-    assert a != few_shot_indices(100, 8, seed=2, task_index=0)
-    with pytest.raises(ValueError, match="only 5"):
-        few_shot_indices(5, 8, seed=1, task_index=0)
+    a = few_shot_indices(100, 8, seed=1, task="vqa")
+    assert a == few_shot_indices(100, 8, seed=1, task="vqa") and len(set(a)) == 8
+    assert a != few_shot_indices(100, 8, seed=2, task="vqa") and a != few_shot_indices(100, 8, seed=1, task="rec")
+    with pytest.raises(ValueError, match="vqa: asked for 8 shots but the training split has only 5"):
+        few_shot_indices(5, 8, seed=1, task="vqa")
     assert np.all(np.diff(a) > 0)
 
 

@@ -47,15 +47,15 @@ def mixture_probabilities(
     return {t: w / total for t, w in raw.items()}
 
 
-def few_shot_indices(num_examples: int, shots: int, *, seed: int, task_index: int) -> list[int]:
-    """``shots`` example indices out of ``num_examples``, reproducible from the seed (sorted).
+def few_shot_indices(num_examples: int, shots: int, *, seed: int, task: str) -> list[int]:
+    """``shots`` example indices out of ``num_examples``, reproducible from the seed and the task name (sorted).
 
     Raises:
         ValueError: fewer examples than shots.
     """
     if shots > num_examples:
-        raise ValueError(f"asked for {shots} shots but the training split has only {num_examples} examples")
-    rng = np.random.default_rng([seed, task_index, 0x5107])
+        raise ValueError(f"{task}: asked for {shots} shots but the training split has only {num_examples} examples")
+    rng = np.random.default_rng([seed, 0x5107, *task.encode()])
     return sorted(int(i) for i in rng.choice(num_examples, size=shots, replace=False))
 
 

@@ -299,9 +299,12 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
     torch.manual_seed(t.seed + dist.rank)  # dropout streams differ between ranks
     datasets = dict(data.datasets)
     if config.data.shots:
+        small = {task: len(ds) for task, ds in datasets.items() if len(ds) < config.data.shots}
+        if small:
+            raise ConfigError(f"data.shots={config.data.shots} but these tasks have fewer training examples: {small}")
         datasets = {
-            task: _Subset(ds, few_shot_indices(len(ds), config.data.shots, seed=t.seed, task_index=i))
-            for i, (task, ds) in enumerate(sorted(datasets.items()))
+            task: _Subset(ds, few_shot_indices(len(ds), config.data.shots, seed=t.seed, task=task))
+            for task, ds in datasets.items()
         }
     data = TrainData({task: datasets[task] for task in config.data.tasks}, data.make_example)
     sizes = {task: len(ds) for task, ds in data.datasets.items()}
