@@ -231,6 +231,10 @@ def test_bf16_on_cpu_trains_and_exports_float32(tmp_path):
 def test_global_batch_not_divisible_fails_before_anything(tmp_path):
     with pytest.raises(ConfigError, match="global_batch_size=10 is not divisible"):
         run(tmp_path, "bad", "train.global_batch_size=10")
+    with pytest.raises(
+        ConfigError, match=r"data.shots=20 but these tasks have fewer training examples: \{'shapes': 18\}"
+    ):
+        run(tmp_path, "bad", "data.shots=20")
     assert not (tmp_path / "bad").exists()
 
 

@@ -284,6 +284,15 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
     missing = [task for task in config.data.tasks if task not in data.datasets]
     if missing:
         raise ConfigError(f"data.tasks names {missing} but no training records were given for them")
+    datasets = {task: data.datasets[task] for task in config.data.tasks}
+    if config.data.shots:
+        small = {task: len(ds) for task, ds in datasets.items() if len(ds) < config.data.shots}
+        if small:
+            raise ConfigError(f"data.shots={config.data.shots} but these tasks have fewer training examples: {small}")
+        datasets = {
+            task: _Subset(ds, few_shot_indices(len(ds), config.data.shots, seed=t.seed, task=task))
+            for task, ds in datasets.items()
+        }
     dist = distributed.init_distributed()
     derived = derive(config, dist.world_size)
     run_dir = prepare_run_dir(config, job, dist)
@@ -297,16 +306,7 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
         check_architecture(architecture(UnifiedVLConfig.from_pretrained(run_dir / SPEC)), model.config, run_dir)
     frozen = freeze(model, t.freeze)
     torch.manual_seed(t.seed + dist.rank)  # dropout streams differ between ranks
-    datasets = dict(data.datasets)
-    if config.data.shots:
-        small = {task: len(ds) for task, ds in datasets.items() if len(ds) < config.data.shots}
-        if small:
-            raise ConfigError(f"data.shots={config.data.shots} but these tasks have fewer training examples: {small}")
-        datasets = {
-            task: _Subset(ds, few_shot_indices(len(ds), config.data.shots, seed=t.seed, task=task))
-            for task, ds in datasets.items()
-        }
-    data = TrainData({task: datasets[task] for task in config.data.tasks}, data.make_example)
+    data = TrainData(datasets, data.make_example)
     sizes = {task: len(ds) for task, ds in data.datasets.items()}
     probs = mixture_probabilities(
         sizes, config.data.tasks, weighting=config.data.weighting, temperature=config.data.temperature
