@@ -319,10 +319,12 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, stage0):
 
 
 @pytest.mark.slow
-def test_zero_offload_trains(tmp_path):
+@pytest.mark.parametrize("extra", [["train.zero_stage=2"], ["train.zero_stage=3", "train.offload_params=true"]])
+def test_zero_offload_trains_and_exports(extra, tmp_path):
     # DeepSpeedCPUAdam is JIT-built on its first use (about two minutes, then cached).
-    result = run(tmp_path, "offload", "train.zero_stage=2", "train.offload_optimizer=true", "train.max_steps=3")
+    result = run(tmp_path, "offload", *extra, "train.offload_optimizer=true", "train.max_steps=3")
     assert result.losses[-1] < result.losses[0]
+    assert _weights(result.model_dir)["type_embed"].shape[0] == 2
 
 
 def test_sample_mean_loss_weighs_examples_not_tokens(tmp_path):
