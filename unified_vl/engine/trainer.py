@@ -368,6 +368,7 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
         sums = np.zeros(2 + 2 * len(tasks))  # [sum of micro-batch losses, micro batches, per task: CE sum, tokens]
         for micro in shard(slots, rank=dist.rank, world_size=dist.world_size, micro_batch_size=t.micro_batch_size):
             batch, row_tasks = collate(micro, data, processor, seed=t.seed, step=step)
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
             out = engine(**batch)
             ce, count = token_losses(out.logits, batch["labels"])  # (B,), (B,)
             loss = out.loss if t.loss_reduction == "token" else (ce / count.clamp(min=1)).mean()
@@ -375,11 +376,8 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
             engine.step()
             sums[0] += loss.item()
             sums[1] += 1
-            ce = ce.detach()
-            for row, task in enumerate(row_tasks):
-                k = tasks.index(task)
-                sums[2 + 2 * k] += ce[row].item()
-                sums[3 + 2 * k] += count[row].item()
+            for task, row_ce, row_count in zip(row_tasks, ce.tolist(), count.tolist(), strict=True):
+                sums[2 + 2 * tasks.index(task) : 4 + 2 * tasks.index(task)] += (row_ce, row_count)
         step += 1
         now = time.perf_counter()
         train_seconds = start_seconds + (now - tic)
