@@ -200,3 +200,27 @@ def test_time_budget_fits_the_schedule_to_the_measured_speed():
     assert horizons[45] == 45 + int((100 - 65) / 2.0)  # re-measured: 2 s/step
     capped = TimeBudget(100, max_steps=30, skip=1, window=1)
     assert capped.update(1, 1, 1.0) is None and capped.update(2, 2, 2.0) == 30  # never beyond max_steps
+
+
+def test_location_label_smoothing():
+    import torch
+    import torch.nn.functional as F
+
+    from unified_vl.engine.trainer import token_losses
+
+    torch.manual_seed(0)
+    vocab, loc_ids = 30, torch.arange(10, 30)  # 20 location bins at ids 10..29
+    logits = torch.randn(2, 4, vocab)
+    labels = torch.tensor([[3, 15, 22, 1], [5, 1, -100, -100]])
+    plain, count = token_losses(logits, labels)
+    reference = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none").sum(1)
+    torch.testing.assert_close(plain, reference)
+    assert count.tolist() == [4, 2]
+    # A tiny sigma is one-hot again; the second row has no location token and never changes.
+    sharp, _ = token_losses(logits, labels, loc_ids=loc_ids, loc_sigma=1e-3)
+    torch.testing.assert_close(sharp, reference)
+    wide, _ = token_losses(logits, labels, loc_ids=loc_ids, loc_sigma=1e3)
+    logp = logits.log_softmax(-1)
+    uniform = -logp[0, 1, 10:].mean() - logp[0, 2, 10:].mean()  # soft target ~ uniform over the bins
+    torch.testing.assert_close(wide[0], -logp[0, 0, 3] - logp[0, 3, 1] + uniform, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(wide[1], reference[1])

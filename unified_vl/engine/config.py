@@ -109,6 +109,10 @@ class TrainConfig:
     # counts once, so long targets such as grounding's weigh more) or "sample" (each example's mean
     # first, so each task weighs what the mixture gives it).
     loss_reduction: Literal["token", "sample"] = "token"
+    # Gaussian label smoothing over neighbouring location bins, its standard deviation in bins
+    # (SimCC, Li et al. 2022): a box coordinate one bin off is nearly right, and the soft target
+    # says so; with one-hot targets each of the 1000 <loc_*> embeddings learns on its own. 0: off.
+    loc_sigma: float = 0.0
 
 
 @dataclass
@@ -442,6 +446,7 @@ def validate(config: RunConfig) -> None:
         positive(f"train.{key}", getattr(t, key))
     positive("train.max_minutes", t.max_minutes)
     positive("train.num_threads", t.num_threads)
+    positive("train.loc_sigma", t.loc_sigma, allow_zero=True)
     if t.offload_params and t.zero_stage != 3:
         raise ConfigError(f"train.offload_params needs train.zero_stage=3, got zero_stage={t.zero_stage}")
     if t.offload_optimizer and t.zero_stage == 0:

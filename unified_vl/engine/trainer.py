@@ -19,7 +19,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from unified_vl.config import UnifiedVLConfig
 from unified_vl.engine import distributed
@@ -28,6 +27,7 @@ from unified_vl.engine.config import ConfigError, Derived, RunConfig, deepspeed_
 from unified_vl.engine.export import SPEC, export_checkpoint
 from unified_vl.engine.mixture import MixtureSampler, few_shot_indices, mixture_probabilities, shard
 from unified_vl.engine.monitor import Monitor
+from unified_vl.tokenizer import loc_token_ids
 
 # Architecture fields that must agree between a checkpoint and the model built to resume it.
 ARCH_FIELDS = ("vision_model", "vision_kwargs", "vision_out_index", "image_size", "num_bins", "visual_mode")
@@ -237,10 +237,28 @@ def collate(
     return batch, tasks
 
 
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row summed cross-entropy (B,) and target token counts (B,), for the per-task losses."""
-    ce = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, L)
-    return ce.sum(dim=1), (labels != -100).sum(dim=1)
+def token_losses(
+    logits: torch.Tensor, labels: torch.Tensor, *, loc_ids: torch.Tensor | None = None, loc_sigma: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed cross-entropy (B,) and target token counts (B,).
+
+    With ``loc_sigma > 0`` a location target ``<loc_t>`` is the distribution over the bins ``b``
+    proportional to ``exp(-(b - t)^2 / (2 sigma^2))`` instead of one-hot (SimCC, Li et al. 2022).
+    """
+    mask = labels != -100  # (B, L)
+    logp = logits.float().log_softmax(dim=-1)  # (B, L, V)
+    nll = -logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]  # (B, L)
+    if loc_sigma > 0 and loc_ids is not None:
+        lookup = torch.full((logits.shape[-1],), -1, dtype=torch.long, device=labels.device)
+        lookup[loc_ids] = torch.arange(len(loc_ids), device=labels.device)
+        bins = lookup[labels.clamp(min=0)].masked_fill(~mask, -1)  # (B, L): the target's bin, or -1
+        is_loc = bins >= 0
+        if is_loc.any():
+            grid = torch.arange(len(loc_ids), device=labels.device, dtype=torch.float32)  # (num_bins,)
+            soft = torch.softmax(-((grid[None, :] - bins[is_loc][:, None]) ** 2) / (2 * loc_sigma**2), dim=-1)
+            nll = nll.masked_scatter(is_loc, -(soft * logp[is_loc][:, loc_ids]).sum(-1))  # (N_loc,) into (B, L)
+    nll = nll * mask
+    return nll.sum(dim=1), mask.sum(dim=1)
 
 
 def check_precision(precision: str) -> None:
@@ -359,6 +377,7 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
     metrics: dict[str, float] = {}
     last_saved = step if config.resume else -1
     tasks = list(sampler.tasks)
+    loc_ids = torch.tensor(loc_token_ids(processor.tokenizer, processor.num_bins), device=engine.device)
     while step < schedule.horizon:
         engine.train()
         slots = [(i, task, index) for i, (task, index) in enumerate(sampler.next_step())]
@@ -370,8 +389,11 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
             batch, row_tasks = collate(micro, data, processor, seed=t.seed, step=step)
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             out = engine(**batch)
-            ce, count = token_losses(out.logits, batch["labels"])  # (B,), (B,)
-            loss = out.loss if t.loss_reduction == "token" else (ce / count.clamp(min=1)).mean()
+            ce, count = token_losses(out.logits, batch["labels"], loc_ids=loc_ids, loc_sigma=t.loc_sigma)  # (B,), (B,)
+            if t.loss_reduction == "sample":
+                loss = (ce / count.clamp(min=1)).mean()
+            else:  # T5's own loss where it is the same, so that the model's loss is what is trained
+                loss = out.loss if t.loc_sigma == 0 else ce.sum() / count.sum().clamp(min=1)
             engine.backward(loss)
             engine.step()
             sums[0] += loss.item()
