@@ -380,3 +380,15 @@ def test_export_command(stage0, tmp_path, capsys):
     assert _weights(tmp_path / "m").keys() == _weights(stage0.model_dir).keys()
     assert main([str(stage0.run_dir), "--tag", "best", "--out", str(tmp_path / "b")]) == 1
     assert "has no best checkpoint" in capsys.readouterr().err
+
+
+def test_location_smoothing_trains_on_box_targets(tmp_path):
+    def box(task, record, rng):
+        a, b = sorted(rng.sample(range(1000), 2))
+        return Example(record["image"], f"{task}: where is it?", f"<loc_{a}><loc_{a}><loc_{b}><loc_{b}>")
+
+    result = run(
+        tmp_path, "loc", "train.loc_sigma=10", "train.max_steps=2", "checkpoint.export=false", data=TrainData(DATA, box)
+    )
+    # At initialisation the soft targets cost more than the entropy of a Gaussian of 10 bins.
+    assert all(np.isfinite(result.losses)) and result.losses[0] > 0.5 * np.log(2 * np.pi * np.e * 10**2)
