@@ -208,14 +208,13 @@ def _coerce(value: Any, tp: Any, key: str, *, from_text: bool) -> Any:
             if type(None) in args:
                 return None
             raise fail()
-        errors = []
         for arm in args:
             if arm is type(None):
                 continue
             try:
                 return _coerce(value, arm, key, from_text=from_text)
-            except ConfigError as exc:
-                errors.append(exc)
+            except ConfigError:
+                continue
         raise fail()
     if origin is Literal:
         for allowed in args:

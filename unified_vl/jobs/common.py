@@ -116,26 +116,22 @@ def prepare_data(config: RunConfig, dist: distributed.DistInfo) -> RunConfig:
     return config
 
 
-def check_tasks_and_data(config: RunConfig, splits: Sequence[str] = ()) -> None:
-    """Every configured task is known and has a training split in the data folder.
+def check_tasks_and_data(config: RunConfig) -> None:
+    """Every configured task has a training split in the data folder.
 
     Raises:
-        ConfigError: an unknown task or a task the data folder lacks (the message lists what exists).
+        ConfigError: a task the data folder lacks (the message lists what it has).
     """
-    import tasks
     from data_tools import storage
 
-    unknown = [t for t in config.data.tasks if t not in tasks.TASKS]
-    if unknown:
-        raise ConfigError(f"data.tasks: unknown task(s) {unknown}; known tasks: {', '.join(sorted(tasks.TASKS))}")
     available = storage.available(config.data.path)
     have = ", ".join(f"{t} ({'/'.join(s)})" for t, s in available.items()) or "nothing"
     for task in config.data.tasks:
-        for split in (config.data.train_split, *splits):
-            if split not in available.get(task, {}):
-                raise ConfigError(
-                    f"data.tasks names {task!r} but the data folder {config.data.path} has no {task}/{split}; it has: {have}"
-                )
+        if config.data.train_split not in available.get(task, {}):
+            raise ConfigError(
+                f"data.tasks names {task!r} but the data folder {config.data.path} has no "
+                f"{task}/{config.data.train_split}; it has: {have}"
+            )
 
 
 def blank_image():
@@ -169,7 +165,12 @@ def training_data(config: RunConfig) -> TrainData:
 
 
 def preflight(config: RunConfig) -> distributed.DistInfo:
-    """Checks that need no data (batch arithmetic, precision), then joins the process group."""
+    """Checks that need no data (task names, batch arithmetic, precision), then joins the process group."""
+    import tasks
+
+    unknown = [t for t in config.data.tasks if t not in tasks.TASKS]
+    if unknown:
+        raise ConfigError(f"data.tasks: unknown task(s) {unknown}; known tasks: {', '.join(sorted(tasks.TASKS))}")
     derive(config, distributed.world_size_from_env())
     check_precision(config.train.precision)
     return distributed.init_distributed()
@@ -192,10 +193,12 @@ def run_main(body, argv: Sequence[str]) -> int:
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """The flags every training job has besides ``[CONFIG.yaml] [KEY=VALUE ...]``."""
     parser.add_argument(
         "--resume", action="store_true", help="continue the run in output_dir from its latest checkpoint"
     )
 
 
 def config_from(path: str | None, overrides: list[str], *, defaults: dict, resume: bool) -> RunConfig:
+    """The run config: job defaults <- the YAML file <- ``KEY=VALUE`` (``--resume`` is ``resume=true``)."""
     return load_config(path, [*overrides, *(["resume=true"] if resume else [])], defaults=defaults)
