@@ -89,22 +89,22 @@ class TimeBudget:
     """Fits the schedule's length to a time budget from the measured step time, re-measured as it goes.
 
     The first steps of a process include one-off costs (allocations, DeepSpeed's first all-reduce)
-    and are skipped; after that the horizon is re-estimated every ``window`` steps from the last
-    window's speed, so a machine that slows down (a shared CPU) still ends with a decayed rate.
+    and are skipped; after that the horizon is re-estimated every ``window`` steps from the mean
+    speed since then, so a machine that slows down (a shared CPU) still ends with a decayed rate,
+    without the jitter a per-window estimate puts into the learning rate.
     """
 
     def __init__(self, minutes: float, *, max_steps: int, skip: int = 5, window: int = 20):
         self.seconds, self.max_steps, self.skip, self.window = minutes * 60, max_steps, skip, window
-        self.mark: tuple[int, float] | None = None  # (step, seconds) where the current window began
+        self.mark: tuple[int, float] | None = None  # (step, seconds) where the measurement began
 
     def update(self, steps_this_process: int, step: int, seconds: float) -> int | None:
-        """A new horizon at the end of each window, else None."""
+        """A new horizon every ``window`` steps, else None."""
         if steps_this_process == self.skip:
             self.mark = (step, seconds)
-        if self.mark is None or step - self.mark[0] < self.window:
+        if self.mark is None or step == self.mark[0] or (step - self.mark[0]) % self.window:
             return None
         per_step = (seconds - self.mark[1]) / (step - self.mark[0])
-        self.mark = (step, seconds)
         return max(step + 1, min(self.max_steps, step + int((self.seconds - seconds) / max(per_step, 1e-9))))
 
 
