@@ -6,9 +6,11 @@ label (many-to-one). Without a verbalizer every label is its own word. Decoding 
 generation is constrained to (or ranked over) the label words of the records, as OFA does for
 ImageNet with a trie of class names.
 
-Instructions: DESIGN.md §1's ``what is the main object in the image?``, then OFA's ImageNet
-instruction ``' what does the image describe?'`` (OFA data/cv_data/image_classify_dataset.py),
-without OFA's leading space.
+Instructions: DESIGN.md §1's ``what is the main object in the image?`` and two paraphrases. OFA's
+ImageNet instruction ``' what does the image describe?'`` (OFA data/cv_data/image_classify_dataset.py)
+is left out on purpose: it is also OFA's captioning instruction, and in a task mixture one
+instruction with two kinds of answer (a label word, a sentence) leaves the model guessing which to
+write.
 
 A verbalizer for a dataset: set ``VERBALIZER`` here, or build a task with
 ``make_task(verbalizer={...})`` and register it (``tasks.register(task, replace=True)``).
@@ -22,7 +24,7 @@ from tasks._common import FieldSpec, Record, Task, safe_mean, squash, string_fie
 
 PROMPTS = (
     "what is the main object in the image?",
-    "what does the image describe?",
+    "which category does the image belong to?",
     "what kind of object is this?",
 )
 TOP_K = 5  # top-5 accuracy, the ImageNet convention

@@ -326,3 +326,12 @@ def test_importing_tasks_loads_no_torch():
     code = f"import sys, tasks; print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(FORBIDDEN)!r}))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_no_two_tasks_share_an_instruction():
+    # In a mixture, one instruction with two kinds of target (a label word, a sentence) is ambiguous.
+    owners: dict[str, list[str]] = {}
+    for name in sorted(tasks.TASKS):
+        for template in tasks.get_task(name).prompts:
+            owners.setdefault(template, []).append(name)
+    assert {t: names for t, names in owners.items() if len(names) > 1} == {}
