@@ -222,7 +222,9 @@ def test_score_candidates_equals_a_direct_computation(model, processor, inputs, 
     )
     assert scores.shape == (5, 4)
     expected = _direct_scores(model, processor, images, prompts, rows, length_normalize=length_normalize)
-    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    # Sums of up to ~10 float32 log-probabilities of size ~2, computed in differently shaped batches:
+    # agreement to 1e-4 relative is float32 rounding; a wrong token or mask is off by >= 0.1.
+    torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_score_candidates_encodes_each_input_once(model, processor, inputs):

@@ -38,8 +38,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "num_heads": 4,
             "dropout_rate": 0.0,
         },
+        # 16-pixel patches: one token per cell of the synthetic world's 4 x 4 layout at 64 px.
         "vision_model": "vit_tiny_patch16_224",
-        "vision_kwargs": {"patch_size": 8, "embed_dim": 96, "depth": 2, "num_heads": 3},
+        "vision_kwargs": {"patch_size": 16, "embed_dim": 192, "depth": 2, "num_heads": 3},
         "vision_out_index": None,
         "image_size": 64,
     },

@@ -26,6 +26,9 @@ from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from unified_vl.config import UnifiedVLConfig
 
 
+POSITION_INIT_STD = 0.5
+
+
 class VisualEmbedding(nn.Module):
     """timm backbone -> (B, N, D) patch tokens with 2-D position and type embeddings."""
 
@@ -59,8 +62,11 @@ class VisualEmbedding(nn.Module):
         d = config.hidden_size
         self.proj = nn.Linear(channels, d)
         self.norm = nn.LayerNorm(d)
-        self.row_embed = nn.Parameter(torch.randn(self.grid_h, d) * 0.02)  # (H, D)
-        self.col_embed = nn.Parameter(torch.randn(self.grid_w, d) * 0.02)  # (W, D)
+        # The patch features leave the LayerNorm at unit scale; position starts at a comparable scale
+        # (std 0.5, not ViT's 0.02) so that where a patch is can be read from the first step, which
+        # the location outputs of grounding need.
+        self.row_embed = nn.Parameter(torch.randn(self.grid_h, d) * POSITION_INIT_STD)  # (H, D)
+        self.col_embed = nn.Parameter(torch.randn(self.grid_w, d) * POSITION_INIT_STD)  # (W, D)
 
     @property
     def num_patches(self) -> int:
@@ -245,7 +251,43 @@ def build_model(config: UnifiedVLConfig, tokenizer=None) -> UnifiedVLForConditio
         model.language_model = T5ForConditionalGeneration.from_pretrained(config.text_model_path, local_files_only=True)
     if config.vision_weights_path is not None:
         load_vision_weights(model, config.vision_weights_path)
-    if tokenizer is not None and len(tokenizer) != model.language_model.config.vocab_size:
-        model.resize_token_embeddings(len(tokenizer))
+    if tokenizer is not None:
+        if len(tokenizer) != model.language_model.config.vocab_size:
+            model.resize_token_embeddings(len(tokenizer))
+        from unified_vl.tokenizer import loc_token_ids
+
+        init_location_embeddings(model, loc_token_ids(tokenizer, config.num_bins))
     model.config.text_config = model.language_model.config.to_dict()
     return model
+
+
+LOC_KERNEL_WIDTH = 0.02  # in units of the image side: bins 20 apart (of 1000) start with similarity 0.6
+
+
+def init_location_embeddings(model: UnifiedVLForConditionalGeneration, loc_ids: list[int]) -> None:
+    """Gives ``<loc_0>``..``<loc_{n-1}>`` embeddings that vary smoothly with the bin.
+
+    Random Fourier features (Rahimi & Recht, 2007): row ``i`` is ``sqrt(2) cos(w * i / (n - 1) + b)``
+    with ``w ~ N(0, 1 / LOC_KERNEL_WIDTH^2)`` per dimension, so the dot product of two rows
+    approximates a Gaussian kernel of the distance between their bins. With the output layer tied
+    to these rows, a hidden state that scores bin ``t`` high scores its neighbours high too, and
+    what one bin learns reaches the bins around it; independent random rows would have to learn
+    1000 coordinates one by one (the plateau of writing one repeated token that we saw). The rows
+    are scaled to the standard deviation of the other embedding rows and stay trainable.
+    """
+    lm = model.language_model
+    tables = [lm.get_input_embeddings().weight]  # (V, D)
+    if lm.get_output_embeddings() is not None and lm.get_output_embeddings().weight is not tables[0]:
+        tables.append(lm.get_output_embeddings().weight)  # an untied output layer (T5 v1.1) gets the same
+    d = tables[0].shape[1]
+    freq = torch.randn(d) / LOC_KERNEL_WIDTH  # (D,)
+    phase = torch.rand(d) * 2 * torch.pi  # (D,)
+    position = torch.linspace(0, 1, len(loc_ids))[:, None]  # (n, 1)
+    features = (2**0.5) * torch.cos(position * freq + phase)  # (n, D), unit variance
+    with torch.no_grad():
+        for weight in tables:
+            ids = torch.tensor(loc_ids, device=weight.device)
+            others = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+            others[ids] = False
+            scale = weight[others].float().std() if others.any() else 1.0
+            weight[ids] = (features * scale).to(device=weight.device, dtype=weight.dtype)

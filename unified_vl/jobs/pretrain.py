@@ -34,19 +34,24 @@ from unified_vl.jobs.common import (
 MAIN_JOB: dict = {
     "model": {"preset": "uvl-tiny", "tokenizer_vocab_size": 1000},
     "data": {
-        "tasks": {"captioning": 1.0, "vqa": 1.0, "rec": 1.0, "grounding": 1.0, "classification": 1.0},
+        # More weight on the tasks that must find an object from words and write its box or answer.
+        "tasks": {"captioning": 1.0, "vqa": 3.0, "rec": 3.0, "grounding": 2.0, "classification": 1.0},
         "weighting": "explicit",
+        "synth": {"num_images": 8000},
     },
-    "optim": {"lr": 1e-3, "warmup_steps": 200, "schedule": "cosine", "min_lr_ratio": 0.05},
+    # 5e-4: from-scratch runs at 1e-3 and above learnt more slowly or stalled.
+    "optim": {"lr": 5e-4, "warmup_steps": 200, "schedule": "cosine", "min_lr_ratio": 0.05},
     "train": {
-        "global_batch_size": 64,
-        "micro_batch_size": 64,
+        "global_batch_size": 32,
+        "micro_batch_size": 32,
         "max_steps": 100000,
         "max_minutes": 15.0,
         "log_every": 20,
+        "loss_reduction": "sample",  # a 1-word answer counts as much as a 12-word caption
+        "loc_sigma": 2.0,  # neighbouring location bins share the target (SimCC)
     },
     "eval": {"every": 0, "splits": ["val"], "final_splits": ["test", "heldout"]},
-    "checkpoint": {"every": 500, "keep_last": 2},
+    "checkpoint": {"every": 1000, "keep_last": 2},
 }
 # What the main job must reach on test (the acceptance thresholds); captioning must beat
 # its most-common-caption baseline by a wide margin instead.
