@@ -222,3 +222,30 @@ def test_deepspeed_launcher_two_processes_match_one(synth_data, tmp_path):
         for n in ("one", "two")
     ]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_local_processes_rerun_the_job_under_torchrun(monkeypatch):
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from unified_vl.engine.config import ConfigError, load_config
+    from unified_vl.jobs.common import relaunch_locally
+
+    calls = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(subprocess, "run", lambda command, check: calls.append(command) or SimpleNamespace(returncode=3))
+    sizes = ["data.tasks={vqa: 1}", "train.global_batch_size=8", "train.micro_batch_size=4"]
+    config = load_config(None, ["train.local_processes=2", *sizes])
+    assert relaunch_locally(config, "pretrain", ["my.yaml", "optim.lr=1e-3"]) == 3  # the children's status
+    assert calls == [
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+        + ["-m", "unified_vl.cli", "pretrain", "my.yaml", "optim.lr=1e-3"]
+    ]
+    assert relaunch_locally(load_config(None, sizes), "pretrain", []) is None  # one process: run here
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert relaunch_locally(config, "pretrain", []) is None  # already a launched child: run here
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ConfigError, match="not divisible"):  # checked before any process starts
+        relaunch_locally(load_config(None, ["train.local_processes=3", *sizes]), "pretrain", [])
+    assert len(calls) == 1

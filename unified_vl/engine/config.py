@@ -105,6 +105,11 @@ class TrainConfig:
     freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept frozen, e.g. ["visual"]
     log_every: int = 10  # optimizer steps between log lines (progress bar, TensorBoard, metrics.jsonl)
     num_threads: int | None = None  # torch CPU threads; None: torch's default
+    # Processes the job starts on this machine when it is not already under a launcher: it re-runs
+    # itself under `torch.distributed.run --standalone` (capped at the GPU count where there are
+    # GPUs). On a CPU, 2 one-thread processes train ~1.25x faster than 1 two-thread process: torch
+    # parallelises a tiny model's small matrices poorly.
+    local_processes: int = 1
     # How a micro batch's loss averages its target tokens: "token" (T5 / Hugging Face: every token
     # counts once, so long targets such as grounding's weigh more) or "sample" (each example's mean
     # first, so each task weighs what the mixture gives it).
@@ -445,6 +450,7 @@ def validate(config: RunConfig) -> None:
         positive(f"train.{key}", getattr(t, key))
     positive("train.max_minutes", t.max_minutes)
     positive("train.num_threads", t.num_threads)
+    positive("train.local_processes", t.local_processes)
     positive("train.loc_sigma", t.loc_sigma, allow_zero=True)
     if t.offload_params and t.zero_stage != 3:
         raise ConfigError(f"train.offload_params needs train.zero_stage=3, got zero_stage={t.zero_stage}")

@@ -176,6 +176,29 @@ def preflight(config: RunConfig) -> distributed.DistInfo:
     return distributed.init_distributed()
 
 
+def relaunch_locally(config: RunConfig, job: str, argv: Sequence[str]) -> int | None:
+    """Runs the job as ``train.local_processes`` processes on this machine and returns their status.
+
+    None when this process should run the job itself: one process asked for (or one GPU), or the
+    process already runs under a launcher (``WORLD_SIZE`` is set). The batch arithmetic is checked
+    for the new world size first, so that a bad setting fails here and not in every child.
+    """
+    import subprocess
+
+    import torch
+
+    processes = config.train.local_processes
+    if torch.cuda.is_available():
+        processes = min(processes, torch.cuda.device_count())  # NCCL needs a GPU per process
+    if processes <= 1 or "WORLD_SIZE" in os.environ:
+        return None
+    derive(config, processes)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    command += ["-m", "unified_vl.cli", job, *argv]
+    print(f"starting {processes} processes: {' '.join(command[1:])}", file=sys.stderr, flush=True)
+    return subprocess.run(command, check=False).returncode
+
+
 def run_main(body, argv: Sequence[str]) -> int:
     """Runs a job body, turning configuration and data errors into one clear line and exit status 2/1."""
     from data_tools.storage import StorageError

@@ -22,6 +22,7 @@ from unified_vl.jobs.common import (
     check_tasks_and_data,
     config_from,
     preflight,
+    relaunch_locally,
     prepare_data,
     run_main,
     split_config_args,
@@ -66,6 +67,8 @@ def _body(argv: Sequence[str]) -> int:
     primary = tasks.get_task(args.task).primary_metric
     defaults = {**FINETUNE, "checkpoint": {**FINETUNE["checkpoint"], "best_metric": f"{args.task}/val/{primary}"}}
     config = config_from(path, [*flags, *overrides], defaults=defaults, resume=args.resume)
+    if (status := relaunch_locally(config, "finetune", argv)) is not None:
+        return status
     dist = preflight(config)
     config = prepare_data(config, dist)
     check_tasks_and_data(config)

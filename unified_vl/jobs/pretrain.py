@@ -24,6 +24,7 @@ from unified_vl.jobs.common import (
     check_tasks_and_data,
     config_from,
     preflight,
+    relaunch_locally,
     prepare_data,
     run_main,
     split_config_args,
@@ -35,7 +36,7 @@ MAIN_JOB: dict = {
     "model": {"preset": "uvl-tiny", "tokenizer_vocab_size": 1000},
     "data": {
         # More weight on the tasks that must find an object from words and write its box or answer.
-        "tasks": {"captioning": 1.0, "vqa": 3.0, "rec": 3.0, "grounding": 2.0, "classification": 1.0},
+        "tasks": {"captioning": 1.0, "vqa": 3.0, "rec": 3.0, "grounding": 3.0, "classification": 1.0},
         "weighting": "explicit",
         "synth": {"num_images": 8000},
     },
@@ -43,7 +44,9 @@ MAIN_JOB: dict = {
     "optim": {"lr": 5e-4, "warmup_steps": 200, "schedule": "cosine", "min_lr_ratio": 0.05},
     "train": {
         "global_batch_size": 32,
-        "micro_batch_size": 32,
+        "micro_batch_size": 16,
+        "local_processes": 2,  # two one-thread processes use 2 cores better than one two-thread one
+        "num_threads": 1,
         "max_steps": 100000,
         "max_minutes": 15.0,
         "log_every": 20,
@@ -104,6 +107,8 @@ def _body(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     path, overrides = split_config_args(args.items)
     config = config_from(path, overrides, defaults=MAIN_JOB, resume=args.resume)
+    if (status := relaunch_locally(config, "pretrain", argv)) is not None:
+        return status
     dist = preflight(config)
     config = prepare_data(config, dist)
     check_tasks_and_data(config)
