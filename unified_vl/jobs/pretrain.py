@@ -36,7 +36,7 @@ MAIN_JOB: dict = {
     "model": {"preset": "uvl-tiny", "tokenizer_vocab_size": 1000},
     "data": {
         # More weight on the tasks that must find an object from words and write its box or answer.
-        "tasks": {"captioning": 1.0, "vqa": 3.0, "rec": 3.0, "grounding": 3.0, "classification": 1.0},
+        "tasks": {"captioning": 0.5, "vqa": 4.0, "rec": 3.0, "grounding": 4.0, "classification": 1.25},
         "weighting": "explicit",
         "synth": {"num_images": 8000},
     },
