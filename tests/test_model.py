@@ -272,3 +272,26 @@ def test_long_text_is_truncated_keeping_eos(processor, caplog):
     assert batch["input_ids"][0, -1] == processor.tokenizer.eos_token_id
     assert batch["labels"].shape[1] == processor.max_target_length
     assert "truncated" in caplog.text
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_location_embeddings_start_smooth_in_the_bin(tokenizer, tied):
+    from unified_vl.tokenizer import loc_token_ids
+
+    text = {"vocab_size": len(tokenizer), "tie_word_embeddings": tied}
+    model = build_model(UnifiedVLConfig.from_preset("uvl-tiny", text_config=text), tokenizer)
+    ids = torch.tensor(loc_token_ids(tokenizer))
+    others = torch.ones(len(tokenizer), dtype=torch.bool)
+    others[ids] = False
+    tables = [model.language_model.shared.weight]
+    if not tied:
+        tables.append(model.language_model.lm_head.weight)
+    for weight in tables:
+        loc = weight[ids].detach()
+        cos = torch.nn.functional.cosine_similarity
+        assert cos(loc[500], loc[505], dim=0) > 0.8  # neighbouring bins start alike
+        assert abs(cos(loc[500], loc[900], dim=0)) < 0.3  # distant ones do not
+        assert loc.std() == pytest.approx(weight[others].detach().std().item(), rel=0.2)  # the table's scale
+    if not tied:  # an untied output layer gets the same features, at its own scale
+        a, b = (t[ids].detach() for t in tables)
+        assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
