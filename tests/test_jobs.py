@@ -234,7 +234,9 @@ def test_local_processes_rerun_the_job_under_torchrun(monkeypatch):
 
     calls = []
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setattr(subprocess, "run", lambda command, check: calls.append(command) or SimpleNamespace(returncode=3))
+    monkeypatch.setattr(
+        subprocess, "run", lambda command, check: calls.append(command) or SimpleNamespace(returncode=3)
+    )
     sizes = ["data.tasks={vqa: 1}", "train.global_batch_size=8", "train.micro_batch_size=4"]
     config = load_config(None, ["train.local_processes=2", *sizes])
     assert relaunch_locally(config, "pretrain", ["my.yaml", "optim.lr=1e-3"]) == 3  # the children's status

@@ -25,7 +25,6 @@ from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
 from unified_vl.config import UnifiedVLConfig
 
-
 POSITION_INIT_STD = 0.5
 
 
