@@ -148,10 +148,9 @@ def vocabulary() -> list[str]:
 SMALL_R = 0.08
 LARGE_R = 0.125
 # Objects sit in the cells of a GRID x GRID layout, centred up to JITTER * S off the cell centre
-# (and pulled inwards where a large shape would leave the image). Sort-of-CLEVR (Santoro et al.,
-# 2017, "A simple neural network module for relational reasoning") places its objects on a grid
-# for the same reason: a small model trained for minutes can learn where things are, which it
-# cannot from free placement, while the texts (relations, ordinals, counts) stay as rich.
+# (and pulled inwards where a large shape would leave the image). Our choice, measured: with one
+# 16-pixel ViT patch per cell, a small model trained for minutes learns where things are, which
+# it did not from free placement, while the texts (relations, ordinals, counts) stay as rich.
 GRID = 4
 JITTER = 0.02
 MAIN_R = (1.12, 1.22)  # main object: LARGE_R times this range
