@@ -24,6 +24,7 @@ from transformers import PreTrainedModel, T5ForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
 from unified_vl.config import UnifiedVLConfig
+from unified_vl.tokenizer import loc_token_ids
 
 POSITION_INIT_STD = 0.5
 
@@ -253,8 +254,6 @@ def build_model(config: UnifiedVLConfig, tokenizer=None) -> UnifiedVLForConditio
     if tokenizer is not None:
         if len(tokenizer) != model.language_model.config.vocab_size:
             model.resize_token_embeddings(len(tokenizer))
-        from unified_vl.tokenizer import loc_token_ids
-
         init_location_embeddings(model, loc_token_ids(tokenizer, config.num_bins))
     model.config.text_config = model.language_model.config.to_dict()
     return model
