@@ -103,14 +103,10 @@ def answer_question(question: str, scene) -> str:
         return str(sum(matches(o, m.group("size"), m.group("color"), noun) for o in objects))
     if m := re.fullmatch(rf"is there an? {desc}\?", question):
         return "yes" if group(m, "", objects) else "no"
-    choose = rf"is the {DESC.format(p='a')} (?P<x>left|right|above|below) or (?P<y>left|right|above|below)(?P<of> of)? "
-    if m := re.fullmatch(rf"{choose}the {DESC.format(p='b')}\?", question):
+    if m := re.fullmatch(rf"is the {DESC.format(p='a')} (?P<rel>{REL_RE}) the {DESC.format(p='b')}\?", question):
         (a,) = group(m, "a", objects)
         (b,) = group(m, "b", objects)
-        options = {m.group("x"), m.group("y")}
-        assert options in ({"left", "right"}, {"above", "below"}) and bool(m.group("of")) == ("left" in options)
-        (truth,) = [o for o in options if holds(o + (" of" if o in ("left", "right") else ""), objects[a], objects[b])]
-        return truth
+        return "yes" if holds(m.group("rel"), objects[a], objects[b]) else "no"
     raise AssertionError(f"question outside the grammar: {question!r}")
 
 
