@@ -295,19 +295,3 @@ def test_location_embeddings_start_smooth_in_the_bin(tokenizer, tied):
     if not tied:  # an untied output layer gets the same features, at its own scale
         a, b = (t[ids].detach() for t in tables)
         assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
-
-
-def test_patch_positions_start_as_2d_sincos_with_a_linear_left_right_direction():
-    from unified_vl.modeling import sincos_positions
-
-    rows, cols = sincos_positions(6, 32, half=0), sincos_positions(6, 32, half=1)
-    assert rows[:, 16:].abs().max() == 0 and cols[:, :16].abs().max() == 0  # rows and columns apart
-    assert torch.allclose(cols[:, 16:], rows[:, :16])
-    assert torch.equal(rows[0, :8], torch.zeros(8)) and torch.equal(rows[0, 8:16], torch.ones(8))  # sin 0, cos 0
-    # Further right is a single linear direction from the first step: the lowest-frequency sine grows
-    # strictly with the column, so "left or right of" compares two projections.
-    assert torch.all(cols[1:, 16 + 7] > cols[:-1, 16 + 7])
-    model = build_model(UnifiedVLConfig.from_preset("uvl-tiny"))
-    d = model.config.hidden_size
-    assert torch.equal(model.visual.col_embed.detach(), sincos_positions(model.visual.grid_w, d, half=1))
-    assert model.visual.row_embed.requires_grad

@@ -26,23 +26,7 @@ from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from unified_vl.config import UnifiedVLConfig
 from unified_vl.tokenizer import loc_token_ids
 
-POSITION_BASE = 10000.0
-
-
-def sincos_positions(n: int, d: int, *, half: int) -> torch.Tensor:
-    """(n, d) table: position p as sin/cos at d/4 frequencies in one half of the dimensions, 0 elsewhere.
-
-    MAE's fixed 2-D sin-cos embedding (He et al. 2022, ``get_2d_sincos_pos_embed`` in
-    facebookresearch/mae): rows in the first half (``half=0``), columns in the second (``half=1``), so
-    that row + column is the 2-D table. Low frequencies make "further left" a nearly linear direction,
-    so comparing two objects' positions ("left or right of") is a linear read-out.
-    """
-    quarter = d // 4
-    omega = 1.0 / POSITION_BASE ** (torch.arange(quarter, dtype=torch.float64) / max(quarter, 1))  # (d/4,)
-    angles = torch.arange(n, dtype=torch.float64)[:, None] * omega[None, :]  # (n, d/4)
-    table = torch.zeros(n, d, dtype=torch.float64)
-    table[:, half * d // 2 : half * d // 2 + 2 * quarter] = torch.cat([angles.sin(), angles.cos()], dim=1)
-    return table.float()
+POSITION_INIT_STD = 0.5
 
 
 class VisualEmbedding(nn.Module):
@@ -78,12 +62,11 @@ class VisualEmbedding(nn.Module):
         d = config.hidden_size
         self.proj = nn.Linear(channels, d)
         self.norm = nn.LayerNorm(d)
-        # Learned, starting from MAE's 2-D sin-cos table (`sincos_positions`). The patch features leave
-        # the LayerNorm at unit scale and the table's entries are in [-1, 1] (not ViT's std 0.02), so
-        # where a patch is can be read from the first step, which the location outputs of grounding
-        # and the spatial relations need.
-        self.row_embed = nn.Parameter(sincos_positions(self.grid_h, d, half=0))  # (H, D)
-        self.col_embed = nn.Parameter(sincos_positions(self.grid_w, d, half=1))  # (W, D)
+        # The patch features leave the LayerNorm at unit scale; position starts at a comparable scale
+        # (std 0.5, not ViT's 0.02) so that where a patch is can be read from the first step, which
+        # the location outputs of grounding need.
+        self.row_embed = nn.Parameter(torch.randn(self.grid_h, d) * POSITION_INIT_STD)  # (H, D)
+        self.col_embed = nn.Parameter(torch.randn(self.grid_w, d) * POSITION_INIT_STD)  # (W, D)
 
     @property
     def num_patches(self) -> int:
