@@ -171,6 +171,41 @@ def test_vqa_answers_are_true_and_the_majority_of_ten(world):
     assert 0.4 < answers["yes"] / (answers["yes"] + answers["no"]) < 0.6
 
 
+def test_training_images_carry_extra_count_and_relation_questions(world):
+    base = {"what color is the", "what shape is the", "how many", "is there a", "is the"}
+    extra = Counter()
+    for split, scenes in world.items():
+        for _scene, records in scenes:
+            vqa = records["vqa"]
+            assert [r["id"] for r in vqa] == [f"{vqa[0]['id'][:-3]}-q{k}" for k in range(len(vqa))]
+            assert len({r["question"] for r in vqa}) == len(vqa)  # never the same question twice
+            types = Counter(r["question_type"] for r in vqa)
+            for question_type, n in types.items():
+                allowed = 1 + (synth.TRAIN_EXTRA_QUESTIONS.get(question_type, 0) if split == "train" else 0)
+                assert n <= allowed, (vqa[0]["id"], question_type, n)
+            head = [r["question_type"] for r in vqa[: len(types)]]
+            assert len(set(head)) == len(head) and set(head) <= base  # one per type first, extras after
+            if split == "train":
+                extra.update({t: n - 1 for t, n in types.items()})
+    # Most training images get all of their extras (a repeat of an earlier question is dropped).
+    n_train = len(world["train"])
+    assert extra["how many"] > 0.5 * n_train * synth.TRAIN_EXTRA_QUESTIONS["how many"]
+    assert extra["is the"] > 0.8 * n_train * synth.TRAIN_EXTRA_QUESTIONS["is the"]
+    assert set(extra) - {"how many", "is the"} <= {t for t in extra if extra[t] == 0}
+
+
+def test_extra_training_questions_leave_the_other_records_unchanged():
+    scene, records = synth.make_image(7, "train", 3, 64, render=False)
+    saved = dict(synth.TRAIN_EXTRA_QUESTIONS)
+    try:
+        synth.TRAIN_EXTRA_QUESTIONS.clear()
+        _, plain = synth.make_image(7, "train", 3, 64, render=False)
+    finally:
+        synth.TRAIN_EXTRA_QUESTIONS.update(saved)
+    assert plain["vqa"] == records["vqa"][: len(plain["vqa"])] and len(records["vqa"]) > len(plain["vqa"])
+    assert {k: v for k, v in plain.items() if k != "vqa"} == {k: v for k, v in records.items() if k != "vqa"}
+
+
 def test_captions_grounding_detection_classification_match_the_scene(world):
     for scene, records in world["train"][:300]:
         names = Counter(f"{o.size} {o.color} {o.shape}" for o in scene.objects)
