@@ -103,10 +103,14 @@ def answer_question(question: str, scene) -> str:
         return str(sum(matches(o, m.group("size"), m.group("color"), noun) for o in objects))
     if m := re.fullmatch(rf"is there an? {desc}\?", question):
         return "yes" if group(m, "", objects) else "no"
-    if m := re.fullmatch(rf"is the {DESC.format(p='a')} (?P<rel>{REL_RE}) the {DESC.format(p='b')}\?", question):
-        (a,) = group(m, "a", objects)
-        (b,) = group(m, "b", objects)
-        return "yes" if holds(m.group("rel"), objects[a], objects[b]) else "no"
+    if m := re.fullmatch(rf"is the {desc} (?:on|at) the (?P<first>\w+) or (?P<second>\w+) of the image\?", question):
+        (i,) = group(m, "", objects)
+        first_half, second_half = sorted(
+            [m.group("first"), m.group("second")], key=["left", "right", "top", "bottom"].index
+        )
+        centre = objects[i].cx if first_half == "left" else objects[i].cy
+        assert abs(centre - scene.size / 2) > 0.1 * scene.size  # never on the middle line
+        return first_half if centre < scene.size / 2 else second_half
     raise AssertionError(f"question outside the grammar: {question!r}")
 
 
