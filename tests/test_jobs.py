@@ -22,6 +22,7 @@ FAST = [
     "train.global_batch_size=8",
     "train.micro_batch_size=8",
     "train.num_threads=1",
+    "train.local_processes=1",  # the main job's 2 would relaunch under torch.distributed.run
     "optim.warmup_steps=1",
     "checkpoint.every=0",
     "eval.batch_size=32",
