@@ -837,13 +837,13 @@ def extra_train_questions(scene: Scene, rng: random.Random) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 
 REC_PER_IMAGE = 2  # referring expressions per image (distinct targets)
-# Training images carry this many more questions of the types uvl-tiny learns last (question type
-# -> extra questions); val, test and held-out keep one question per type, so the metric's question
-# mix is unchanged. Measured in the 15-minute main job: with one question per type counts reached
-# 0.76 while colour, shape and existence reached 0.97-0.99; one extra count question per training
-# image lifted them to 0.82. Fresh questions beat repeated ones: trained on from a main-job model
-# with 30k relation questions, fresh ones drawn from the training scenes reached 0.69 on test,
-# the 7.7k stored ones repeated 0.63.
+# Training images carry this many more questions of a type (question type -> extra questions);
+# val, test and held-out keep one question per type, so the metric's question mix is unchanged.
+# More distinct questions, not more passes over the same ones: from a main-job model, 30k more
+# samples of relation questions reached 0.69 on test when drawn fresh from the training scenes and
+# 0.63 when the 7.7k stored ones were repeated. Measured in the 15-minute main job, one question
+# per type left counts at 0.76 while colour, shape and existence reached 0.97-0.99; one extra
+# count question lifted them to 0.82; with two (and the final weights) they were at 0.79-0.85.
 TRAIN_EXTRA_QUESTIONS = {"how many": 2, "is the": 1}
 
 
