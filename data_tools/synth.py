@@ -716,7 +716,10 @@ def _annotator_answers(answer: str, alternatives: Sequence[str], rng: random.Ran
             return answers
 
 
-def _question(question: str, answer: str, answer_type: str, question_type: str, alternatives, rng) -> dict:
+def _question(
+    question: str, answer: str, answer_type: str, question_type: str, alternatives: Sequence[str], rng: random.Random
+) -> dict:
+    """One question with its ten annotator answers (the shape :func:`scene_questions` returns)."""
     return {
         "question": question,
         "answer": answer,
