@@ -349,6 +349,24 @@ run(Path({tmp!r}), "killed", "train.max_steps=100000", "checkpoint.every=1", "ch
 """
 
 
+CHECKPOINT_WAIT_S = 120  # a step of TINY takes milliseconds; the first one waits for imports and DeepSpeed
+
+
+def _wait_for_new_checkpoint(proc: subprocess.Popen, latest: Path, before: str, log: Path) -> None:
+    """Returns once ``latest`` names a checkpoint other than ``before``; fails at once if the process ends."""
+    import time
+
+    deadline = time.monotonic() + CHECKPOINT_WAIT_S
+    while not latest.exists() or latest.read_text() == before:
+        if proc.poll() is not None:
+            pytest.fail(f"the training process exited with {proc.returncode} before a new checkpoint:\n{log.read_text()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"no new checkpoint within {CHECKPOINT_WAIT_S} s; the process wrote:\n{log.read_text()}")
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
 def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
     import os
@@ -359,12 +377,12 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
     script = tmp_path / "killed.py"
     script.write_text(KILL_SCRIPT.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), latest=str(latest)))
     rng = random.Random(0)
-    for _ in range(3):  # killed three times at random moments; a checkpoint is being written most of the time
+    for attempt in range(3):  # killed three times at random moments; a checkpoint is being written most of the time
         before = latest.read_text() if latest.exists() else ""
-        proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 300
-        while (not latest.exists() or latest.read_text() == before) and time.time() < deadline:
-            time.sleep(0.05)
+        log = tmp_path / f"killed-{attempt}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen([sys.executable, str(script)], stdout=out, stderr=subprocess.STDOUT)
+        _wait_for_new_checkpoint(proc, latest, before, log)
         time.sleep(rng.uniform(0.0, 1.0))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -392,3 +410,42 @@ def test_location_smoothing_trains_on_box_targets(tmp_path):
     )
     # At initialisation the soft targets cost more than the entropy of a Gaussian of 10 bins.
     assert all(np.isfinite(result.losses)) and result.losses[0] > 0.5 * np.log(2 * np.pi * np.e * 10**2)
+
+
+def test_a_run_leaves_no_launcher_variables_for_child_processes(stage0):
+    import os
+
+    # stage0 trained in this process; a process started now must not inherit a MASTER_PORT this one holds.
+    assert not {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} & set(os.environ)
+
+
+def test_incomplete_launcher_variables_are_refused(monkeypatch):
+    from unified_vl.engine.distributed import DistributedSetupError, launched
+
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(DistributedSetupError, match="^WORLD_SIZE are set but RANK, MASTER_ADDR, MASTER_PORT are not"):
+        launched()
+
+
+def test_inherited_launcher_variables_of_another_job_give_a_clear_error(tmp_path):
+    # A job started from a shell that carries another job's launcher variables (its MASTER_PORT busy).
+    import os
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        env = {
+            **os.environ,
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(held.getsockname()[1]),
+        }
+        code = "from unified_vl.engine.distributed import init_distributed; init_distributed()"
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "DistributedSetupError: could not join the process group" in proc.stderr
+    assert f"MASTER_PORT={env['MASTER_PORT']}" in proc.stderr and "unset RANK WORLD_SIZE" in proc.stderr

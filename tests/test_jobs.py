@@ -234,7 +234,8 @@ def test_local_processes_rerun_the_job_under_torchrun(monkeypatch):
     from unified_vl.jobs.common import relaunch_locally
 
     calls = []
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(
         subprocess, "run", lambda command, check: calls.append(command) or SimpleNamespace(returncode=3)
     )
@@ -246,9 +247,12 @@ def test_local_processes_rerun_the_job_under_torchrun(monkeypatch):
         + ["-m", "unified_vl.cli", "pretrain", "my.yaml", "optim.lr=1e-3"]
     ]
     assert relaunch_locally(load_config(None, sizes), "pretrain", []) is None  # one process: run here
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    launcher = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    for name, value in launcher.items():
+        monkeypatch.setenv(name, value)
     assert relaunch_locally(config, "pretrain", []) is None  # already a launched child: run here
-    monkeypatch.delenv("WORLD_SIZE")
+    for name in launcher:
+        monkeypatch.delenv(name)
     with pytest.raises(ConfigError, match="not divisible"):  # checked before any process starts
         relaunch_locally(load_config(None, ["train.local_processes=3", *sizes]), "pretrain", [])
     assert len(calls) == 1

@@ -1,7 +1,8 @@
 """Process group setup: one process without a launcher, or N under ``deepspeed`` / ``torchrun``.
 
 Launchers set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; a
-plain ``python`` or ``unified-vl`` process gets them here (world size 1, a free local port). The
+plain ``python`` or ``unified-vl`` process forms a group of one on a free loopback port without
+writing them into its environment (its child processes must not inherit a port it holds). The
 backend is NCCL when CUDA is available, gloo on the CPU (DeepSpeed's "cpu" accelerator).
 """
 
@@ -35,41 +36,78 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def single_process_env() -> None:
-    """Fills the launcher variables for a lone process (rank 0 of 1) where they are absent."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        missing = [k for k in LAUNCH_ENV if k not in os.environ and k != "LOCAL_RANK"]
-        if missing:
-            raise RuntimeError(
-                f"RANK and WORLD_SIZE are set but {missing} are not; launch with `deepspeed` or `torchrun`"
-            )
-        os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
-        return
-    os.environ.update(
-        {
-            "RANK": "0",
-            "WORLD_SIZE": "1",
-            "LOCAL_RANK": "0",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(_free_port()),
-        }
-    )
+def launched() -> bool:
+    """Whether a launcher started this process (``RANK`` and ``WORLD_SIZE`` are in the environment).
+
+    Raises:
+        DistributedSetupError: only some of the launcher variables are set.
+    """
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        return False
+    missing = [k for k in LAUNCH_ENV if k not in os.environ and k != "LOCAL_RANK"]
+    if missing:
+        raise DistributedSetupError(
+            f"{', '.join(k for k in LAUNCH_ENV if k in os.environ)} are set but {', '.join(missing)} are not; "
+            "launch with `deepspeed` or `torchrun`, or unset them to run as one process"
+        )
+    return True
 
 
-def init_distributed() -> DistInfo:
-    """Initialises ``torch.distributed`` through DeepSpeed (idempotent) and returns this rank's place."""
+class DistributedSetupError(RuntimeError):
+    """The process group could not be joined; the message names the environment it read."""
+
+
+def _launch_env() -> str:
+    return ", ".join(f"{k}={os.environ[k]}" for k in LAUNCH_ENV if k in os.environ)
+
+
+def init_distributed(*, timeout_minutes: float | None = None) -> DistInfo:
+    """Initialises ``torch.distributed`` through DeepSpeed (idempotent) and returns this rank's place.
+
+    A process without a launcher joins a group of its own over a free loopback port, passed to
+    DeepSpeed directly: nothing but ``LOCAL_RANK`` (which DeepSpeed's engine reads) goes into
+    ``os.environ``, so a process it starts later (a test's subprocess, a launcher) inherits no
+    ``MASTER_PORT`` of a port this process holds.
+
+    Args:
+        timeout_minutes: how long to wait for the other ranks; None: DeepSpeed's default (10 minutes,
+            or ``DEEPSPEED_TIMEOUT``).
+
+    Raises:
+        DistributedSetupError: the launcher variables are incomplete, or joining failed (a port in
+            use, ranks that never came); the message names the variables, which a process started
+            from another launcher's shell inherits by mistake.
+    """
+    import datetime
+
     import torch
 
     if not torch.cuda.is_available():
         # DeepSpeed picks its accelerator at import; on a CPU machine say so instead of letting it guess.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    single_process_env()
     import deepspeed
     import torch.distributed as dist
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        kwargs: dict[str, Any] = {"dist_backend": backend, "auto_mpi_discovery": False}
+        if timeout_minutes is not None:
+            kwargs["timeout"] = datetime.timedelta(minutes=timeout_minutes)
+        if launched():
+            where = f"the launcher's environment ({_launch_env()})"
+        else:
+            os.environ["LOCAL_RANK"] = "0"
+            kwargs.update(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+            where = "a group of one process on loopback"
+        try:
+            deepspeed.init_distributed(**kwargs)
+        except (RuntimeError, ValueError, TimeoutError) as exc:  # DistNetworkError and DistStoreError are RuntimeErrors
+            raise DistributedSetupError(
+                f"could not join the process group from {where}: {type(exc).__name__}: {str(exc).strip()[:300]}\n"
+                "RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are set by launchers (torchrun, deepspeed); a job "
+                "started from a shell that inherited them from another job tries to join that job. Unset them "
+                "(unset RANK WORLD_SIZE LOCAL_RANK MASTER_ADDR MASTER_PORT) to run as one process."
+            ) from exc
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if backend == "nccl":
         torch.cuda.set_device(local_rank)

@@ -180,7 +180,7 @@ def relaunch_locally(config: RunConfig, job: str, argv: Sequence[str]) -> int | 
     """Runs the job as ``train.local_processes`` processes on this machine and returns their status.
 
     None when this process should run the job itself: one process asked for (or one GPU), or the
-    process already runs under a launcher (``WORLD_SIZE`` is set). The batch arithmetic is checked
+    process already runs under a launcher (``RANK`` and ``WORLD_SIZE`` are set). The batch arithmetic is checked
     for the new world size first, so that a bad setting fails here and not in every child.
     """
     import subprocess
@@ -190,7 +190,7 @@ def relaunch_locally(config: RunConfig, job: str, argv: Sequence[str]) -> int | 
     processes = config.train.local_processes
     if torch.cuda.is_available():
         processes = min(processes, torch.cuda.device_count())  # NCCL needs a GPU per process
-    if processes <= 1 or "WORLD_SIZE" in os.environ:
+    if processes <= 1 or distributed.launched():
         return None
     derive(config, processes)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
