@@ -1,38 +1,22 @@
-"""``unified-vl data ...`` and ``unified-vl tokenizer ...``.
+"""``unified-vl data ...``: parses the arguments and calls the data layer's functions.
 
-    unified-vl data synth --out data/synth                      # ~4,900 64 px images, all tasks, ~30 s
+    unified-vl data synth --out data/synth                      # the synthetic world, all tasks
     unified-vl data convert vqav2 --input q.json a.json --images train2014/ --out data/vqav2 [--skip-bad]
     unified-vl data show --data data/synth --n 16 --out grid.png [--task rec] [--split val]
-    unified-vl tokenizer train --data data/synth data/vqav2 --vocab-size 8000 --out my_tokenizer/
 
-`main` and `tokenizer_main` take the arguments after the command word (``unified_vl.cli`` calls
-them with ``sys.argv[2:]``) and return the exit status: 0 success, 1 bad input (the message names
-the file and the record), 2 bad usage.
+`main` takes the arguments after the command word (``unified_vl.app.cli`` calls it with
+``sys.argv[2:]``) and returns the exit status: 0 success, 1 bad input (the message names the file
+and the record), 2 bad usage.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import shlex
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 
 from data_tools import storage
-
-# Record fields that hold text (docs/records.md), and how to read them.
-TEXT_FIELDS = (
-    "captions",
-    "question",
-    "answers",
-    "expression",
-    "caption",
-    "phrases",
-    "description",
-    "label",
-    "text",
-    "objects",
-)
 
 
 def _synth(args: argparse.Namespace, command: str) -> int:
@@ -140,7 +124,7 @@ def _data_parser() -> argparse.ArgumentParser:
 def _run(run, args: argparse.Namespace, command: str) -> int:
     import tasks
     from data_tools.converters import ConversionError
-    from unified_vl.boxes import BoxError
+    from tasks.boxes import BoxError
 
     try:
         return run(args, command)
@@ -158,104 +142,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse exits on --help (0) and on bad usage (2)
         return int(exc.code or 0)
     return _run(args.run, args, "unified-vl data " + shlex.join(argv))
-
-
-# --------------------------------------------------------------------------------------------
-# Tokenizer corpus
-# --------------------------------------------------------------------------------------------
-
-
-def record_texts(record: dict) -> Iterator[str]:
-    """The text fields of one record."""
-    for field in TEXT_FIELDS:
-        value = record.get(field)
-        if isinstance(value, str):
-            yield value
-        elif isinstance(value, list):
-            for item in value:
-                if isinstance(item, str):
-                    yield item
-                elif isinstance(item, dict) and isinstance(item.get("label"), str):
-                    yield item["label"]
-
-
-def dataset_texts(data_dir: str, *, batch_size: int = 1000) -> Iterator[str]:
-    """Every text of every stored (task, split) of a data folder, without decoding images."""
-    for task, splits in storage.available(data_dir).items():
-        for split in splits:
-            dataset = storage.load_split(data_dir, task, split)
-            columns = [c for c in TEXT_FIELDS if c in dataset.column_names]
-            for batch in dataset.select_columns(columns).iter(batch_size=batch_size):
-                for row in zip(*(batch[c] for c in columns), strict=True):
-                    yield from record_texts(dict(zip(columns, row, strict=True)))
-
-
-_SPECIAL = re.compile(r"<loc_\d+>|<extra_id_\d+>")  # whole tokens the tokenizer adds itself
-_FIELD = re.compile(r"\{[^{}]*\}")
-
-
-def template_texts() -> list[str]:
-    """Every task's instruction templates, filled with each task's example records, plus the bare templates.
-
-    Location tokens and sentinels are removed: the tokenizer adds them as whole tokens of their own.
-    """
-    import tasks
-
-    texts = []
-    for task in tasks.TASKS.values():
-        texts += [" ".join(_FIELD.sub(" ", t).split()) for t in task.prompts]
-        for example in task.examples:
-            for k in range(len(task.templates_for(example))):
-                texts.append(task.prompt(example, template=k))
-            texts.append(task.target(example))
-    return [" ".join(_SPECIAL.sub(" ", t).split()) for t in texts if _SPECIAL.sub(" ", t).strip()]
-
-
-def corpus(data_dirs: Iterable[str]) -> Iterator[str]:
-    """Tokenizer training text: records of ``data_dirs`` (default corpus if none) and every template."""
-    data_dirs = list(data_dirs)
-    yield from template_texts()
-    if not data_dirs:
-        from data_tools.default_corpus import default_corpus_texts
-
-        yield from default_corpus_texts()
-    for data_dir in data_dirs:
-        yield from dataset_texts(data_dir)
-
-
-def tokenizer_main(argv: Sequence[str] | None = None) -> int:
-    """``unified-vl tokenizer train --data DIR... --vocab-size N --out DIR``; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
-        prog="unified-vl tokenizer", description="Train the SentencePiece tokenizer (with location tokens)."
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train}")
-    p = sub.add_parser("train", help="train on the text of stored records and every task's templates")
-    p.add_argument(
-        "--data",
-        nargs="*",
-        default=[],
-        help="data folder(s) whose records' text to train on (none: the project's default corpus, see data_tools.default_corpus)",
-    )
-    p.add_argument(
-        "--vocab-size", type=int, default=8000, help="SentencePiece pieces, a soft limit (default: %(default)s)"
-    )
-    p.add_argument(
-        "--num-bins", type=int, default=1000, help="location tokens <loc_0>..<loc_{N-1}> (default: %(default)s)"
-    )
-    p.add_argument("--out", required=True, help="tokenizer folder to write")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-
-    def run(args: argparse.Namespace, command: str) -> int:
-        from unified_vl.tokenizer import train_tokenizer
-
-        tokenizer = train_tokenizer(
-            corpus(args.data), out_dir=args.out, vocab_size=args.vocab_size, num_bins=args.num_bins
-        )
-        print(f"wrote {args.out}: {len(tokenizer)} tokens")
-        return 0
-
-    return _run(run, args, "unified-vl tokenizer " + shlex.join(argv))

@@ -15,8 +15,9 @@ Guarantees:
   loaded. A failing write leaves a previous complete dataset in DIR untouched.
 * **Streaming.** Records are encoded and written in batches as the iterables yield them, so a
   conversion never holds all records (or images) in memory; loading memory-maps the Arrow files.
-* **One schema per task** (:data:`TASK_FEATURES`), shared by all splits and all sources, so any two
-  datasets of a task concatenate; unused optional fields are stored as null and read back as ``None``.
+* **One schema per task** (:func:`task_features`, from the task's own field specs), shared by all
+  splits and all sources, so any two datasets of a task concatenate; unused optional fields are
+  stored as null and read back as ``None``. A task registered at run time is stored like a built-in one.
 
 Why the split folder is written here rather than by ``Dataset.save_to_disk``: since ``datasets`` 4.x
 ``save_to_disk`` always embeds the bytes of local image files (``ArrowWriter(embed_local_files=True)``
@@ -43,6 +44,8 @@ import datasets
 from datasets import Features, Image, List, Value
 from datasets.arrow_writer import ArrowWriter
 
+import tasks
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 _STAGING_PREFIX = ".staging-"
@@ -52,37 +55,24 @@ _SHARD_NAME = "data-00000-of-00001.arrow"  # the name save_to_disk gives a singl
 # stays far below Arrow's 2 GB binary-array limit, large enough for fast writes.
 _WRITER_BATCH_SIZE = 256
 
-_STR = Value("string")
-_BOX = List(Value("float64"))  # [x1, y1, x2, y2] in pixels; float64 so boxes round-trip exactly
-
+# Every task's records share these; the rest of a task's schema comes from its field specs.
 COMMON_FEATURES = {
-    "id": _STR,
+    "id": Value("string"),
     "image": Image(),
     "width": Value("int32"),
     "height": Value("int32"),
 }
 
-# The per-task fields of docs/records.md. Optional fields are nullable (stored as null, read as None).
-TASK_FIELDS: dict[str, dict[str, Any]] = {
-    "captioning": {"captions": List(_STR)},
-    "vqa": {"question": _STR, "answers": List(_STR), "answer_type": _STR, "question_type": _STR},
-    "rec": {"expression": _STR, "box": _BOX, "candidate_boxes": List(_BOX)},
-    "grounding": {
-        "caption": _STR,
-        "phrases": List(_STR),
-        "boxes": List(_BOX),
-        "region": _BOX,
-        "description": _STR,
-    },
-    "classification": {"label": _STR},
-    "itm": {"text": _STR, "match": Value("bool")},
-    "detection": {"objects": List({"label": _STR, "box": _BOX})},
-    "text_infilling": {"text": _STR},
-}
 
-TASK_FEATURES: dict[str, Features] = {
-    task: Features({**COMMON_FEATURES, **fields}) for task, fields in TASK_FIELDS.items()
-}
+def _feature(storage_type: Any):
+    """A task field's storage type (``tasks.FieldSpec.storage``) as a ``datasets`` feature."""
+    if isinstance(storage_type, list):
+        return List(_feature(storage_type[0]))
+    if isinstance(storage_type, dict):
+        return {key: _feature(value) for key, value in storage_type.items()}
+    if storage_type == "box":  # [x1, y1, x2, y2] in pixels; float64 so boxes round-trip exactly
+        return List(Value("float64"))
+    return Value(storage_type)
 
 
 class StorageError(RuntimeError):
@@ -94,15 +84,18 @@ class SplitNotFoundError(StorageError, LookupError):
 
 
 def task_features(task: str) -> Features:
-    """The ``datasets.Features`` schema of ``task`` (shared by all its splits).
+    """The ``datasets.Features`` schema of ``task`` (shared by all its splits): the common fields and
+    one column per field spec of the registered task, typed by the spec's ``storage``.
 
     Raises:
         StorageError: unknown task; the message lists the known ones.
     """
-    try:
-        return TASK_FEATURES[task]
-    except KeyError:
-        raise StorageError(f"unknown task {task!r}; known tasks: {', '.join(TASK_FEATURES)}") from None
+    import tasks
+
+    if task not in tasks.TASKS:
+        raise StorageError(f"unknown task {task!r}; known tasks: {', '.join(sorted(tasks.TASKS))}")
+    fields = {name: _feature(spec.storage) for name, spec in tasks.get_task(task).fields.items()}
+    return Features({**COMMON_FEATURES, **{k: v for k, v in fields.items() if k not in COMMON_FEATURES}})
 
 
 def _encode_record(features: Features, record: Mapping[str, Any], *, task: str, split: str) -> dict:
@@ -196,8 +189,6 @@ class _SplitWriter:
 
 def _task_validator(task: str):
     """``tasks.get_task(task).validate``: every stored record satisfies the task's contract."""
-    import tasks  # local import: storage's readers (load_split) do not need the task registry
-
     return tasks.get_task(task).validate
 
 
@@ -213,7 +204,7 @@ def _check_out_dir(out: Path) -> dict | None:
     foreign = [
         p.name
         for p in out.iterdir()
-        if not (p.name in TASK_FEATURES or p.name.startswith((_STAGING_PREFIX, _TRASH_PREFIX, MANIFEST_NAME + ".")))
+        if not (p.name in tasks.TASKS or p.name.startswith((_STAGING_PREFIX, _TRASH_PREFIX, MANIFEST_NAME + ".")))
     ]
     if foreign:
         raise StorageError(
@@ -287,8 +278,6 @@ def write_dataset(
             if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) and k for k in key)):
                 raise StorageError(f"records must be keyed by (task, split) string pairs, got {key!r}")
             task, split = key
-            if task not in TASK_FEATURES:
-                raise StorageError(f"unknown task {task!r}; known tasks: {', '.join(TASK_FEATURES)}")
             writers[key] = _SplitWriter(
                 staging / task / split, task, split, embed_images=embed_images, validate=validate
             )

@@ -48,7 +48,7 @@ from itertools import combinations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from unified_vl.boxes import box_union
+from tasks.boxes import box_union
 
 # --------------------------------------------------------------------------------------------
 # Vocabulary

@@ -41,7 +41,9 @@ def main() -> None:
     model = build_model(config, tokenizer).train()
     processor = UnifiedVLProcessor.from_config(config, tokenizer, vision_backbone=model.visual.backbone)
     rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (config.image_size, config.image_size, 3), dtype=np.uint8) for _ in range(args.batch)]
+    images = [
+        rng.integers(0, 256, (config.image_size, config.image_size, 3), dtype=np.uint8) for _ in range(args.batch)
+    ]
     prompts = ['which region does the text " the small red circle left of the blue square " describe?'] * args.batch
     targets = ["<loc_112><loc_340><loc_298><loc_501>"] * args.batch
     batch = processor(images=images, text=prompts, targets=targets)
@@ -56,8 +58,10 @@ def main() -> None:
 
     fused = _time(fused_step, args.steps)
     text = _time(text_step, args.steps)
-    print(f"{args.preset}: {model.num_parameters() / 1e6:.1f}M parameters, {model.visual.num_patches} image tokens, "
-          f"batch {args.batch}, threads {torch.get_num_threads()}")
+    print(
+        f"{args.preset}: {model.num_parameters() / 1e6:.1f}M parameters, {model.visual.num_patches} image tokens, "
+        f"batch {args.batch}, threads {torch.get_num_threads()}"
+    )
     print(f"forward+backward: {1000 * fused / args.batch:.2f} ms/sample ({args.batch / fused:.0f} samples/s)")
     print(f"text-only T5 baseline: {1000 * text / args.batch:.2f} ms/sample; fused/text ratio {fused / text:.2f}x")
 

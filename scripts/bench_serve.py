@@ -113,7 +113,7 @@ async def _load(url: str, bodies: list[bytes], requests: int, clients: int) -> t
 
 def _serve(model: Path, port: int, max_batch: int, args) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.server_threads)}
-    command = [sys.executable, "-m", "unified_vl.cli", "serve", "--model", str(model), "--port", str(port),
+    command = [sys.executable, "-m", "unified_vl.app.cli", "serve", "--model", str(model), "--port", str(port),
                "--max-batch", str(max_batch), "--max-wait-ms", str(args.max_wait_ms), "--max-queue", "1024",
                "--log-level", "warning"]  # fmt: skip
     if args.device:

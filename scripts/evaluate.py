@@ -7,7 +7,7 @@ Expect one line per metric key `{task}/{split}/{metric}` and the JSON file they 
 
 import sys
 
-from unified_vl.jobs.evaluate import main
+from unified_vl.app.jobs.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,7 @@ and the exported model folder `<output_dir>/model`.
 
 import sys
 
-from unified_vl.jobs.finetune import main
+from unified_vl.app.jobs.finetune import main
 
 if __name__ == "__main__":
     sys.exit(main())

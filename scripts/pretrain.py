@@ -11,7 +11,7 @@ heldout next to the trivial baselines, the exported model folder and a `unified-
 
 import sys
 
-from unified_vl.jobs.pretrain import main
+from unified_vl.app.jobs.pretrain import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,7 +8,7 @@ stop with Ctrl-C. `curl localhost:8000/health` answers {"status": "ok", ...}.
 
 import sys
 
-from unified_vl.inference.cli import serve_main
+from unified_vl.app.inference.cli import serve_main
 
 if __name__ == "__main__":
     sys.exit(serve_main())

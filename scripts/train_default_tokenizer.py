@@ -7,7 +7,7 @@ The corpus is text the project produces itself (task templates filled with the s
 vocabulary, and captions/questions/expressions of synthetic scenes), so nothing is downloaded.
 """
 
-from data_tools.default_corpus import default_corpus_texts
+from data_tools.corpus import default_corpus_texts
 from unified_vl.tokenizer import default_tokenizer_dir, train_tokenizer
 
 # Enough pieces for the synthetic world's words to be single pieces; small, so the tiny model's

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from unified_vl import boxes
+from tasks import boxes
 
 DECODING_MODES = ("open", "loc4", "candidates")
 ROLES = ("input", "label")
@@ -49,6 +49,9 @@ class FieldSpec:
             at serving time too), ``"label"`` when only targets and metrics need it.
         required: a required field may be neither absent nor None; an optional one is checked only
             when it is present and not None (records from a `datasets` table carry every column).
+        storage: how the field is stored on disk (``data_tools.storage`` builds each task's schema
+            from these): one of `STORAGE_TYPES`, ``[type]`` for a list, or ``{"key": type, ...}``
+            for an object, nested as needed (detection's objects: ``[{"label": "string", "box": "box"}]``).
     """
 
     name: str
@@ -56,10 +59,34 @@ class FieldSpec:
     check: Callable[[Any, Record], None]
     role: str = "label"
     required: bool = True
+    storage: Any = "string"
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"field {self.name!r}: role must be one of {ROLES}, got {self.role!r}")
+        check_storage_type(self.storage, f"field {self.name!r}")
+
+
+# The leaf storage types a field may have ("box": [x1, y1, x2, y2] as four float64, exact round trips).
+STORAGE_TYPES = ("string", "bool", "int32", "int64", "float64", "box")
+
+
+def check_storage_type(storage: Any, what: str) -> None:
+    """Raises ``ValueError`` unless ``storage`` is a leaf type, ``[type]`` or ``{key: type}`` of them."""
+    if isinstance(storage, str):
+        if storage not in STORAGE_TYPES:
+            raise ValueError(
+                f"{what}: storage type must be one of {STORAGE_TYPES}, a [list] or a {{key: ...}}, got {storage!r}"
+            )
+    elif isinstance(storage, list) and len(storage) == 1:
+        check_storage_type(storage[0], what)
+    elif isinstance(storage, dict) and storage and all(isinstance(k, str) for k in storage):
+        for value in storage.values():
+            check_storage_type(value, what)
+    else:
+        raise ValueError(
+            f"{what}: storage type must be one of {STORAGE_TYPES}, a [list] or a {{key: ...}}, got {storage!r}"
+        )
 
 
 def _describe(value: Any) -> str:
@@ -92,7 +119,7 @@ def string_field(name: str, *, role: str = "label", required: bool = True, forbi
             if bad in value:
                 raise ValueError(f"must not contain {bad!r} (it separates items of the target text), got {value!r}")
 
-    return FieldSpec(name, "str", check, role, required)
+    return FieldSpec(name, "str", check, role, required, "string")
 
 
 def string_list_field(
@@ -112,7 +139,7 @@ def string_list_field(
             except ValueError as exc:
                 raise ValueError(f"item {i} {exc}") from None
 
-    return FieldSpec(name, "list[str]", check, role, required)
+    return FieldSpec(name, "list[str]", check, role, required, ["string"])
 
 
 def bool_field(name: str, *, role: str = "label", required: bool = True) -> FieldSpec:
@@ -122,7 +149,7 @@ def bool_field(name: str, *, role: str = "label", required: bool = True) -> Fiel
         if not isinstance(value, bool):
             raise ValueError(f"must be bool, got {_describe(value)}")
 
-    return FieldSpec(name, "bool", check, role, required)
+    return FieldSpec(name, "bool", check, role, required, "bool")
 
 
 def choice_field(name: str, choices: Sequence[str], *, role: str = "label", required: bool = True) -> FieldSpec:
@@ -133,7 +160,7 @@ def choice_field(name: str, choices: Sequence[str], *, role: str = "label", requ
         if value not in allowed:
             raise ValueError(f"must be one of {list(allowed)}, got {_describe(value)}")
 
-    return FieldSpec(name, f"one of {list(allowed)}", check, role, required)
+    return FieldSpec(name, f"one of {list(allowed)}", check, role, required, "string")
 
 
 def size_field(name: str) -> FieldSpec:
@@ -145,7 +172,7 @@ def size_field(name: str) -> FieldSpec:
                 f"must be a positive number of pixels (boxes are normalised by it), got {_describe(value)}"
             )
 
-    return FieldSpec(name, "int > 0", check, "input", True)
+    return FieldSpec(name, "int > 0", check, "input", True, "int32")
 
 
 def _check_box(value: Any, record: Record, what: str) -> None:
@@ -163,7 +190,7 @@ def box_field(name: str, *, role: str = "label", required: bool = True) -> Field
             raise ValueError(f"must be a box [x1, y1, x2, y2] in pixels, got {_describe(value)}")
         _check_box(value, record, "box")
 
-    return FieldSpec(name, "list[float] ([x1, y1, x2, y2] pixels)", check, role, required)
+    return FieldSpec(name, "list[float] ([x1, y1, x2, y2] pixels)", check, role, required, "box")
 
 
 def box_list_field(name: str, *, role: str = "label", required: bool = True, min_items: int = 1) -> FieldSpec:
@@ -177,7 +204,7 @@ def box_list_field(name: str, *, role: str = "label", required: bool = True, min
                 raise ValueError(f"item {i} must be a box [x1, y1, x2, y2], got {_describe(box)}")
             _check_box(box, record, f"box {i}")
 
-    return FieldSpec(name, "list[list[float]]", check, role, required)
+    return FieldSpec(name, "list[list[float]]", check, role, required, ["box"])
 
 
 # --------------------------------------------------------------------------------------------

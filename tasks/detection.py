@@ -24,6 +24,7 @@ import io
 from collections.abc import Sequence
 from typing import Any
 
+from tasks import boxes
 from tasks._common import (
     FieldSpec,
     Record,
@@ -35,7 +36,6 @@ from tasks._common import (
     squash,
     string_field,
 )
-from unified_vl import boxes
 
 PROMPTS = (
     "what are the objects in the image?",
@@ -175,7 +175,12 @@ TASK = Task(
     fields={
         "width": size_field("width"),
         "height": size_field("height"),
-        "objects": FieldSpec("objects", 'list[{"label": str, "box": list[float]}]', _check_objects),
+        "objects": FieldSpec(
+            "objects",
+            'list[{"label": str, "box": list[float]}]',
+            _check_objects,
+            storage=[{"label": "string", "box": "box"}],
+        ),
     },
     prompts=PROMPTS,
     primary_metric="map@0.5",

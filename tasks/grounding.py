@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from tasks import boxes
 from tasks._caption_metrics import caption_scores
 from tasks._common import (
     FieldSpec,
@@ -33,7 +34,6 @@ from tasks._common import (
     string_field,
     string_list_field,
 )
-from unified_vl import boxes
 
 # Phrase grounding has no OFA instruction; template 0 is DESIGN.md §1's, template 1 adapts OFA's
 # visual grounding instruction to several phrases.
@@ -185,7 +185,7 @@ def _boxes_field():
         if isinstance(phrases, (list, tuple)) and len(phrases) != len(value):
             raise ValueError(f"holds {len(value)} boxes for {len(phrases)} phrases (one box per phrase)")
 
-    return FieldSpec("boxes", spec.type, check, spec.role, spec.required)
+    return FieldSpec("boxes", spec.type, check, spec.role, spec.required, spec.storage)
 
 
 TASK = Task(

@@ -2,7 +2,7 @@
 
 Instruction from OFA (data/mm_data/refcoco_dataset.py:
 ``' which region does the text " {} " describe?'``), without OFA's leading space. The target is
-the box as four location tokens (``unified_vl.boxes``); decoding is "loc4" (exactly four location
+the box as four location tokens (``tasks.boxes``); decoding is "loc4" (exactly four location
 tokens, then end). Metrics as in the RefCOCO literature (OFA, MDETR): accuracy at IoU >= 0.5,
 plus mean IoU.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from tasks import boxes
 from tasks._common import (
     Record,
     Task,
@@ -21,7 +22,6 @@ from tasks._common import (
     size_field,
     string_field,
 )
-from unified_vl import boxes
 
 PROMPTS = (
     'which region does the text " {expression} " describe?',

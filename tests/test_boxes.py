@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from unified_vl import boxes
+from tasks import boxes
 
 
 @pytest.mark.parametrize("size", [(640, 480), (1, 1), (333, 1000), (1000, 7)])

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 import tasks
-from data_tools import cli, default_corpus, show, storage, synth
+from data_tools import cli, corpus, show, storage, synth
+from unified_vl.app import tokenizer_cli
 
 
 @pytest.fixture(scope="module")
@@ -135,17 +136,17 @@ def test_usage_errors_and_help(capsys):
     assert "invalid choice" in capsys.readouterr().err
     assert cli.main(["convert", "--help"]) == 0
     assert "flickr30k_entities" in capsys.readouterr().out
-    assert cli.tokenizer_main(["train"]) == 2
+    assert tokenizer_cli.main(["train"]) == 2
 
 
 def test_tokenizer_train_on_stored_records(synth_dir, tmp_path):
-    texts = list(cli.corpus([str(synth_dir)]))
+    texts = list(corpus.corpus([str(synth_dir)]))
     assert "what does the image describe?" in texts  # templates are in
     assert not any("<loc_" in t or "<extra_id_" in t for t in texts)
     stored = storage.load_split(synth_dir, "captioning", "train")[0]["captions"][0]
     assert stored in texts
     out = tmp_path / "tok"
-    assert cli.tokenizer_main(["train", "--data", str(synth_dir), "--vocab-size", "300", "--out", str(out)]) == 0
+    assert tokenizer_cli.main(["train", "--data", str(synth_dir), "--vocab-size", "300", "--out", str(out)]) == 0
     from unified_vl.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(out))
@@ -155,8 +156,8 @@ def test_tokenizer_train_on_stored_records(synth_dir, tmp_path):
 
 
 def test_default_corpus_is_deterministic_and_covers_templates_and_vocabulary():
-    a = default_corpus.default_corpus_texts(num_scenes=8)
-    assert a == default_corpus.default_corpus_texts(num_scenes=8)
+    a = corpus.default_corpus_texts(num_scenes=8)
+    assert a == corpus.default_corpus_texts(num_scenes=8)
     words = set(" ".join(a).split())
     assert set(synth.vocabulary()) <= words
     for task in tasks.TASKS.values():

@@ -43,9 +43,9 @@ def test_round_trip_every_task(tmp_path):
     assert storage.read_manifest(tmp_path / "d") == manifest
     for task, records in by_task.items():
         ds = storage.load_split(tmp_path / "d", task, "train", decode_images=False)
-        assert set(ds.column_names) == set(storage.TASK_FEATURES[task])
+        assert set(ds.column_names) == set(storage.task_features(task))
         for stored, written in zip(ds, records, strict=True):
-            expected = {name: written.get(name) for name in storage.TASK_FEATURES[task]}
+            expected = {name: written.get(name) for name in storage.task_features(task)}
             if expected["image"] is not None:
                 expected["image"] = expected["image"]["bytes"]
             assert _raw(stored) == expected

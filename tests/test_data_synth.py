@@ -382,7 +382,7 @@ def test_the_resolver_itself_sees_ambiguity():
 
 
 def test_objects_stay_visible(world):
-    from unified_vl.boxes import iou
+    from tasks.boxes import iou
 
     for scene, _ in world["train"]:
         for a, b in itertools.combinations(scene.objects, 2):

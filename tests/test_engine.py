@@ -359,7 +359,9 @@ def _wait_for_new_checkpoint(proc: subprocess.Popen, latest: Path, before: str, 
     deadline = time.monotonic() + CHECKPOINT_WAIT_S
     while not latest.exists() or latest.read_text() == before:
         if proc.poll() is not None:
-            pytest.fail(f"the training process exited with {proc.returncode} before a new checkpoint:\n{log.read_text()}")
+            pytest.fail(
+                f"the training process exited with {proc.returncode} before a new checkpoint:\n{log.read_text()}"
+            )
         if time.monotonic() > deadline:
             proc.kill()
             proc.wait()

@@ -119,7 +119,7 @@ def test_every_config_file_loads_and_starts_with_its_command():
 
 
 def test_main_job_file_equals_the_builtin_main_job():
-    from unified_vl.jobs.pretrain import MAIN_JOB
+    from unified_vl.app.jobs.pretrain import MAIN_JOB
 
     assert load_config(ROOT / "scripts" / "configs" / "pretrain_tiny.yaml") == load_config(None, defaults=MAIN_JOB)
 

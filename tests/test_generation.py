@@ -8,9 +8,9 @@ import re
 import pytest
 import torch
 
+from tasks.boxes import tokens_to_box
 from tests.conftest import random_images
 from tests.test_model import _scramble
-from unified_vl.boxes import tokens_to_box
 from unified_vl.generation import (
     CandidateTrie,
     LocationOnlyLogitsProcessor,

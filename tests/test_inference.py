@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import tasks
-from unified_vl import boxes
+from tasks import boxes
 
 QUESTION = "what color is the shape?"
 EXPRESSION = "the shape"
@@ -242,7 +242,7 @@ def test_one_image_broadcasts_over_several_questions(predictor, images):
     ],
 )
 def test_bad_inputs_name_what_is_wrong(predictor, images, call, match):
-    from unified_vl.inference.predictor import InputError
+    from unified_vl.app.inference.predictor import InputError
 
     with pytest.raises(InputError, match=match):
         call(predictor, images[0])
@@ -286,7 +286,7 @@ def test_from_pretrained_takes_a_dtype(served_model_dir, images):
 
 
 def test_predict_cli_prints_json_and_draws_boxes(served_model_dir, images, tmp_path, capsys):
-    from unified_vl.cli import main
+    from unified_vl.app.cli import main
 
     images[0].save(tmp_path / "scene.png")
     with torch_threads(1):
@@ -308,7 +308,7 @@ def test_predict_cli_prints_json_and_draws_boxes(served_model_dir, images, tmp_p
 
 
 def test_predict_cli_reports_bad_input_with_exit_code_2(served_model_dir, images, tmp_path, capsys):
-    from unified_vl.cli import main
+    from unified_vl.app.cli import main
 
     (tmp_path / "not.png").write_text("not an image")
     assert (

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from unified_vl.app.jobs import evaluate, finetune, pretrain
 from unified_vl.checkpoint import load_pretrained
-from unified_vl.jobs import evaluate, finetune, pretrain
 
 TINY = (
     "model.overrides={image_size: 32, vision_kwargs: {patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}, "
@@ -156,9 +156,9 @@ def test_finetune_from_a_folder_that_is_not_a_model(synth_data, tmp_path, capsys
 
 
 def test_synthetic_world_and_tokenizer_are_cached(tmp_path):
+    from unified_vl.app.jobs.common import prepare_data
     from unified_vl.engine.config import load_config
     from unified_vl.engine.distributed import DistInfo
-    from unified_vl.jobs.common import prepare_data
 
     overrides = [
         "data.tasks={vqa: 1}",
@@ -230,8 +230,8 @@ def test_local_processes_rerun_the_job_under_torchrun(monkeypatch):
     import sys
     from types import SimpleNamespace
 
+    from unified_vl.app.jobs.common import relaunch_locally
     from unified_vl.engine.config import ConfigError, load_config
-    from unified_vl.jobs.common import relaunch_locally
 
     calls = []
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -244,7 +244,7 @@ def test_local_processes_rerun_the_job_under_torchrun(monkeypatch):
     assert relaunch_locally(config, "pretrain", ["my.yaml", "optim.lr=1e-3"]) == 3  # the children's status
     assert calls == [
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-        + ["-m", "unified_vl.cli", "pretrain", "my.yaml", "optim.lr=1e-3"]
+        + ["-m", "unified_vl.app.cli", "pretrain", "my.yaml", "optim.lr=1e-3"]
     ]
     assert relaunch_locally(load_config(None, sizes), "pretrain", []) is None  # one process: run here
     launcher = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}

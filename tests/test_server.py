@@ -96,7 +96,7 @@ def predictor(served_model_dir):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def server(predictor):
-    from unified_vl.inference.server import create_app
+    from unified_vl.app.inference.server import create_app
 
     app = create_app(
         predictor,
@@ -373,7 +373,7 @@ def test_errors_are_counted_in_metrics(client, pngs):
 
 
 def test_a_full_queue_answers_429_and_recovers(predictor, pngs):
-    from unified_vl.inference.server import create_app
+    from unified_vl.app.inference.server import create_app
 
     class Slow:
         """The predictor, slowed down so that requests pile up."""
@@ -404,7 +404,7 @@ def test_a_full_queue_answers_429_and_recovers(predictor, pngs):
 
 
 def test_serve_binds_loopback_by_default():
-    from unified_vl.inference.cli import build_serve_parser
+    from unified_vl.app.inference.cli import build_serve_parser
 
     args = build_serve_parser().parse_args(["--model", "m"])
     assert (args.host, args.port, args.max_batch, args.max_wait_ms) == ("127.0.0.1", 8000, 16, 10.0)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from unified_vl.inference.batcher import DynamicBatcher, QueueFullError
+from unified_vl.app.inference.batcher import DynamicBatcher, QueueFullError
 
 
 def _run(coro):

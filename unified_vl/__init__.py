@@ -1,7 +1,7 @@
 """unified-vl: one sequence-to-sequence model for captioning, VQA, grounding and classification.
 
 Heavy submodules (torch, transformers, timm) are imported lazily (PEP 562) so that pure-Python
-users such as ``tasks`` can import ``unified_vl.boxes`` without pulling in torch.
+users such as ``tasks`` can import ``tasks.boxes`` without pulling in torch.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ _LAZY = {
     "UnifiedVLForConditionalGeneration": "unified_vl.modeling",
     "UnifiedVLProcessor": "unified_vl.processor",
     "load_tokenizer": "unified_vl.tokenizer",
-    "Predictor": "unified_vl.inference.predictor",
+    "Predictor": "unified_vl.app.inference.predictor",
 }
 
 __all__ = ["__version__", *_LAZY]

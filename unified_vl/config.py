@@ -16,7 +16,7 @@ from typing import Any
 
 from transformers import PretrainedConfig, T5Config
 
-from unified_vl.boxes import DEFAULT_NUM_BINS
+from tasks.boxes import DEFAULT_NUM_BINS
 
 VISUAL_MODES = ("fused",)
 T5_SPECIAL_IDS = {"pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from transformers import T5Tokenizer
 
-from unified_vl.boxes import DEFAULT_NUM_BINS, loc_tokens
+from tasks.boxes import DEFAULT_NUM_BINS, loc_tokens
 
 # T5 reserves 100 sentinel tokens for span corruption (Raffel et al. 2020, §3.1.4).
 NUM_EXTRA_IDS = 100

@@ -32,7 +32,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from unified_vl.boxes import BoxError, validate_box
+from tasks.boxes import BoxError, validate_box
 
 # COCO boxes come from polygon coordinates and can overshoot the image border by a fraction of a
 # pixel; an overshoot below this many pixels is clamped to the border, anything more is a bad box.

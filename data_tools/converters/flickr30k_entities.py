@@ -16,7 +16,7 @@ several ``<name>`` ids, an entity may have several boxes.
 Per caption one record: ``caption`` = the sentence without markup (tokens joined by single spaces,
 as the official parser does), ``phrases`` = the marked phrases that have at least one box, in order,
 ``boxes`` = per phrase the union of its boxes (the merged-box protocol of the Flickr30k Entities
-benchmark; ``unified_vl.boxes.box_union``). Phrases without boxes (``notvisual``, ``<nobndbox>``,
+benchmark; ``tasks.boxes.box_union``). Phrases without boxes (``notvisual``, ``<nobndbox>``,
 ``<scene>``) are dropped and counted, and so are captions left without any boxed phrase.
 
 Coordinates: VOC boxes are 1-based inclusive pixel indices, so pixel ``xmax`` spans ``[xmax - 1,
@@ -32,7 +32,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from data_tools.converters._common import ConversionError, Pair, Report
-from unified_vl.boxes import box_union
+from tasks.boxes import box_union
 
 DESCRIPTION = "Flickr30k Entities Sentences/ + Annotations/ -> grounding (phrase grounding)"
 INPUTS = "--input FLICKR30K_ENTITIES_ROOT (Sentences/, Annotations/, train.txt ...)  --images flickr30k-images/"

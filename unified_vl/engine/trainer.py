@@ -1,7 +1,7 @@
 """The training loop on DeepSpeed: build -> initialize -> for each step: batch, forward, backward,
 step -> maybe evaluate -> maybe checkpoint -> export.
 
-The engine knows nothing about tasks: the application layer (``unified_vl.jobs``) passes the
+The engine knows nothing about tasks: the application layer (``unified_vl.app.jobs``) passes the
 training records per task, a function that turns a record into an `Example` (image, instruction,
 target) and an `Evaluator`. DeepSpeed is imported here and in the other ``engine`` modules only.
 """
@@ -44,7 +44,7 @@ class Example:
 
 
 class Evaluator(Protocol):
-    """Evaluation by generation; implemented by the application layer (``unified_vl.jobs.evaluate``)."""
+    """Evaluation by generation; implemented by the application layer (``unified_vl.app.jobs.evaluate``)."""
 
     def generate(
         self, model: Any, processor: Any, *, split: str, max_examples: int | None, rank: int, world_size: int

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from unified_vl.boxes import DEFAULT_NUM_BINS
+from tasks.boxes import DEFAULT_NUM_BINS
 from unified_vl.tokenizer import loc_token_ids
 
 DECODINGS = ("open", "loc4", "candidates")

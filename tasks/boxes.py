@@ -9,7 +9,9 @@ Convention (DESIGN.md §3, following Pix2Seq / OFA's quantised coordinates):
 * decoding returns the bin centre ``(bin + 0.5) / B`` times the axis length, so a round trip is
   exact to within half a bin (``0.5 * length / B`` pixels).
 
-Pure Python on purpose: ``tasks`` (which must not import torch) parses and formats boxes with it.
+The bottom layer of the project (tests/test_layout.py): pure Python, importing nothing of ours, so
+that the tasks (which write and parse box targets), the data tools (which validate boxes) and the
+model library (whose tokenizer adds the location tokens) all share it without depending on each other.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
     unified-vl serve --model runs/main/model --port 8000 --max-batch 16 --max-wait-ms 10
 
 ``predict`` prints the prediction as JSON; with ``--out`` it also draws the predicted boxes and
-text on the image. ``serve`` runs the HTTP server (:mod:`unified_vl.inference.server`) with
+text on the image. ``serve`` runs the HTTP server (:mod:`unified_vl.app.inference.server`) with
 uvicorn; it binds loopback unless ``--host`` says otherwise.
 """
 
@@ -34,7 +34,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_predict_parser() -> argparse.ArgumentParser:
     """The arguments of ``unified-vl predict``."""
-    from unified_vl.inference.predictor import known_tasks
+    from unified_vl.app.inference.predictor import known_tasks
 
     parser = argparse.ArgumentParser(prog="unified-vl predict", description="Predict on one image; prints JSON.")
     _model_arguments(parser)
@@ -52,7 +52,7 @@ def build_predict_parser() -> argparse.ArgumentParser:
 
 def _text_field(task: str) -> str | None:
     """The request field ``--text`` fills: the task's first text input field."""
-    from unified_vl.inference.predictor import GENERATE, input_fields
+    from unified_vl.app.inference.predictor import GENERATE, input_fields
 
     if task == GENERATE:
         return "prompt"
@@ -64,8 +64,8 @@ def _text_field(task: str) -> str | None:
 
 def predict_main(argv: list[str] | None = None) -> int:
     """``unified-vl predict``; returns the exit code (2 for bad input)."""
+    from unified_vl.app.inference.predictor import InputError, Predictor
     from unified_vl.checkpoint import CheckpointError
-    from unified_vl.inference.predictor import InputError, Predictor
     from unified_vl.processor import ImageLoadError, load_image
 
     args = build_predict_parser().parse_args(argv)
@@ -157,8 +157,8 @@ def serve_main(argv: list[str] | None = None) -> int:
     """``unified-vl serve``: loads the model and serves it until interrupted."""
     import uvicorn
 
-    from unified_vl.inference.predictor import Predictor
-    from unified_vl.inference.server import MiB, create_app
+    from unified_vl.app.inference.predictor import Predictor
+    from unified_vl.app.inference.server import MiB, create_app
 
     args = build_serve_parser().parse_args(argv)
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None

@@ -3,8 +3,7 @@
     unified-vl --help
 
 The table below is the only place subcommands are named; a subcommand's module parses its own
-arguments (``main(argv) -> int``). This module is the application layer: it is the one place in
-`unified_vl` that reaches `data_tools` and `tasks` (by module path, imported only when used).
+arguments (``main(argv) -> int``) and is imported only when it is used.
 """
 
 from __future__ import annotations
@@ -18,22 +17,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "data_tools.cli:main",
         "synthetic world, dataset converters, and a look at the data (synth | convert | show)",
     ),
-    "tokenizer": ("data_tools.cli:tokenizer_main", "train a SentencePiece tokenizer with location tokens (train)"),
+    "tokenizer": ("unified_vl.app.tokenizer_cli:main", "train a SentencePiece tokenizer with location tokens (train)"),
     "pretrain": (
-        "unified_vl.jobs.pretrain:main",
+        "unified_vl.app.jobs.pretrain:main",
         "multi-task pretraining on DeepSpeed (no arguments: the built-in main job)",
     ),
-    "finetune": ("unified_vl.jobs.finetune:main", "fine-tune one task (full, frozen parts, few-shot)"),
-    "eval": ("unified_vl.jobs.evaluate:main", "evaluate a model folder on stored data with the official metrics"),
+    "finetune": ("unified_vl.app.jobs.finetune:main", "fine-tune one task (full, frozen parts, few-shot)"),
+    "eval": ("unified_vl.app.jobs.evaluate:main", "evaluate a model folder on stored data with the official metrics"),
     "predict": (
-        "unified_vl.inference.cli:predict_main",
+        "unified_vl.app.inference.cli:predict_main",
         "predict on one image; prints JSON, optionally draws the result",
     ),
     "serve": (
-        "unified_vl.inference.cli:serve_main",
+        "unified_vl.app.inference.cli:serve_main",
         "HTTP server with dynamic batching (OpenAI-compatible chat endpoint)",
     ),
-    "presets": ("unified_vl.presets_cli:main", "list the model presets with their parameter counts"),
+    "presets": ("unified_vl.app.presets:main", "list the model presets with their parameter counts"),
 }
 
 

@@ -97,20 +97,11 @@ def prepare_data(config: RunConfig, dist: distributed.DistInfo) -> RunConfig:
         manifest = storage.read_manifest(config.data.path)
         folder = cache_root(config) / f"tokenizer-{_digest(manifest, config.model.tokenizer_vocab_size)}"
         if dist.is_main and not (folder / "tokenizer.json").is_file():
-            from data_tools.cli import tokenizer_main
+            from data_tools.corpus import corpus
+            from unified_vl.tokenizer import train_tokenizer
 
             print(f"training a tokenizer on {config.data.path} into {folder}", flush=True)
-            args = [
-                "train",
-                "--data",
-                config.data.path,
-                "--vocab-size",
-                str(config.model.tokenizer_vocab_size),
-                "--out",
-                str(folder),
-            ]
-            if tokenizer_main(args) != 0:
-                raise RuntimeError(f"training the tokenizer failed: unified-vl tokenizer {' '.join(args)}")
+            train_tokenizer(corpus([config.data.path]), out_dir=folder, vocab_size=config.model.tokenizer_vocab_size)
         config.model.tokenizer = str(folder)
     distributed.barrier()
     return config
@@ -194,7 +185,7 @@ def relaunch_locally(config: RunConfig, job: str, argv: Sequence[str]) -> int | 
         return None
     derive(config, processes)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
-    command += ["-m", "unified_vl.cli", job, *argv]
+    command += ["-m", "unified_vl.app.cli", job, *argv]
     print(f"starting {processes} processes: {' '.join(command[1:])}", file=sys.stderr, flush=True)
     return subprocess.run(command, check=False).returncode
 

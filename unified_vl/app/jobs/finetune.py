@@ -16,7 +16,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from unified_vl.jobs.common import (
+from unified_vl.app.jobs.common import (
     EPILOG,
     add_config_args,
     check_tasks_and_data,
@@ -39,9 +39,9 @@ FINETUNE: dict = {
 
 def _body(argv: Sequence[str]) -> int:
     import tasks
+    from unified_vl.app.jobs.evaluate import TaskEvaluator, format_metrics
     from unified_vl.engine.config import ConfigError
     from unified_vl.engine.trainer import train
-    from unified_vl.jobs.evaluate import TaskEvaluator, format_metrics
 
     parser = argparse.ArgumentParser(
         prog="unified-vl finetune",

@@ -22,7 +22,7 @@ Endpoints:
   run: outputs are batched, not produced token by token.
 * ``GET /health``, ``GET /v1/models``, ``GET /metrics`` (Prometheus text format).
 
-Concurrent requests are gathered into batches by :class:`~unified_vl.inference.batcher.DynamicBatcher`;
+Concurrent requests are gathered into batches by :class:`~unified_vl.app.inference.batcher.DynamicBatcher`;
 a full queue answers 429. Errors are ``{"error": {"message", "type", "param"}}`` (OpenAI's error
 shape): an undecodable, corrupt or decompression-bomb image -> 400; an image or body over its size
 limit -> 413; unknown task, missing or wrong-typed field -> 422; a missing or wrong API key, when
@@ -54,8 +54,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from unified_vl.inference.batcher import DynamicBatcher, QueueFullError
-from unified_vl.inference.predictor import GENERATE, InputError, Predictor, input_fields, known_tasks
+from unified_vl.app.inference.batcher import DynamicBatcher, QueueFullError
+from unified_vl.app.inference.predictor import GENERATE, InputError, Predictor, input_fields, known_tasks
 from unified_vl.processor import ImageLoadError
 
 MiB = 1024 * 1024

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from unified_vl.jobs.common import run_main
+from unified_vl.app.jobs.common import run_main
 
 
 class TaskEvaluator:
@@ -72,8 +72,8 @@ class TaskEvaluator:
     def generate(self, model, processor, *, split: str, max_examples: int | None, rank: int = 0, world_size: int = 1):
         """``{task: [(record index, generated text)]}`` for rows ``rank::world_size`` of each task's split."""
         import tasks
+        from unified_vl.app.jobs.common import blank_image
         from unified_vl.generation import generate_texts
-        from unified_vl.jobs.common import blank_image
 
         out: dict[str, list[tuple[int, str]]] = {}
         for name in self.available(split):

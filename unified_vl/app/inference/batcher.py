@@ -15,7 +15,7 @@ works the same way with ``max_queue_delay_microseconds``).
 
 ``run_batch(items) -> list[result | Exception]`` returns one entry per item, an exception for an
 item that failed on its own; it groups items that can share a forward pass (same decoding mode
-and options) itself, see :meth:`unified_vl.inference.predictor.Predictor.run`.
+and options) itself, see :meth:`unified_vl.app.inference.predictor.Predictor.run`.
 
 The queue is bounded: when it is full, :meth:`DynamicBatcher.submit` raises
 :class:`QueueFullError` at once (the server answers 429) instead of letting the backlog and the

@@ -1,4 +1,4 @@
-"""What :class:`~unified_vl.inference.predictor.Predictor` returns: plain dataclasses with scores.
+"""What :class:`~unified_vl.app.inference.predictor.Predictor` returns: plain dataclasses with scores.
 
 Every result keeps ``text``, what the model wrote, next to the parsed value (the task's
 ``parse``, the same value evaluation scores), and ``score``: the mean log-probability per token

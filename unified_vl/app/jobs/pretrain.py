@@ -7,7 +7,7 @@ held-out compositions, export the model and print the metrics next to the trivia
 
     unified-vl pretrain                                     # the main job
     unified-vl pretrain scripts/configs/pretrain_tiny.yaml train.max_minutes=5
-    deepspeed --num_gpus 8 -m unified_vl.cli pretrain my.yaml train.zero_stage=2    # several processes
+    deepspeed --num_gpus 8 -m unified_vl.app.cli pretrain my.yaml train.zero_stage=2    # several processes
 
 Layers: the main job's settings (`MAIN_JOB`) <- CONFIG.yaml <- KEY=VALUE.
 """
@@ -18,7 +18,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from unified_vl.jobs.common import (
+from unified_vl.app.jobs.common import (
     EPILOG,
     add_config_args,
     check_tasks_and_data,
@@ -94,8 +94,8 @@ def try_command(model_dir, data_dir, run_dir) -> str:
 
 def _body(argv: Sequence[str]) -> int:
     from data_tools import storage
+    from unified_vl.app.jobs.evaluate import TaskEvaluator, format_metrics
     from unified_vl.engine.trainer import train
-    from unified_vl.jobs.evaluate import TaskEvaluator, format_metrics
 
     parser = argparse.ArgumentParser(
         prog="unified-vl pretrain",

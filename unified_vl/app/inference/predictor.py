@@ -37,9 +37,9 @@ import torch
 from PIL import Image
 
 import tasks
+from unified_vl.app.inference import results as R
 from unified_vl.checkpoint import load_pretrained
 from unified_vl.generation import generate_texts, score_candidates
-from unified_vl.inference import results as R
 from unified_vl.processor import ImageInput, load_image
 
 GENERATE = "generate"  # the pseudo-task of a free instruction (Predictor.generate)
@@ -368,7 +368,7 @@ class Predictor:
             **generation_kwargs: passed to ``generate_texts``.
 
         Returns:
-            A result dataclass per image (:mod:`unified_vl.inference.results`).
+            A result dataclass per image (:mod:`unified_vl.app.inference.results`).
 
         Raises:
             InputError: a bad task, field or option (the message names it).
