@@ -19,10 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from unified_vl.checkpoint import CheckpointError as FolderError
-from unified_vl.checkpoint import load_pretrained
+from unified_vl.checkpoint import CheckpointError, load_pretrained
 from unified_vl.engine import mixture
-from unified_vl.engine.checkpoints import CheckpointError
 from unified_vl.engine.config import ConfigError, load_config
 from unified_vl.engine.export import export_checkpoint
 from unified_vl.engine.trainer import Example, TrainData, train
@@ -268,7 +266,7 @@ def test_checkpoint_of_another_architecture(stage0, tmp_path):
     foreign.mkdir()
     (foreign / "config.json").write_text(json.dumps({"model_type": "t5"}))
     config = load_config(None, ["data.tasks={colors: 1}", f"model.init={foreign}", f"output_dir={tmp_path / 'init'}"])
-    with pytest.raises(FolderError, match="holds a 't5' model"):
+    with pytest.raises(CheckpointError, match="holds a 't5' model"):
         train(config, TrainData(DATA, make_example))
 
 

@@ -1,9 +1,17 @@
-"""The Hugging Face model folder: model, tokenizer and processor in one place (DESIGN.md §3).
+"""Checkpoints, one place for the words: the model folder, its errors and atomic writes.
 
-``config.json`` + ``model.safetensors`` (no pickle) + tokenizer files + ``processor_config.json``.
-Saving writes a temporary sibling folder and renames it into place, so a kill or a full disk
-never leaves a half-written folder under the final name, and an existing one survives until the
-new one is complete.
+Three kinds of file, three modules:
+
+* **model folders** (here): the Hugging Face folder users load, ``config.json`` +
+  ``model.safetensors`` (no pickle) + tokenizer files + ``processor_config.json`` (DESIGN.md §3);
+* **training checkpoints** (:mod:`unified_vl.engine.checkpoints`): DeepSpeed's state of a run,
+  saved and resumed atomically;
+* **export** (:mod:`unified_vl.engine.export`): a training checkpoint -> a model folder, live at
+  the end of a run or offline from any kept checkpoint.
+
+Every one of them raises :class:`CheckpointError`. Saving a folder writes a temporary sibling
+folder and renames it into place, so a kill or a full disk never leaves a half-written folder
+under the final name, and an existing one survives until the new one is complete.
 """
 
 from __future__ import annotations
@@ -19,8 +27,27 @@ from unified_vl.modeling import UnifiedVLForConditionalGeneration
 from unified_vl.processor import UnifiedVLProcessor
 
 
-class CheckpointError(ValueError):
-    """A folder that is not a unified-vl model folder (or of another architecture)."""
+class CheckpointError(RuntimeError):
+    """A model folder or training checkpoint that cannot be read, written or resumed; the message
+    names the folder and says what is intact."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` so that readers see the old or the new file, never a mix."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def save_pretrained(

@@ -1,4 +1,4 @@
-"""DeepSpeed training checkpoints (save, keep the last K and the best, resume) and the export.
+"""DeepSpeed training checkpoints: save, keep the last K and the best, resume (export: `engine.export`).
 
 Layout of ``<run>/checkpoints/``::
 
@@ -18,47 +18,24 @@ separate from the exported Hugging Face folder (safetensors), as DESIGN.md §3 a
 
 from __future__ import annotations
 
-import copy
 import errno
 import json
 import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from unified_vl.checkpoint import CheckpointError, atomic_write_text
 from unified_vl.engine.distributed import DistInfo, all_reduce_sum, barrier
 
 LATEST = "latest"  # DeepSpeed's file name, so deepspeed's load_checkpoint(tag=None) reads ours too
 INDEX = "index.json"
 TAG_RE = re.compile(r"^step_(\d{8})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be saved or resumed; the message says what is intact."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` so that readers see the old or the new file, never a mix."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def tag_for(step: int) -> str:
@@ -212,37 +189,3 @@ class CheckpointManager:
         if rng_file.is_file():
             set_rng_state(json.loads(rng_file.read_text()))
         return client_state or {}
-
-
-def export_model(engine: Any, processor: Any, out_dir: str | os.PathLike, *, dist: DistInfo, zero_stage: int) -> Path:
-    """Writes the trained model as a Hugging Face folder (``unified_vl.checkpoint.save_pretrained``).
-
-    All ranks must call this. Under ZeRO-3 the parameter shards are gathered to rank 0 first
-    (DeepSpeed's ``_zero3_consolidated_16bit_state_dict``, which keeps the training dtype). The
-    weights are saved in float32 whatever the training precision.
-    """
-    from unified_vl.checkpoint import save_pretrained
-    from unified_vl.modeling import UnifiedVLForConditionalGeneration
-
-    module = engine.module
-    if zero_stage == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()  # full tensors on rank 0, None elsewhere
-    else:
-        state = module.state_dict() if dist.is_main else None
-    out = Path(out_dir)
-    if dist.is_main:
-        # A fresh float32 model holding the weights: no DeepSpeed hooks, no training dtype.
-        fresh = UnifiedVLForConditionalGeneration(copy.deepcopy(module.config))
-        missing, unexpected = fresh.load_state_dict(
-            {k: v.detach().float().cpu() for k, v in state.items()}, strict=False
-        )
-        tied = {
-            "language_model.lm_head.weight",
-            "language_model.encoder.embed_tokens.weight",
-            "language_model.decoder.embed_tokens.weight",
-        }
-        if set(missing) - tied or unexpected:
-            raise CheckpointError(f"export: weights do not fit the model (missing {missing}, unexpected {unexpected})")
-        save_pretrained(fresh, processor, out)
-    barrier()
-    return out

@@ -1,23 +1,68 @@
-"""Export a saved DeepSpeed checkpoint of a run as a Hugging Face model folder, offline (one process).
+"""Export: a training checkpoint of a run -> a Hugging Face model folder.
 
     python -m unified_vl.engine.export runs/pretrain-... --tag best --out runs/pretrain-.../model-best
 
-ZeRO-1/2/3 shards are consolidated into float32 weights with DeepSpeed's ``zero_to_fp32``; a
-ZeRO-0 checkpoint holds the whole model already. The run's ``spec/`` folder (config, tokenizer,
-processor; written when the run starts) supplies everything but the weights.
+Two ways in, one way out: :func:`export_model` takes the live DeepSpeed engine at the end of a run
+(all ranks call it; ZeRO-3 shards are gathered to rank 0); :func:`export_checkpoint` reads any kept
+checkpoint offline, in one process (ZeRO-1/2/3 shards consolidated into float32 weights with
+DeepSpeed's ``zero_to_fp32``; a ZeRO-0 checkpoint holds the whole model already). Both load the
+weights into a fresh float32 model built from the run's config and save it with
+:func:`unified_vl.checkpoint.save_pretrained`. The run's ``spec/`` folder (config, tokenizer,
+processor; written when the run starts) supplies everything but the weights offline.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from unified_vl.engine.checkpoints import LATEST, CheckpointError
+from unified_vl.checkpoint import CheckpointError
+from unified_vl.engine.checkpoints import LATEST
+from unified_vl.engine.distributed import DistInfo, barrier
 
 SPEC = "spec"  # <run>/spec: config.json + tokenizer + processor_config.json, no weights
+
+
+def save_weights_as_model_folder(
+    config, state: Mapping[str, Any], processor, out_dir: str | Path, *, what: str
+) -> Path:
+    """A fresh float32 model of ``config`` holding ``state``, saved as a model folder.
+
+    Tied embedding tables may be absent from ``state`` (DeepSpeed saves one of them); any other
+    missing or unexpected key is an error naming ``what`` (the checkpoint).
+    """
+    from unified_vl.checkpoint import save_pretrained
+    from unified_vl.modeling import UnifiedVLForConditionalGeneration
+
+    model = UnifiedVLForConditionalGeneration(copy.deepcopy(config))  # no DeepSpeed hooks, no training dtype
+    missing, unexpected = model.load_state_dict({k: v.detach().float().cpu() for k, v in state.items()}, strict=False)
+    tied = {k for k in missing if k.endswith(("lm_head.weight", "embed_tokens.weight"))}
+    if set(missing) - tied or unexpected:
+        raise CheckpointError(f"{what} does not fit the run's model: missing {missing}, unexpected {unexpected}")
+    return save_pretrained(model, processor, out_dir)
+
+
+def export_model(engine: Any, processor: Any, out_dir: str | Path, *, dist: DistInfo, zero_stage: int) -> Path:
+    """Writes the live engine's model as a model folder; all ranks must call this.
+
+    Under ZeRO-3 the parameter shards are gathered to rank 0 first (DeepSpeed's
+    ``_zero3_consolidated_16bit_state_dict``, which keeps the training dtype). The weights are
+    saved in float32 whatever the training precision.
+    """
+    if zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # full tensors on rank 0, None elsewhere
+    else:
+        state = engine.module.state_dict() if dist.is_main else None
+    out = Path(out_dir)
+    if dist.is_main:
+        save_weights_as_model_folder(engine.module.config, state, processor, out, what="the trained model")
+    barrier()
+    return out
 
 
 def resolve_tag(checkpoints: Path, tag: str | None) -> str:
@@ -28,11 +73,8 @@ def resolve_tag(checkpoints: Path, tag: str | None) -> str:
             raise CheckpointError(f"{checkpoints} has no {LATEST!r} checkpoint")
         return path.read_text().strip()
     if tag == "best":
-        best = (
-            json.loads((checkpoints / "index.json").read_text()).get("best")
-            if (checkpoints / "index.json").is_file()
-            else None
-        )
+        index = checkpoints / "index.json"
+        best = json.loads(index.read_text()).get("best") if index.is_file() else None
         if not best:
             raise CheckpointError(
                 f"{checkpoints} has no best checkpoint (no evaluation ran, or checkpoint.best_metric never appeared)"
@@ -45,12 +87,10 @@ def resolve_tag(checkpoints: Path, tag: str | None) -> str:
 
 
 def export_checkpoint(run_dir: str | Path, out_dir: str | Path, *, tag: str | None = None) -> Path:
-    """Writes checkpoint ``tag`` (latest, best or a step tag) of ``run_dir`` as a model folder."""
+    """Writes checkpoint ``tag`` (latest, best or a step tag) of ``run_dir`` as a model folder, offline."""
     import torch
 
-    from unified_vl.checkpoint import save_pretrained
     from unified_vl.config import UnifiedVLConfig
-    from unified_vl.modeling import UnifiedVLForConditionalGeneration
     from unified_vl.processor import UnifiedVLProcessor
 
     run_dir = Path(run_dir)
@@ -65,14 +105,9 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, *, tag: str | No
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=tag)
-    model = UnifiedVLForConditionalGeneration(UnifiedVLConfig.from_pretrained(run_dir / SPEC))
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    tied = {k for k in missing if k.endswith(("lm_head.weight", "embed_tokens.weight"))}
-    if set(missing) - tied or unexpected:
-        raise CheckpointError(
-            f"checkpoint {tag!r} does not fit the run's model: missing {missing}, unexpected {unexpected}"
-        )
-    return save_pretrained(model, UnifiedVLProcessor.from_pretrained(run_dir / SPEC), out_dir)
+    config = UnifiedVLConfig.from_pretrained(run_dir / SPEC)
+    processor = UnifiedVLProcessor.from_pretrained(run_dir / SPEC)
+    return save_weights_as_model_folder(config, state, processor, out_dir, what=f"checkpoint {tag!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,11 +20,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from unified_vl.checkpoint import CheckpointError, atomic_write_text
 from unified_vl.config import UnifiedVLConfig
 from unified_vl.engine import distributed
-from unified_vl.engine.checkpoints import CheckpointError, CheckpointManager, atomic_write_text, export_model
+from unified_vl.engine.checkpoints import CheckpointManager
 from unified_vl.engine.config import ConfigError, Derived, RunConfig, deepspeed_config, derive, dump_yaml
-from unified_vl.engine.export import SPEC, export_checkpoint
+from unified_vl.engine.export import SPEC, export_checkpoint, export_model
 from unified_vl.engine.mixture import MixtureSampler, few_shot_indices, mixture_probabilities, shard
 from unified_vl.engine.monitor import Monitor
 from unified_vl.tokenizer import loc_token_ids

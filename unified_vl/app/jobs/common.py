@@ -193,15 +193,14 @@ def relaunch_locally(config: RunConfig, job: str, argv: Sequence[str]) -> int | 
 def run_main(body, argv: Sequence[str]) -> int:
     """Runs a job body, turning configuration and data errors into one clear line and exit status 2/1."""
     from data_tools.storage import StorageError
-    from unified_vl.checkpoint import CheckpointError as FolderError
-    from unified_vl.engine.checkpoints import CheckpointError
+    from unified_vl.checkpoint import CheckpointError
 
     try:
         return body(strip_launcher_args(argv))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (CheckpointError, FolderError, StorageError, FileNotFoundError) as exc:
+    except (CheckpointError, StorageError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
