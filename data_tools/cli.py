@@ -75,7 +75,7 @@ def _data_parser() -> argparse.ArgumentParser:
         "--num-eval-images",
         type=int,
         default=None,
-        help="images of each of val, test and heldout (default: 7.5%% of --num-images, 300 for 4000)",
+        help="images of each of val, test and heldout (default: 7.5%% of --num-images, 600 for 8000)",
     )
     p.add_argument(
         "--image-size", type=int, default=synth.DEFAULT_IMAGE_SIZE, help="image side in pixels (default: %(default)s)"

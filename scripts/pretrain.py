@@ -1,6 +1,6 @@
 """Multi-task pretraining on DeepSpeed; the same as `unified-vl pretrain` (see its --help).
 
-    python scripts/pretrain.py                                   # the built-in main job (~20 min on 2 CPU cores)
+    python scripts/pretrain.py                                   # the built-in main job (15 min of training, ~16 in all on 2 CPU cores)
     python scripts/pretrain.py scripts/configs/pretrain_tiny.yaml train.max_minutes=5
     torchrun --nproc_per_node 2 scripts/pretrain.py scripts/configs/pretrain_tiny.yaml train.num_threads=1
     deepspeed --hostfile hostfile scripts/pretrain.py scripts/configs/pretrain_medium_zero2.yaml

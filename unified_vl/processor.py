@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from tasks.boxes import DEFAULT_NUM_BINS
 from unified_vl.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class UnifiedVLProcessor:
         image_std: Sequence[float] = (0.5, 0.5, 0.5),
         max_text_length: int = 128,
         max_target_length: int = 64,
-        num_bins: int = 1000,
+        num_bins: int = DEFAULT_NUM_BINS,
     ):
         self.tokenizer = tokenizer
         self.image_size = int(image_size)
@@ -241,5 +242,5 @@ class UnifiedVLProcessor:
             raise FileNotFoundError(f"{str(folder)!r} has no {PROCESSOR_CONFIG}; is it a unified-vl model folder?")
         fields = json.loads(config_file.read_text())
         fields.pop("processor_class", None)
-        tokenizer = load_tokenizer(folder, num_bins=fields.get("num_bins", 1000))
+        tokenizer = load_tokenizer(folder, num_bins=fields.get("num_bins", DEFAULT_NUM_BINS))
         return cls(tokenizer, **fields)

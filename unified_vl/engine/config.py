@@ -51,8 +51,8 @@ class ModelConfig:
 class SynthConfig:
     """The synthetic world generated (and cached) when ``data.path`` is None."""
 
-    num_images: int = 6000  # scenes in train; val/test/heldout get their own (data_tools' split sizes)
-    image_size: int = 64
+    num_images: int | None = None  # train images; None: data_tools.synth.DEFAULT_NUM_IMAGES (the main job's world)
+    image_size: int | None = None  # None: data_tools.synth.DEFAULT_IMAGE_SIZE
     seed: int = 0
 
 

@@ -1,12 +1,7 @@
-"""Generation helpers: constrained decoding (answer tries, location-only) and candidate scoring."""
+"""Generation: decoding (`generate_texts`), its constraints (answer tries, location-only) and candidate scoring."""
 
-from unified_vl.generation.constraints import (
-    DECODINGS,
-    CandidateTrie,
-    LocationOnlyLogitsProcessor,
-    candidates_prefix_fn,
-    generate_texts,
-)
+from unified_vl.generation.constraints import CandidateTrie, LocationOnlyLogitsProcessor, candidates_prefix_fn
+from unified_vl.generation.generate import DECODINGS, generate_texts
 from unified_vl.generation.scoring import rank_classify, score_candidates
 
 __all__ = [

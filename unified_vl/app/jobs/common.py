@@ -62,46 +62,62 @@ def _digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def synth_settings(config: RunConfig) -> tuple[int, int, int]:
+    """``(num_images, image_size, seed)`` of the configured synthetic world, data_tools' defaults filled in."""
+    from data_tools import synth
+
+    s = config.data.synth
+    return (
+        s.num_images if s.num_images is not None else synth.DEFAULT_NUM_IMAGES,
+        s.image_size if s.image_size is not None else synth.DEFAULT_IMAGE_SIZE,
+        s.seed,
+    )
+
+
+def _code_digest(module) -> str:
+    return hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()  # changed code: a new cache entry
+
+
 def synth_dir(config: RunConfig) -> Path:
     """The cache folder of the synthetic world these settings (and this version of its code) make."""
     from data_tools import synth
 
-    s = config.data.synth
-    code = hashlib.sha256(Path(synth.__file__).read_bytes()).hexdigest()  # a changed world is a new cache entry
-    return cache_root(config) / f"synth-{_digest(s.num_images, s.image_size, s.seed, code)}"
+    return cache_root(config) / f"synth-{_digest(*synth_settings(config), _code_digest(synth))}"
 
 
 def prepare_data(config: RunConfig, dist: distributed.DistInfo) -> RunConfig:
     """Fills ``data.path`` (generating the synthetic world if needed) and ``model.tokenizer``
     (training one on the data if ``model.tokenizer_vocab_size`` is set). Rank 0 makes, the others wait.
     """
-    from data_tools import storage
+    from data_tools import corpus, storage
 
     if config.data.path is None:
         folder = synth_dir(config)
         if dist.is_main and not (folder / storage.MANIFEST_NAME).is_file():
             from data_tools import synth
 
-            s = config.data.synth
+            num_images, image_size, seed = synth_settings(config)
             print(f"generating the synthetic world into {folder} (cached for later runs)", flush=True)
             synth.generate(
                 str(folder),
-                num_images=s.num_images,
-                image_size=s.image_size,
-                seed=s.seed,
-                command=f"unified-vl data synth --out {folder} --num-images {s.num_images} --image-size {s.image_size} --seed {s.seed}",
+                num_images=num_images,
+                image_size=image_size,
+                seed=seed,
+                command=f"unified-vl data synth --out {folder} --num-images {num_images} --image-size {image_size} --seed {seed}",
             )
         config.data.path = str(folder)
     distributed.barrier()
     if config.model.tokenizer is None and config.model.tokenizer_vocab_size and config.model.init is None:
         manifest = storage.read_manifest(config.data.path)
-        folder = cache_root(config) / f"tokenizer-{_digest(manifest, config.model.tokenizer_vocab_size)}"
+        digest = _digest(manifest, config.model.tokenizer_vocab_size, _code_digest(corpus))
+        folder = cache_root(config) / f"tokenizer-{digest}"
         if dist.is_main and not (folder / "tokenizer.json").is_file():
-            from data_tools.corpus import corpus
             from unified_vl.tokenizer import train_tokenizer
 
             print(f"training a tokenizer on {config.data.path} into {folder}", flush=True)
-            train_tokenizer(corpus([config.data.path]), out_dir=folder, vocab_size=config.model.tokenizer_vocab_size)
+            train_tokenizer(
+                corpus.corpus([config.data.path]), out_dir=folder, vocab_size=config.model.tokenizer_vocab_size
+            )
         config.model.tokenizer = str(folder)
     distributed.barrier()
     return config

@@ -39,7 +39,6 @@ MAIN_JOB: dict = {
         # the largest share: with 4 of 12.75 it reached 0.69-0.78 while VQA, at 4.5, reached 0.95.
         "tasks": {"captioning": 0.5, "vqa": 3.5, "rec": 3.0, "grounding": 5.0, "classification": 0.75},
         "weighting": "explicit",
-        "synth": {"num_images": 8000},
     },
     # 5e-4: from-scratch runs at 1e-3 and above learnt more slowly or stalled.
     "optim": {"lr": 5e-4, "warmup_steps": 200, "schedule": "cosine", "min_lr_ratio": 0.05},

@@ -1,0 +1,108 @@
+"""`generate_texts`: the one entry point that evaluation and serving call to generate text.
+
+It batches, preprocesses, applies the decoding a task asks for (``task.decoding``: ``"open"``,
+``"loc4"`` or ``"candidates"``, through :mod:`unified_vl.generation.constraints`) and returns text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from transformers import LogitsProcessorList
+
+from unified_vl.generation.constraints import (
+    LocationOnlyLogitsProcessor,
+    candidate_rows,
+    row_tries,
+    trie_prefix_fn,
+)
+
+DECODINGS = ("open", "loc4", "candidates")
+
+
+def generate_texts(
+    model,
+    processor,
+    images: Sequence,
+    prompts: Sequence[str],
+    *,
+    decoding: str = "open",
+    candidates: Sequence[str] | Sequence[Sequence[str]] | None = None,
+    num_beams: int = 1,
+    max_new_tokens: int | None = None,
+    batch_size: int = 32,
+    **generation_kwargs,
+) -> list[str]:
+    """Generates one text per (image, prompt), optionally constrained; what evaluation and serving call.
+
+    Outputs do not depend on how inputs are batched (padding never reaches a real token). The
+    model's mode is left as it is: call ``model.eval()`` first.
+
+    Args:
+        model: a :class:`~unified_vl.modeling.UnifiedVLForConditionalGeneration`.
+        processor: its :class:`~unified_vl.processor.UnifiedVLProcessor`.
+        images: one image per prompt (PIL, numpy or path).
+        prompts: the instructions, e.g. ``task.prompt(record)``.
+        decoding: ``"open"`` (free text), ``"loc4"`` (exactly four location tokens, then end) or
+            ``"candidates"`` (one of ``candidates``, through a :class:`CandidateTrie`).
+        candidates: for ``"candidates"``: a list of texts shared by all inputs, or one list per input.
+        num_beams: 1 for greedy, more for beam search.
+        max_new_tokens: the longest output in tokens. None: the model's default for ``"open"``,
+            exactly enough for ``"loc4"`` and for the longest candidate.
+        batch_size: inputs per ``generate`` call.
+        **generation_kwargs: passed to ``generate`` (e.g. ``length_penalty``, ``logits_processor``).
+
+    Returns:
+        The decoded texts (special tokens removed, location tokens kept), one per input.
+
+    Raises:
+        ValueError: an unknown ``decoding``; ``"candidates"`` without candidates or candidates with
+            another decoding; ``max_new_tokens`` too short for the constraint; mismatched lengths.
+    """
+    if decoding not in DECODINGS:
+        raise ValueError(f"unknown decoding {decoding!r}; expected one of {', '.join(map(repr, DECODINGS))}")
+    if decoding == "candidates" and candidates is None:
+        raise ValueError("decoding='candidates' needs candidates (a list of texts, or one list per input)")
+    if decoding != "candidates" and candidates is not None:
+        raise ValueError(f"candidates are only used with decoding='candidates', not decoding={decoding!r}")
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; give one prompt per image")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if generation_kwargs.get("num_return_sequences", 1) != 1:
+        raise ValueError("generate_texts returns one text per input; num_return_sequences must be 1")
+    if decoding == "candidates" and "prefix_allowed_tokens_fn" in generation_kwargs:
+        raise ValueError("decoding='candidates' sets prefix_allowed_tokens_fn itself; do not pass one")
+
+    tries = None
+    needed = None  # the fewest new tokens that can complete the constrained output
+    if decoding == "loc4":
+        loc_processor = LocationOnlyLogitsProcessor(processor.tokenizer, num_bins=processor.num_bins)
+        needed = loc_processor.num_locations + 1  # the location tokens, then eos
+        generation_kwargs["logits_processor"] = LogitsProcessorList(
+            [*(generation_kwargs.get("logits_processor") or []), loc_processor]
+        )
+    elif decoding == "candidates":
+        tries = row_tries(processor.tokenizer, candidate_rows(candidates, len(prompts)))
+        needed = max((trie.max_length for trie in set(tries)), default=1)
+    if needed is not None:
+        if max_new_tokens is not None and max_new_tokens < needed:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} cannot complete decoding={decoding!r}, which needs {needed}; "
+                "pass None to use exactly that"
+            )
+        max_new_tokens = max_new_tokens or needed
+    if max_new_tokens is not None:
+        generation_kwargs["max_new_tokens"] = max_new_tokens
+
+    texts: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        stop = start + batch_size
+        batch = processor(images=list(images[start:stop]), text=list(prompts[start:stop]))
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        if tries is not None:
+            # generate's batch_id counts rows of this chunk, not of all inputs.
+            generation_kwargs["prefix_allowed_tokens_fn"] = trie_prefix_fn(tries[start:stop], shared=False)
+        sequences = model.generate(**batch, num_beams=num_beams, **generation_kwargs)  # (b, 1 + t)
+        texts.extend(processor.decode(sequences))
+    return texts
