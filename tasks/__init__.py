@@ -10,8 +10,12 @@ Discovery: every module of this package whose name does not start with "_" and t
 ``TASK`` is registered under ``TASK.name``, which must equal the module name (task name = module
 name = config key = metric prefix, DESIGN.md §3). Adding a task is adding one file.
 
-A task from elsewhere (an experiment, a test) joins the registry with `load_module("pkg.my_task")`
-(same rules) or `register(task)`; `unregister(name)` removes it again.
+A task from elsewhere (an experiment, your own dataset) is one file too: a module defining ``TASK``
+anywhere on ``sys.path``. It joins the registry with `load_module("pkg.my_task")` (same rules) or
+`register(task)`, or for every process of a run, command-line tools and their workers included,
+by naming it in the environment: ``UNIFIED_VL_TASKS=pkg.my_task[,other.task]``. Nothing else needs
+to know about it: storage, training, evaluation, the Predictor and the server read the registry.
+`unregister(name)` removes a task again.
 
 Pure Python: nothing here imports torch, transformers or timm.
 """
@@ -19,6 +23,7 @@ Pure Python: nothing here imports torch, transformers or timm.
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 
 from tasks._common import (
@@ -40,6 +45,7 @@ __all__ = [
     "FieldSpec",
     "RecordError",
     "TASKS",
+    "TASKS_ENV",
     "Task",
     "bool_field",
     "box_field",
@@ -127,6 +133,9 @@ def get_task(name: str) -> Task:
         raise KeyError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}") from None
 
 
+TASKS_ENV = "UNIFIED_VL_TASKS"  # comma-separated module paths of tasks defined outside this package
+
+
 def _discover() -> None:
     for info in pkgutil.iter_modules(__path__):
         if info.name.startswith("_"):
@@ -134,6 +143,13 @@ def _discover() -> None:
         module = importlib.import_module(f"{__name__}.{info.name}")
         if hasattr(module, "TASK"):
             load_module(module.__name__)
+    for name in filter(None, (part.strip() for part in os.environ.get(TASKS_ENV, "").split(","))):
+        try:
+            load_module(name)
+        except (ImportError, ValueError) as exc:
+            raise ImportError(
+                f"{TASKS_ENV}={os.environ[TASKS_ENV]!r}: cannot load task module {name!r}: {exc}"
+            ) from exc
 
 
 _discover()

@@ -338,6 +338,9 @@ class Task:
             depend on the record kind (grounding); default: the fields marked required.
         candidate_texts: ``candidate_texts(records) -> list[str] | None`` for constrained decoding.
         metric_keys: every key ``metric`` may return (documentation and tests).
+        present: ``present(prediction, score) -> mapping``: how a prediction is shown to users (the
+            `Predictor`'s results and the server's JSON), e.g. ``{"answer": "red"}``; JSON-ready
+            values only. Default: ``{"task": name, "prediction": prediction}``.
     """
 
     name: str
@@ -355,6 +358,7 @@ class Task:
     required_for: Callable[[Record], Sequence[str]] | None = None
     candidate_texts: Callable[[Sequence[Record]], list[str] | None] = _no_candidates
     metric_keys: tuple[str, ...] = ()
+    present: Callable[[Any, float], Mapping[str, Any]] | None = None
     description: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
@@ -492,6 +496,12 @@ class Task:
         for record in records:
             self.validate(record)
         return {key: float(value) for key, value in self.metric(predictions, records).items()}
+
+    def presentation(self, prediction: Any, score: float) -> dict[str, Any]:
+        """``present(prediction, score)`` as a dict (see the ``present`` attribute)."""
+        if self.present is None:
+            return {"task": self.name, "prediction": prediction}
+        return dict(self.present(prediction, score))
 
     def candidates(self, records: Sequence[Record]) -> list[str] | None:
         """Candidate target texts for constrained decoding, or None for open generation."""

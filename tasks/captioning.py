@@ -64,5 +64,6 @@ TASK = Task(
     metric=_metric,
     examples=EXAMPLES,
     metric_keys=("cider", "bleu4", "rouge_l"),
+    present=lambda caption, score: {"caption": caption},
     description="Image captioning; CIDEr-D (primary), BLEU-4, ROUGE-L via pycocoevalcap's pure-Python scorers.",
 )

@@ -79,6 +79,11 @@ class Verbalizer:
         return self._label_of.get(_key(word))
 
 
+def _present(label: str | None, score: float) -> dict:
+    # Written labels rank only themselves; rank classification (the Predictor's labels=) ranks many.
+    return {"label": label, "top_k": [{"label": label, "score": score}] if label is not None else []}
+
+
 def make_task(verbalizer: Mapping[str, str | Sequence[str]] | None = None, *, prompts: Sequence[str] = PROMPTS) -> Task:
     """A classification task with the given verbalizer.
 
@@ -136,6 +141,7 @@ def make_task(verbalizer: Mapping[str, str | Sequence[str]] | None = None, *, pr
         examples=EXAMPLES,
         candidate_texts=candidates,
         metric_keys=("top1", f"top{TOP_K}"),
+        present=_present,
         description="Image classification with a verbalizer; top-1 (and top-5 for ranked predictions).",
     )
 

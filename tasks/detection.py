@@ -191,5 +191,6 @@ TASK = Task(
     metric=_metric,
     examples=EXAMPLES,
     metric_keys=("map@0.5",),
+    present=lambda objects, score: {"objects": [{"label": label, "box": box} for label, box in objects or []]},
     description="Object detection as text (pretraining); COCO AP@0.5 via pycocotools.",
 )

@@ -188,6 +188,13 @@ def _boxes_field():
     return FieldSpec("boxes", spec.type, check, spec.role, spec.required, spec.storage)
 
 
+def _present(prediction, score: float) -> dict:
+    # A region record (grounded captioning) parses to its description, a phrase record to phrases.
+    if isinstance(prediction, str):
+        return {"task": "grounding", "prediction": prediction}
+    return {"phrases": [{"phrase": phrase, "box": box} for phrase, box in prediction or []]}
+
+
 TASK = Task(
     name="grounding",
     fields={
@@ -211,5 +218,6 @@ TASK = Task(
     select_prompts=_select_prompts,
     required_for=_required_for,
     metric_keys=("phrase_acc@0.5", "region_cider"),
+    present=_present,
     description="Phrase grounding (phrase_acc@0.5) and grounded captioning (region_cider).",
 )

@@ -88,5 +88,6 @@ TASK = Task(
     examples=EXAMPLES,
     prompt_values=lambda record, rng: {"expression": " ".join(record["expression"].split())},
     metric_keys=("acc@0.5", "miou"),
+    present=lambda box, score: {"box": [float(v) for v in box] if box is not None else None},
     description="Referring expression comprehension; Acc@0.5 and mean IoU.",
 )

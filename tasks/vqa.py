@@ -224,5 +224,6 @@ TASK = Task(
     examples=EXAMPLES,
     prompt_values=lambda record, rng: {"question": squash(record["question"])},
     metric_keys=("accuracy", *(f"accuracy_{t}" for t in ANSWER_TYPES)),
+    present=lambda answer, score: {"answer": answer},
     description="Visual question answering; official VQAv2 accuracy.",
 )

@@ -44,6 +44,7 @@ def test_every_source_has_a_converter_module():
         "csv",
         "flickr30k_entities",
         "imagefolder",
+        "jsonl",
         "refcoco",
         "vqav2",
     ]
@@ -593,3 +594,41 @@ def test_failed_conversion_keeps_the_previous_dataset(tmp_path):
     with pytest.raises(ConversionError):
         _run("coco_captions", tmp_path, inputs=[annotations], images=[images])
     assert _load(tmp_path / "out", "captioning", "train") == before
+
+
+# --------------------------------------------------------------------------------------------- JSONL
+def test_jsonl_records_of_any_task_and_bad_lines_named(tmp_path):
+    _image(tmp_path / "a.png", size=(40, 30))
+    good = {
+        "task": "vqa",
+        "id": "q1",
+        "image": "a.png",
+        "question": "what?",
+        "answers": ["red"],
+        "answer_type": "other",
+    }
+    lines = [
+        json.dumps(good),
+        json.dumps({**good, "id": "q2", "split": "val"}),
+        "{not json",
+        json.dumps({**good, "id": "q3", "task": "nosuch"}),
+        json.dumps({**good, "id": "q4", "image": "missing.png"}),
+        json.dumps({**good, "id": "q5", "answers": []}),
+        json.dumps({**good, "id": "q6", "width": 41, "height": 30}),
+        json.dumps(["a", "list"]),
+    ]
+    (tmp_path / "r.jsonl").write_text("\n".join(lines) + "\n")
+    kwargs = {"inputs": [tmp_path / "r.jsonl"], "out": tmp_path / "out", "log": lambda *_: None}
+    with pytest.raises(ConversionError, match=r"r\.jsonl: line 3: not valid JSON"):
+        convert("jsonl", **kwargs)
+    manifest = convert("jsonl", skip_bad=True, **kwargs)
+    assert manifest["tasks"] == {"vqa": {"train": 1, "val": 1}}
+    reasons = {item["record"]: item["reason"] for item in manifest["skipped"]}
+    assert set(reasons) == {"line 3", "line 4", "line 5", "line 6", "line 7", "line 8"}
+    assert "must name a registered task" in reasons["line 4"] and "'nosuch'" in reasons["line 4"]
+    assert "image file not found" in reasons["line 5"]
+    assert "'answers'" in reasons["line 6"]
+    assert "annotation says the image is 41x30" in reasons["line 7"]
+    assert "expected a JSON object, got list" in reasons["line 8"]
+    record = storage.load_split(tmp_path / "out", "vqa", "train")[0]
+    assert (record["width"], record["height"]) == (40, 30) and record["question"] == "what?"

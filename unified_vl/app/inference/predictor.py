@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 import tasks
-from unified_vl.app.inference import results as R
+from unified_vl.app.inference.results import Result
 from unified_vl.checkpoint import load_pretrained
 from unified_vl.generation import generate_texts, score_candidates
 from unified_vl.processor import ImageInput, load_image
@@ -219,60 +219,19 @@ class Predictor:
             ImageLoadError: the image cannot be read.
         """
         task_obj = None if task == GENERATE else _get_task(task)
-        inputs = dict(inputs or {})
-        allowed = input_fields(task)
-        for name in inputs:
-            if name not in allowed:
-                raise InputError(
-                    f"{task}: unknown field {name!r}; the fields of {task!r} are {', '.join(allowed) or 'none'}",
-                    param=name,
-                )
+        inputs = _checked_inputs(task, inputs)
         original = load_image(image)
         # No image in the record: tasks read only its size, and a queued query should not hold it.
         record = {"id": None, "image": None, "width": original.width, "height": original.height, **inputs}
-        # Resize here exactly as the processor does (bicubic to S x S, no crop). Pillow's resize to
-        # an unchanged size is a copy, so the processor's own resize in generation and in scoring
-        # costs nothing, and the server resizes in its request threads, off the model thread.
-        size = self.processor.image_size
-        image = original.resize((size, size), Image.Resampling.BICUBIC)
-        if task_obj is None:
-            prompt = inputs.get("prompt")
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise InputError(f"generate: field 'prompt' must be a non-empty string, got {prompt!r}", param="prompt")
-        else:
-            try:
-                prompt = task_obj.prompt(record)
-            except tasks.RecordError as exc:
-                raise InputError(str(exc), param=_field_named_in(str(exc), allowed)) from None
-
+        prompt = _prompt(task, task_obj, record)
         if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
             raise InputError(f"top_k must be an integer >= 1, got {top_k!r}", param="top_k")
         if top_k > 1 and labels is None:
             raise InputError("top_k > 1 ranks labels; give labels to rank", param="top_k")
-        decoding = task_obj.decoding if task_obj is not None else "open"
-        label_words = None
-        if labels is not None:
-            if task_obj is None or "label" not in task_obj.fields:
-                raise InputError(
-                    f"{task}: labels only apply to tasks with a 'label' field (classification)", param="labels"
-                )
-            if candidates is not None:
-                raise InputError("give labels or candidates, not both", param="candidates")
-            label_words = self._label_words(task_obj, _text_list(labels, "labels"), image)
-            decoding = "rank"
-        elif candidates is not None:
-            if decoding == "loc4":
-                raise InputError(f"{task}: candidates do not apply to a task that writes a box", param="candidates")
-            candidates = tuple(_text_list(candidates, "candidates"))
-            decoding = "candidates"
-        elif decoding == "candidates":
-            # Candidates that do not depend on labels (itm: "no"/"yes"); otherwise write freely.
-            fixed = task_obj.candidates([])
-            candidates = tuple(fixed) if fixed else None
-            decoding = "candidates" if candidates else "open"
+        decoding, candidates, label_words = _decoding(task, task_obj, record, candidates=candidates, labels=labels)
         return Query(
             task=task,
-            image=image,
+            image=self._resize(original),
             record=record,
             prompt=prompt,
             decoding=decoding,
@@ -283,22 +242,16 @@ class Predictor:
             generation=dict(generation_kwargs),
         )
 
-    @staticmethod
-    def _label_words(task, labels: list[str], image: Image.Image) -> tuple[tuple[str, tuple[str, ...]], ...]:
-        # The task's verbalizer turns each label into its label word(s) (answer engineering, PET).
-        out = []
-        for i, label in enumerate(labels):
-            record = {"id": f"label {i}", "image": None, "width": image.width, "height": image.height, "label": label}
-            try:
-                words = task.candidates([record])
-            except tasks.RecordError as exc:
-                raise InputError(str(exc), param="labels") from None
-            out.append((label, tuple(words)))
-        return tuple(out)
+    def _resize(self, image: Image.Image) -> Image.Image:
+        # Exactly as the processor resizes (bicubic to S x S, no crop). Pillow's resize to an
+        # unchanged size is a copy, so the processor's own resize costs nothing later, and the
+        # server resizes in its request threads, off the model thread.
+        size = self.processor.image_size
+        return image.resize((size, size), Image.Resampling.BICUBIC)
 
     # -- running ------------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, queries: Sequence[Query]) -> list[Any]:
+    def run(self, queries: Sequence[Query]) -> list[Result | Exception]:
         """Runs queries, grouping those that can share a forward pass.
 
         Returns:
@@ -318,7 +271,7 @@ class Predictor:
                 out[i] = result
         return out
 
-    def _run_group(self, group: Sequence[Query]) -> list[Any]:
+    def _run_group(self, group: Sequence[Query]) -> list[Result]:
         first = group[0]
         images = [q.image for q in group]
         prompts = [q.prompt for q in group]
@@ -368,7 +321,7 @@ class Predictor:
             **generation_kwargs: passed to ``generate_texts``.
 
         Returns:
-            A result dataclass per image (:mod:`unified_vl.app.inference.results`).
+            A :class:`~unified_vl.app.inference.results.Result` per image.
 
         Raises:
             InputError: a bad task, field or option (the message names it).
@@ -389,7 +342,7 @@ class Predictor:
         return out
 
     # -- one method per task ------------------------------------------------------------------
-    def caption(self, images: Sequence[ImageInput] | ImageInput, **generation_kwargs) -> list[R.Caption]:
+    def caption(self, images: Sequence[ImageInput] | ImageInput, **generation_kwargs) -> list[Result]:
         """A caption per image (task ``captioning``)."""
         return self.predict("captioning", images, None, **generation_kwargs)
 
@@ -400,7 +353,7 @@ class Predictor:
         *,
         candidates: Sequence[str] | None = None,
         **generation_kwargs,
-    ) -> list[R.Answer]:
+    ) -> list[Result]:
         """Answers a question per image (task ``vqa``); one image or one question broadcasts.
 
         Args:
@@ -413,13 +366,13 @@ class Predictor:
 
     def locate(
         self, images: Sequence[ImageInput] | ImageInput, expressions: Sequence[str] | str, **generation_kwargs
-    ) -> list[R.Location]:
+    ) -> list[Result]:
         """The box each expression refers to, in pixels of its original image (task ``rec``)."""
         return self.predict("rec", images, _each("expression", expressions), **generation_kwargs)
 
     def ground(
         self, images: Sequence[ImageInput] | ImageInput, captions: Sequence[str] | str, **generation_kwargs
-    ) -> list[R.Grounding]:
+    ) -> list[Result]:
         """The phrases of each caption with their boxes (task ``grounding``)."""
         return self.predict("grounding", images, _each("caption", captions), **generation_kwargs)
 
@@ -430,7 +383,7 @@ class Predictor:
         labels: Sequence[str] | None = None,
         top_k: int = 1,
         **generation_kwargs,
-    ) -> list[R.Classification]:
+    ) -> list[Result]:
         """The main object of each image (task ``classification``).
 
         Args:
@@ -442,13 +395,13 @@ class Predictor:
         """
         return self.predict("classification", images, None, labels=labels, top_k=top_k, **generation_kwargs)
 
-    def detect(self, images: Sequence[ImageInput] | ImageInput, **generation_kwargs) -> list[R.Detection]:
+    def detect(self, images: Sequence[ImageInput] | ImageInput, **generation_kwargs) -> list[Result]:
         """The objects of each image with their boxes (task ``detection``)."""
         return self.predict("detection", images, None, **generation_kwargs)
 
     def generate(
         self, images: Sequence[ImageInput] | ImageInput, prompts: Sequence[str] | str, **generation_kwargs
-    ) -> list[R.Generation]:
+    ) -> list[Result]:
         """Text for a free instruction per image (no task template, no parsing).
 
         Args:
@@ -501,49 +454,80 @@ def _field_named_in(message: str, names: Sequence[str]) -> str | None:
     return next((n for n in names if f"'{n}'" in message), None)
 
 
-def _ranked(query: Query, scores: list[float], words: list[str]) -> R.Classification:
+def _checked_inputs(task: str, inputs: Mapping[str, Any] | None) -> dict[str, Any]:
+    inputs = dict(inputs or {})
+    allowed = input_fields(task)
+    for name in inputs:
+        if name not in allowed:
+            raise InputError(
+                f"{task}: unknown field {name!r}; the fields of {task!r} are {', '.join(allowed) or 'none'}", param=name
+            )
+    return inputs
+
+
+def _prompt(task: str, task_obj, record: Mapping[str, Any]) -> str:
+    """The instruction: the task's canonical template, or a free instruction used as written."""
+    if task_obj is None:
+        prompt = record.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError(f"generate: field 'prompt' must be a non-empty string, got {prompt!r}", param="prompt")
+        return prompt
+    try:
+        return task_obj.prompt(record)
+    except tasks.RecordError as exc:
+        raise InputError(str(exc), param=_field_named_in(str(exc), input_fields(task))) from None
+
+
+def _decoding(task: str, task_obj, record: Mapping[str, Any], *, candidates, labels):
+    """``(decoding, candidates, label_words)``: the task's decoding, or the one the options ask for."""
+    decoding = task_obj.decoding if task_obj is not None else "open"
+    if labels is not None:
+        if task_obj is None or "label" not in task_obj.fields:
+            raise InputError(
+                f"{task}: labels only apply to tasks with a 'label' field (classification)", param="labels"
+            )
+        if candidates is not None:
+            raise InputError("give labels or candidates, not both", param="candidates")
+        return "rank", None, _label_words(task_obj, _text_list(labels, "labels"), record)
+    if candidates is not None:
+        if decoding == "loc4":
+            raise InputError(f"{task}: candidates do not apply to a task that writes a box", param="candidates")
+        return "candidates", tuple(_text_list(candidates, "candidates")), None
+    if decoding == "candidates":
+        # Candidates that do not depend on labels (itm: "no"/"yes"); otherwise write freely.
+        fixed = task_obj.candidates([])
+        return ("candidates", tuple(fixed), None) if fixed else ("open", None, None)
+    return decoding, None, None
+
+
+def _label_words(task, labels: list[str], record: Mapping[str, Any]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    # The task's verbalizer turns each label into its label word(s) (answer engineering, PET).
+    out = []
+    for i, label in enumerate(labels):
+        label_record = {"id": f"label {i}", "image": None, "width": record["width"], "height": record["height"]}
+        try:
+            words = task.candidates([{**label_record, "label": label}])
+        except tasks.RecordError as exc:
+            raise InputError(str(exc), param="labels") from None
+        out.append((label, tuple(words)))
+    return tuple(out)
+
+
+def _ranked(query: Query, scores: list[float], words: list[str]) -> Result:
     by_word = dict(zip(words, scores, strict=True))
     # A label with several words scores as its best word (PET's many-to-one verbalizer).
     label_scores = [(label, max(by_word[w] for w in ws)) for label, ws in query.label_words]
     ranking = sorted(label_scores, key=lambda item: -item[1])  # stable: ties keep the given order
     best_label, best_score = ranking[0]
     best_word = max(dict(query.label_words)[best_label], key=lambda w: by_word[w])
-    top = [R.LabelScore(label, score) for label, score in ranking[: query.top_k]]
-    return R.Classification(label=best_label, score=best_score, top_k=top, text=best_word)
+    top = [{"label": label, "score": score} for label, score in ranking[: query.top_k]]
+    fields = {"label": best_label, "top_k": top}
+    return Result(task=query.task, fields=fields, score=best_score, text=best_word, prediction=best_label)
 
 
-def _boxes(items) -> list[tuple[str, list[float]]]:
-    return [(name, [float(v) for v in box]) for name, box in (items or [])]
-
-
-def _grounding(parsed, text: str, score: float):
-    if isinstance(parsed, str):  # a region record (grounded captioning) parses to its description
-        return R.Prediction(task="grounding", prediction=parsed, score=score, text=text)
-    phrases = [R.GroundedPhrase(phrase, box) for phrase, box in _boxes(parsed)]
-    return R.Grounding(phrases=phrases, score=score, text=text)
-
-
-# task -> (parsed, text, score) -> result; a task not listed gets a generic `Prediction`.
-_RESULTS = {
-    "captioning": lambda parsed, text, score: R.Caption(caption=parsed, score=score, text=text),
-    "vqa": lambda parsed, text, score: R.Answer(answer=parsed, score=score, text=text),
-    "rec": lambda parsed, text, score: R.Location(
-        box=[float(v) for v in parsed] if parsed is not None else None, score=score, text=text
-    ),
-    "grounding": _grounding,
-    "classification": lambda parsed, text, score: R.Classification(
-        label=parsed, score=score, top_k=[R.LabelScore(parsed, score)] if parsed is not None else [], text=text
-    ),
-    "detection": lambda parsed, text, score: R.Detection(
-        objects=[R.DetectedObject(label, box) for label, box in _boxes(parsed)], score=score, text=text
-    ),
-}
-
-
-def _result(query: Query, text: str, score: float) -> Any:
+def _result(query: Query, text: str, score: float) -> Result:
     if query.task == GENERATE:
-        return R.Generation(text=text, score=score)
-    parsed = tasks.get_task(query.task).parse(text, query.record)
-    if query.task in _RESULTS:
-        return _RESULTS[query.task](parsed, text, score)
-    return R.Prediction(task=query.task, prediction=parsed, score=score, text=text)
+        return Result(task=GENERATE, fields={}, score=score, text=text, prediction=text)
+    task = tasks.get_task(query.task)
+    parsed = task.parse(text, query.record)
+    return Result(task=query.task, fields=task.presentation(parsed, score), score=score, text=text, prediction=parsed)
