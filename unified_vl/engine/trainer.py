@@ -290,28 +290,45 @@ def prepare_run_dir(config: RunConfig, job: str, dist: distributed.DistInfo) -> 
     return run_dir
 
 
-def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = None, job: str = "train") -> TrainResult:
-    """Trains (or resumes) one run; see the module docstring for the order of work.
+@dataclass
+class _Run:
+    """What a run builds before its first step (see :func:`_build`)."""
 
-    Everything that can be checked is checked before the first step: the config, the batch
-    arithmetic, the precision, the data, the resume checkpoint's architecture.
-    """
-    # -- build --------------------------------------------------------------------------------
-    t, c = config.train, config.checkpoint
-    derive(config, distributed.world_size_from_env())  # the batch arithmetic fails before any setup
-    check_precision(t.precision)
+    config: RunConfig
+    dist: distributed.DistInfo
+    derived: Derived
+    run_dir: Path
+    model: torch.nn.Module
+    processor: Any
+    data: TrainData
+    sampler: MixtureSampler
+    mixture: dict[str, float]
+    frozen: int  # frozen parameters
+
+
+def _few_shot(config: RunConfig, data: TrainData) -> TrainData:
+    """The configured tasks' training records, cut to ``data.shots`` per task when it is set."""
     missing = [task for task in config.data.tasks if task not in data.datasets]
     if missing:
         raise ConfigError(f"data.tasks names {missing} but no training records were given for them")
     datasets = {task: data.datasets[task] for task in config.data.tasks}
-    if config.data.shots:
-        small = {task: len(ds) for task, ds in datasets.items() if len(ds) < config.data.shots}
+    shots, seed = config.data.shots, config.train.seed
+    if shots:
+        small = {task: len(ds) for task, ds in datasets.items() if len(ds) < shots}
         if small:
-            raise ConfigError(f"data.shots={config.data.shots} but these tasks have fewer training examples: {small}")
+            raise ConfigError(f"data.shots={shots} but these tasks have fewer training examples: {small}")
         datasets = {
-            task: _Subset(ds, few_shot_indices(len(ds), config.data.shots, seed=t.seed, task=task))
-            for task, ds in datasets.items()
+            task: _Subset(ds, few_shot_indices(len(ds), shots, seed=seed, task=task)) for task, ds in datasets.items()
         }
+    return TrainData(datasets, data.make_example)
+
+
+def _build(config: RunConfig, data: TrainData, job: str) -> _Run:
+    """Checks, joins the process group, makes the run folder, the model and the mixture; saves the spec."""
+    t = config.train
+    derive(config, distributed.world_size_from_env())  # the batch arithmetic fails before any setup
+    check_precision(t.precision)
+    data = _few_shot(config, data)
     dist = distributed.init_distributed()
     derived = derive(config, dist.world_size)
     run_dir = prepare_run_dir(config, job, dist)
@@ -325,12 +342,11 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
         check_architecture(architecture(UnifiedVLConfig.from_pretrained(run_dir / SPEC)), model.config, run_dir)
     frozen = freeze(model, t.freeze)
     torch.manual_seed(t.seed + dist.rank)  # dropout streams differ between ranks
-    data = TrainData(datasets, data.make_example)
     sizes = {task: len(ds) for task, ds in data.datasets.items()}
-    probs = mixture_probabilities(
-        sizes, config.data.tasks, weighting=config.data.weighting, temperature=config.data.temperature
-    )
-    sampler = MixtureSampler(sizes, probs, seed=t.seed, global_batch_size=t.global_batch_size)
+    d = config.data
+    mixture = mixture_probabilities(sizes, d.tasks, weighting=d.weighting, temperature=d.temperature)
+    sampler = MixtureSampler(sizes, mixture, seed=t.seed, global_batch_size=t.global_batch_size)
+    run = _Run(config, dist, derived, run_dir, model, processor, data, sampler, mixture, frozen)
     if dist.is_main:
         suffix = "" if not config.resume else f"-resume-{time.strftime('%Y%m%d-%H%M%S')}"
         atomic_write_text(run_dir / f"config{suffix}.yaml", dump_yaml(config, derived))
@@ -338,104 +354,171 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
         if not config.resume:  # everything but the weights, for offline export (engine/export.py)
             model.config.save_pretrained(run_dir / SPEC)
             processor.save_pretrained(run_dir / SPEC)
+    return run
 
-    # -- initialize ---------------------------------------------------------------------------
+
+def _summary(run: _Run) -> str:
+    t, derived = run.config.train, run.derived
+    trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    return (
+        f"run {run.run_dir}: {trainable / 1e6:.2f}M trainable parameters ({run.frozen / 1e6:.2f}M frozen), world size "
+        f"{run.dist.world_size}, global batch {t.global_batch_size} = {t.micro_batch_size} x {run.dist.world_size} "
+        f"ranks x {derived.gradient_accumulation_steps} accumulation, ZeRO {t.zero_stage}, {t.precision}; mixture "
+        + ", ".join(f"{k} {v:.2f}" for k, v in run.mixture.items())
+    )
+
+
+class StepLosses:
+    """One optimizer step's losses on this rank, summed over its micro batches; `reduce` adds up the ranks.
+
+    ``loss`` is the mean of the micro-batch losses that were trained; ``tasks`` each task's
+    cross-entropy per target token (the same for either ``loss_reduction``).
+    """
+
+    def __init__(self, tasks: Sequence[str]):
+        self.task_names = list(tasks)
+        self.loss_sum, self.micro_batches = 0.0, 0
+        self.ce = dict.fromkeys(self.task_names, 0.0)
+        self.tokens = dict.fromkeys(self.task_names, 0.0)
+
+    def add(self, loss: torch.Tensor, row_tasks: Sequence[str], ce: torch.Tensor, count: torch.Tensor) -> None:
+        self.loss_sum += loss.item()
+        self.micro_batches += 1
+        for task, row_ce, row_count in zip(row_tasks, ce.tolist(), count.tolist(), strict=True):
+            self.ce[task] += row_ce
+            self.tokens[task] += row_count
+
+    def reduce(self, seconds: float, *, is_main: bool) -> tuple[float, dict[str, float], float]:
+        """``(loss, {task: per-token loss}, rank 0's seconds)`` over all ranks (every rank gets the same)."""
+        names = self.task_names
+        values = [self.loss_sum, self.micro_batches, *(self.ce[n] for n in names), *(self.tokens[n] for n in names)]
+        # Rank 0's clock decides when time is up: every rank must stop at the same step.
+        total = distributed.all_reduce_sum([*values, seconds if is_main else 0.0])
+        k = len(names)
+        ce, tokens = total[2 : 2 + k], total[2 + k : 2 + 2 * k]
+        per_task = {n: c / m for n, c, m in zip(names, ce, tokens, strict=True) if m}
+        return total[0] / total[1], per_task, total[-1]
+
+
+def _train_step(engine, run: _Run, step: int, loc_ids: torch.Tensor) -> StepLosses:
+    """Forward and backward over this rank's micro batches of one global batch; DeepSpeed steps at the last."""
+    t = run.config.train
+    engine.train()
+    tasks = list(run.sampler.tasks)
+    slots = [(i, task, index) for i, (task, index) in enumerate(run.sampler.next_step())]
+    # Micro batches of one task pad less (a grounding target is 10x a classification one);
+    # the order is a function of the step alone, so every world size cuts the same batches.
+    slots.sort(key=lambda slot: (tasks.index(slot[1]), slot[0]))
+    losses = StepLosses(tasks)
+    for micro in shard(slots, rank=run.dist.rank, world_size=run.dist.world_size, micro_batch_size=t.micro_batch_size):
+        batch, row_tasks = collate(micro, run.data, run.processor, seed=t.seed, step=step)
+        labels = batch.pop("labels").to(engine.device)
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        # No labels into the model: its own loss would be a second cross-entropy over the same logits.
+        decoder_input_ids = engine.module.language_model.prepare_decoder_input_ids_from_labels(labels=labels)
+        out = engine(**batch, decoder_input_ids=decoder_input_ids)
+        ce, count = token_losses(out.logits, labels, loc_ids=loc_ids, loc_sigma=t.loc_sigma)  # (B,), (B,)
+        if t.loss_reduction == "sample":
+            loss = (ce / count.clamp(min=1)).mean()
+        else:  # every target token counts once: T5's own loss
+            loss = ce.sum() / count.sum().clamp(min=1)
+        engine.backward(loss)
+        engine.step()
+        losses.add(loss.detach(), row_tasks, ce.detach(), count)
+    return losses
+
+
+def _resume(run: _Run, engine, checkpoints: CheckpointManager, schedule: LRSchedule) -> tuple[int, float]:
+    """Restores model, optimizer, scheduler (with its horizon), RNG and the sampler; returns (step, seconds)."""
+    t = run.config.train
+    client = checkpoints.load(engine)
+    run.sampler.load_state_dict(client["sampler"])
+    # The checkpoint restored the schedule; the config may have changed its length (training
+    # longer). A time-bounded run keeps the horizon it measured.
+    schedule.horizon = min(schedule.horizon, t.max_steps) if t.max_minutes is not None else t.max_steps
+    return client["step"], client["train_seconds"]
+
+
+def _finish(
+    run: _Run, engine, checkpoints: CheckpointManager, monitor: Monitor, *, step: int, final: dict
+) -> Path | None:
+    """Writes the final metrics, exports the model (and the best checkpoint when it is another); the model folder."""
+    t, c, dist = run.config.train, run.config.checkpoint, run.dist
+    if final:
+        monitor.eval(step, final)
+        if dist.is_main:
+            atomic_write_text(run.run_dir / "eval_final.json", json.dumps({"step": step, "metrics": final}, indent=2))
+    if not c.export:
+        monitor.close()
+        return None
+    model_dir = export_model(engine, run.processor, run.run_dir / "model", dist=dist, zero_stage=t.zero_stage)
+    best = checkpoints.index().get("best")
+    if dist.is_main and best and best["tag"] != checkpoints.latest_tag():
+        export_checkpoint(run.run_dir, run.run_dir / "model-best", tag=best["tag"])
+        monitor.write(
+            f"best checkpoint {best['tag']} ({best['metric']} = {best['value']:.4f}) -> {run.run_dir / 'model-best'}"
+        )
+    monitor.close()
+    return model_dir
+
+
+def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = None, job: str = "train") -> TrainResult:
+    """Trains (or resumes) one run: build, initialize, then step / evaluate / checkpoint, then finish.
+
+    Everything that can be checked is checked before the first step: the config, the batch
+    arithmetic, the precision, the data, the resume checkpoint's architecture.
+    """
+    t, c = config.train, config.checkpoint
+    run = _build(config, data, job)
+    dist, run_dir, processor = run.dist, run.run_dir, run.processor
     schedule = LRSchedule(
         warmup_steps=config.optim.warmup_steps,
         horizon=t.max_steps,
         kind=config.optim.schedule,
         min_ratio=config.optim.min_lr_ratio,
     )
-    engine = initialize(model, config, derived, schedule)
+    engine = initialize(run.model, config, run.derived, schedule)
     best_metric = c.best_metric or (
         f"mean/{config.eval.splits[0]}/primary" if evaluator and config.eval.splits else None
     )
     checkpoints = CheckpointManager(run_dir / "checkpoints", dist=dist, keep_last=c.keep_last, best_metric=best_metric)
-    step, train_seconds = 0, 0.0
-    if config.resume:
-        client = checkpoints.load(engine)  # model, optimizer, scheduler (with its horizon), RNG
-        sampler.load_state_dict(client["sampler"])
-        step, train_seconds = client["step"], client["train_seconds"]
-        # The checkpoint restored the schedule; the config may have changed its length (training
-        # longer). A time-bounded run keeps the horizon it measured.
-        schedule.horizon = min(schedule.horizon, t.max_steps) if t.max_minutes is not None else t.max_steps
+    step, train_seconds = _resume(run, engine, checkpoints, schedule) if config.resume else (0, 0.0)
     budget = TimeBudget(t.max_minutes, max_steps=t.max_steps) if t.max_minutes is not None else None
     monitor = Monitor(run_dir, enabled=dist.is_main, total_steps=schedule.horizon, initial_step=step)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    monitor.write(
-        f"run {run_dir}: {trainable / 1e6:.2f}M trainable parameters ({frozen / 1e6:.2f}M frozen), world size "
-        f"{dist.world_size}, global batch {t.global_batch_size} = {t.micro_batch_size} x {dist.world_size} ranks x "
-        f"{derived.gradient_accumulation_steps} accumulation, ZeRO {t.zero_stage}, {t.precision}; mixture "
-        + ", ".join(f"{k} {v:.2f}" for k, v in probs.items())
-    )
+    monitor.write(_summary(run))
 
     def client_state() -> dict:
-        return {"step": step, "sampler": sampler.state_dict(), "train_seconds": train_seconds}
+        return {"step": step, "sampler": run.sampler.state_dict(), "train_seconds": train_seconds}
 
-    # -- the loop -----------------------------------------------------------------------------
+    def evaluate_now(splits, max_examples) -> dict[str, float]:
+        return evaluate(engine, processor, evaluator, config, dist, splits=splits, max_examples=max_examples)
+
     losses: list[float] = []
     start_step, start_seconds, tic = step, train_seconds, time.perf_counter()
     metrics: dict[str, float] = {}
     last_saved = step if config.resume else -1
-    tasks = list(sampler.tasks)
     loc_ids = torch.tensor(loc_token_ids(processor.tokenizer, processor.num_bins), device=engine.device)
     while step < schedule.horizon:
-        engine.train()
-        slots = [(i, task, index) for i, (task, index) in enumerate(sampler.next_step())]
-        # Micro batches of one task pad less (a grounding target is 10x a classification one);
-        # the order is a function of the step alone, so every world size cuts the same batches.
-        slots.sort(key=lambda slot: (tasks.index(slot[1]), slot[0]))
-        sums = np.zeros(2 + 2 * len(tasks))  # [sum of micro-batch losses, micro batches, per task: CE sum, tokens]
-        for micro in shard(slots, rank=dist.rank, world_size=dist.world_size, micro_batch_size=t.micro_batch_size):
-            batch, row_tasks = collate(micro, data, processor, seed=t.seed, step=step)
-            batch = {k: v.to(engine.device) for k, v in batch.items()}
-            out = engine(**batch)
-            ce, count = token_losses(out.logits, batch["labels"], loc_ids=loc_ids, loc_sigma=t.loc_sigma)  # (B,), (B,)
-            if t.loss_reduction == "sample":
-                loss = (ce / count.clamp(min=1)).mean()
-            else:  # T5's own loss where it is the same, so that the model's loss is what is trained
-                loss = out.loss if t.loc_sigma == 0 else ce.sum() / count.sum().clamp(min=1)
-            engine.backward(loss)
-            engine.step()
-            sums[0] += loss.item()
-            sums[1] += 1
-            for task, row_ce, row_count in zip(row_tasks, ce.tolist(), count.tolist(), strict=True):
-                sums[2 + 2 * tasks.index(task) : 4 + 2 * tasks.index(task)] += (row_ce, row_count)
+        step_losses = _train_step(engine, run, step, loc_ids)
         step += 1
-        now = time.perf_counter()
-        train_seconds = start_seconds + (now - tic)
-        # Rank 0's clock decides when time is up: every rank must stop at the same step.
-        reduced = distributed.all_reduce_sum([*sums, train_seconds if dist.is_main else 0.0])
-        train_seconds = reduced[-1]
-        loss = float(reduced[0] / reduced[1])
+        loss, task_losses, train_seconds = step_losses.reduce(
+            start_seconds + (time.perf_counter() - tic), is_main=dist.is_main
+        )
         losses.append(loss)
         if budget is not None and (horizon := budget.update(step - start_step, step, train_seconds)) is not None:
             schedule.horizon = horizon  # every rank computes the same: train_seconds is rank 0's
             monitor.set_total(horizon)
-        log = step % t.log_every == 0 or step == schedule.horizon
         values = {
             "train/loss": loss,
             "train/lr": engine.get_lr()[0],
             "train/samples_per_s": (step - start_step) * t.global_batch_size / max(train_seconds - start_seconds, 1e-9),
-            **{
-                f"train/loss/{task}": reduced[2 + 2 * k] / reduced[3 + 2 * k]
-                for k, task in enumerate(tasks)
-                if reduced[3 + 2 * k]
-            },
+            **{f"train/loss/{task}": value for task, value in task_losses.items()},
         }
-        monitor.step(step, values, log=log)
+        monitor.step(step, values, log=step % t.log_every == 0 or step == schedule.horizon)
         time_up = t.max_minutes is not None and train_seconds >= t.max_minutes * 60
         done = step >= schedule.horizon or time_up
         if evaluator and config.eval.every and step % config.eval.every == 0 and not done:
-            metrics = evaluate(
-                engine,
-                processor,
-                evaluator,
-                config,
-                dist,
-                splits=config.eval.splits,
-                max_examples=config.eval.max_examples,
-            )
+            metrics = evaluate_now(config.eval.splits, config.eval.max_examples)
             monitor.eval(step, metrics)
         if c.every and step % c.every == 0 and not done:
             checkpoints.save(engine, step, client_state(), metrics)
@@ -446,28 +529,12 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
 
     # -- the end: checkpoint, final evaluation, export -----------------------------------------
     if evaluator and config.eval.every and step != last_saved:
-        metrics = evaluate(
-            engine, processor, evaluator, config, dist, splits=config.eval.splits, max_examples=config.eval.max_examples
-        )
+        metrics = evaluate_now(config.eval.splits, config.eval.max_examples)
         monitor.eval(step, metrics)
     if step != last_saved:
         checkpoints.save(engine, step, client_state(), metrics)
-    final: dict[str, float] = {}
-    if evaluator and config.eval.final_splits:
-        final = evaluate(engine, processor, evaluator, config, dist, splits=config.eval.final_splits, max_examples=None)
-        monitor.eval(step, final)
-        if dist.is_main:
-            atomic_write_text(run_dir / "eval_final.json", json.dumps({"step": step, "metrics": final}, indent=2))
-    model_dir = (
-        export_model(engine, processor, run_dir / "model", dist=dist, zero_stage=t.zero_stage) if c.export else None
-    )
-    best = checkpoints.index().get("best")
-    if c.export and dist.is_main and best and best["tag"] != checkpoints.latest_tag():
-        export_checkpoint(run_dir, run_dir / "model-best", tag=best["tag"])
-        monitor.write(
-            f"best checkpoint {best['tag']} ({best['metric']} = {best['value']:.4f}) -> {run_dir / 'model-best'}"
-        )
-    monitor.close()
+    final = evaluate_now(config.eval.final_splits, None) if evaluator and config.eval.final_splits else {}
+    model_dir = _finish(run, engine, checkpoints, monitor, step=step, final=final)
     elapsed = train_seconds - start_seconds
     return TrainResult(
         run_dir=run_dir,

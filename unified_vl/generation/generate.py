@@ -20,6 +20,23 @@ from unified_vl.generation.constraints import (
 DECODINGS = ("open", "loc4", "candidates")
 
 
+def _check_arguments(images, prompts, decoding: str, candidates, batch_size: int, generation_kwargs: dict) -> None:
+    if decoding not in DECODINGS:
+        raise ValueError(f"unknown decoding {decoding!r}; expected one of {', '.join(map(repr, DECODINGS))}")
+    if decoding == "candidates" and candidates is None:
+        raise ValueError("decoding='candidates' needs candidates (a list of texts, or one list per input)")
+    if decoding != "candidates" and candidates is not None:
+        raise ValueError(f"candidates are only used with decoding='candidates', not decoding={decoding!r}")
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; give one prompt per image")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if generation_kwargs.get("num_return_sequences", 1) != 1:
+        raise ValueError("generate_texts returns one text per input; num_return_sequences must be 1")
+    if decoding == "candidates" and "prefix_allowed_tokens_fn" in generation_kwargs:
+        raise ValueError("decoding='candidates' sets prefix_allowed_tokens_fn itself; do not pass one")
+
+
 def generate_texts(
     model,
     processor,
@@ -59,20 +76,7 @@ def generate_texts(
         ValueError: an unknown ``decoding``; ``"candidates"`` without candidates or candidates with
             another decoding; ``max_new_tokens`` too short for the constraint; mismatched lengths.
     """
-    if decoding not in DECODINGS:
-        raise ValueError(f"unknown decoding {decoding!r}; expected one of {', '.join(map(repr, DECODINGS))}")
-    if decoding == "candidates" and candidates is None:
-        raise ValueError("decoding='candidates' needs candidates (a list of texts, or one list per input)")
-    if decoding != "candidates" and candidates is not None:
-        raise ValueError(f"candidates are only used with decoding='candidates', not decoding={decoding!r}")
-    if len(images) != len(prompts):
-        raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; give one prompt per image")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if generation_kwargs.get("num_return_sequences", 1) != 1:
-        raise ValueError("generate_texts returns one text per input; num_return_sequences must be 1")
-    if decoding == "candidates" and "prefix_allowed_tokens_fn" in generation_kwargs:
-        raise ValueError("decoding='candidates' sets prefix_allowed_tokens_fn itself; do not pass one")
+    _check_arguments(images, prompts, decoding, candidates, batch_size, generation_kwargs)
 
     tries = None
     needed = None  # the fewest new tokens that can complete the constrained output

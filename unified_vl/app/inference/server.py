@@ -44,9 +44,10 @@ import urllib.parse
 import uuid
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image, UnidentifiedImageError
@@ -262,6 +263,276 @@ def _text_list(body: Mapping[str, Any], name: str) -> list[str] | None:
     return value
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one request may cost; each is a ``unified-vl serve`` option."""
+
+    max_image_bytes: int = 10 * MiB  # the largest image file (decoded from base64)
+    max_body_bytes: int = 16 * MiB  # the largest request body (base64 adds a third to an image)
+    max_pixels: int = 89_478_485  # Pillow's default Image.MAX_IMAGE_PIXELS
+
+
+class Service:
+    """What the endpoints share: the predictor, the batcher, the metrics, the key and the limits."""
+
+    def __init__(self, predictor: Predictor, batcher: DynamicBatcher, metrics: _Metrics, *, api_key, limits: Limits):
+        self.predictor, self.batcher, self.metrics = predictor, batcher, metrics
+        self.api_key, self.limits = api_key, limits
+
+    def check_key(self, request: Request) -> None:
+        """Raises 401 unless the request carries the API key (when one is set)."""
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        headers = {"WWW-Authenticate": "Bearer"}  # RFC 6750 §3
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(
+                401, "missing API key: send 'Authorization: Bearer <key>'", type="authentication_error", headers=headers
+            )
+        if not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):  # constant time
+            raise ApiError(401, "incorrect API key", type="authentication_error", headers=headers)
+
+    def make_query(self, task: str, image: bytes | str, inputs: dict, options: dict, param: str = "image") -> Any:
+        """Decodes the image and validates the request into a `Query`; runs in a worker thread."""
+        limits = self.limits
+        if isinstance(image, str):
+            image = _image_bytes_from_text(image, max_image_bytes=limits.max_image_bytes, param=param)
+        image = decode_image(image, max_image_bytes=limits.max_image_bytes, max_pixels=limits.max_pixels, param=param)
+        try:
+            return self.predictor.query(task, image, inputs, **options)
+        except InputError as exc:
+            raise _invalid(str(exc), exc.param) from None
+        except ImageLoadError as exc:
+            raise _bad_image(str(exc), param) from None
+
+    async def run_query(self, query) -> Any:
+        """The query's result from its dynamic batch."""
+        try:
+            return await self.batcher.submit(query)
+        except QueueFullError as exc:
+            raise ApiError(429, str(exc), type="rate_limit_error", headers={"Retry-After": "1"}) from None
+        except InputError as exc:
+            raise _invalid(str(exc), exc.param) from None
+        except Exception as exc:
+            raise ApiError(500, f"the model failed: {type(exc).__name__}: {exc}", type="server_error") from None
+
+    def answer_error(self, request: Request, error: ApiError) -> JSONResponse:
+        endpoint = request.url.path if request.url.path in ENDPOINTS else "other"
+        self.metrics.errors.labels(endpoint, error.type).inc()
+        return _error_response(error)
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+# -- endpoints ------------------------------------------------------------------------------------
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request):
+    service = _service(request)
+    return {
+        "status": "ok",
+        "model": service.predictor.name,
+        "queue_depth": service.batcher.queue_depth,
+        "max_batch": service.batcher.max_batch,
+    }
+
+
+@router.get("/metrics")
+async def prometheus_metrics(request: Request):
+    service = _service(request)
+    service.metrics.queue_depth.set(service.batcher.queue_depth)
+    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    service = _service(request)
+    service.check_key(request)
+    card = {
+        "id": service.predictor.name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "unified-vl",
+        "tasks": {name: input_fields(name) for name in known_tasks()},
+    }
+    return {"object": "list", "data": [card]}
+
+
+@router.post("/v1/predict")
+async def predict(request: Request):
+    service = _service(request)
+    service.check_key(request)
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        body, image_source = await _multipart_body(request)
+    else:
+        body, image_source = await _json_body(request), None
+    task, inputs, options = _predict_fields(body)
+    if image_source is None:
+        image_source = _image_field(body)  # base64 or a data: URI, decoded in make_query's thread
+    query = await asyncio.to_thread(service.make_query, task, image_source, inputs, options)
+    result = await service.run_query(query)
+    return {"task": task, "model": service.predictor.name, "prediction": result.to_dict()}
+
+
+def _predict_fields(body: Mapping[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``(task, task fields, options)`` of a /v1/predict body; 422 for anything else."""
+    task = body.get("task")
+    if task is None:
+        raise _invalid(f"missing field 'task'; one of {', '.join(known_tasks())}", "task")
+    if not isinstance(task, str) or task not in known_tasks():
+        raise _invalid(f"unknown task {task!r:.60}; known tasks: {', '.join(known_tasks())}", "task")
+    fields = input_fields(task)
+    allowed = {"task", "image", *RANKING_OPTIONS, *GENERATION_OPTIONS, *fields}
+    for name in body:
+        if name not in allowed:
+            raise _invalid(f"unknown field {name!r:.60} for task {task!r}; allowed: {', '.join(sorted(allowed))}", name)
+    options: dict[str, Any] = {"candidates": _text_list(body, "candidates"), "labels": _text_list(body, "labels")}
+    top_k = _int_option(body, "top_k", 1, 1000)
+    if top_k is not None:
+        options["top_k"] = top_k
+    for name, (_, low, high) in GENERATION_OPTIONS.items():
+        value = _int_option(body, name, low, high)
+        if value is not None:
+            options[name] = value
+    return task, {name: body[name] for name in fields if name in body}, options
+
+
+def _image_field(body: Mapping[str, Any]) -> str:
+    image = body.get("image")
+    if image is None:
+        raise _invalid("missing field 'image' (base64, a data: URI, or a multipart file)", "image")
+    if not isinstance(image, str):
+        raise _invalid(f"'image' must be a base64 string or a data: URI, got {type(image).__name__}", "image")
+    return image
+
+
+async def _multipart_body(request: Request) -> tuple[dict[str, Any], bytes | None]:
+    """The form's fields (list fields as lists, JSON-typed task fields parsed) and the image file's bytes."""
+    form = await request.form(max_files=1, max_fields=64)
+    body: dict[str, Any] = {}
+    image_bytes = None
+    try:
+        for name in form:
+            values = form.getlist(name)
+            if name == "image":
+                part = values[0]
+                image_bytes = await part.read() if isinstance(part, UploadFile) else None
+                if image_bytes is None:
+                    body["image"] = part  # a base64 text field
+            elif name in ("candidates", "labels"):
+                # Repeated fields (-F labels=cat -F labels=dog) or one JSON array.
+                body[name] = json.loads(values[0]) if len(values) == 1 and values[0].startswith("[") else list(values)
+            else:
+                body[name] = values[0] if isinstance(values[0], str) else None
+    except json.JSONDecodeError as exc:
+        raise _invalid(f"a list field is not a JSON array ({exc})") from None
+    finally:
+        await form.close()
+    task = body.get("task")
+    if isinstance(task, str) and task in known_tasks() and task != GENERATE:
+        # Non-text task fields (a region box) come as JSON text in a form.
+        from tasks import get_task
+
+        for name, spec in get_task(task).fields.items():
+            if name in body and spec.type != "str" and isinstance(body[name], str):
+                try:
+                    body[name] = json.loads(body[name])
+                except json.JSONDecodeError:
+                    raise _invalid(f"field {name!r} must be JSON ({spec.type})", name) from None
+    return body, image_bytes
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    service = _service(request)
+    service.check_key(request)
+    body = await _json_body(request)
+    prompt, image_text, param = _chat_input(body)
+    options = _chat_options(body)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _invalid(f"stream must be a boolean, got {stream!r:.60}", "stream")
+    query = await asyncio.to_thread(service.make_query, GENERATE, image_text, {"prompt": prompt}, options, param)
+    result = await service.run_query(query)
+    completion = _Completion(service.predictor, prompt, result.text, options)
+    if not stream:
+        return completion.body()
+    include_usage = isinstance(body.get("stream_options"), dict) and bool(body["stream_options"].get("include_usage"))
+    return StreamingResponse(
+        completion.events(include_usage=include_usage),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+    )
+
+
+def _chat_options(body: Mapping[str, Any]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for name in ("max_completion_tokens", "max_tokens"):  # max_tokens: the older name (API reference)
+        value = _int_option(body, name, 1, GENERATION_OPTIONS["max_new_tokens"][2])
+        if value is not None:
+            options["max_new_tokens"] = value
+            break
+    if body.get("n", 1) != 1:
+        raise _invalid("n must be 1: decoding is deterministic, every choice would be the same", "n")
+    # No score: a chat completion has no field for it, and scoring is one more forward pass.
+    options["with_score"] = False
+    return options
+
+
+class _Completion:
+    """One chat completion's answer, as a JSON body or as OpenAI's stream of Server-Sent Events."""
+
+    def __init__(self, predictor: Predictor, prompt: str, text: str, options: Mapping[str, Any]):
+        self.model, self.text = predictor.name, text
+        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        max_new_tokens = options.get("max_new_tokens", predictor.model.config.max_target_length)
+        tokenizer = predictor.processor.tokenizer
+        completion_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        prompt_tokens = len(tokenizer(prompt)["input_ids"]) + predictor.model.visual.num_patches
+        self.usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        self.finish_reason = "length" if completion_tokens >= max_new_tokens else "stop"
+
+    def body(self) -> dict[str, Any]:
+        message = {"role": "assistant", "content": self.text}
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason}],
+            "usage": self.usage,
+        }
+
+    def _chunk(self, choices: list, **extra) -> str:
+        payload = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
+        payload.update(choices=choices, **extra)
+        return f"data: {json.dumps(payload)}\n\n"  # one SSE event: a data line, then a blank line
+
+    async def events(self, *, include_usage: bool):
+        # OpenAI's stream: the role first, then the content, then the finish reason, then (with
+        # stream_options.include_usage) a chunk of usage with no choices, then [DONE].
+        def choice(delta: dict, finish: str | None) -> list:
+            return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+
+        yield self._chunk(choice({"role": "assistant", "content": ""}, None))
+        if self.text:
+            yield self._chunk(choice({"content": self.text}, None))
+        yield self._chunk(choice({}, self.finish_reason))
+        if include_usage:
+            yield self._chunk([], usage=self.usage)
+        yield "data: [DONE]\n\n"
+
+
+# -- the app --------------------------------------------------------------------------------------
 def create_app(
     predictor: Predictor,
     *,
@@ -289,7 +560,7 @@ def create_app(
     Returns:
         The app; its lifespan starts and stops the batcher (``TestClient`` and uvicorn run it).
     """
-    max_pixels = max_image_pixels or Image.MAX_IMAGE_PIXELS or 89_478_485
+    limits = Limits(max_image_bytes, max_body_bytes, max_image_pixels or Image.MAX_IMAGE_PIXELS or 89_478_485)
     metrics = _Metrics()
     batcher = DynamicBatcher(
         predictor.run,
@@ -299,6 +570,7 @@ def create_app(
         on_batch=metrics.batch_size.observe,
         on_queue=metrics.queue_depth.set,
     )
+    service = Service(predictor, batcher, metrics, api_key=api_key, limits=limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -309,252 +581,35 @@ def create_app(
             await batcher.stop()
 
     app = FastAPI(title="unified-vl", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.service = service
     app.state.predictor, app.state.batcher, app.state.metrics = predictor, batcher, metrics
+    _add_error_handlers(app, service)
+    app.include_router(router)
+    # Ahead of the routes, so the limit holds before anything reads the body.
+    app.add_middleware(_Limits, max_body_bytes=max_body_bytes, metrics=metrics)
+    return app
 
-    def endpoint_of(request: Request) -> str:
-        return request.url.path if request.url.path in ENDPOINTS else "other"
 
-    def answer_error(request: Request, error: ApiError) -> JSONResponse:
-        metrics.errors.labels(endpoint_of(request), error.type).inc()
-        return _error_response(error)
+def _add_error_handlers(app: FastAPI, service: Service) -> None:
+    """Every error is OpenAI's ``{"error": {"message", "type", "param"}}`` with its status."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        return answer_error(request, exc)
+        return service.answer_error(request, exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
-        return answer_error(request, ApiError(exc.status_code, str(exc.detail), type=kind))
+        return service.answer_error(request, ApiError(exc.status_code, str(exc.detail), type=kind))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
-        return answer_error(request, _invalid(str(exc.errors())[:500]))
+        return service.answer_error(request, _invalid(str(exc.errors())[:500]))
 
     @app.exception_handler(Exception)
     async def _server_error(request: Request, exc: Exception):
-        return answer_error(request, ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
-
-    def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        headers = {"WWW-Authenticate": "Bearer"}  # RFC 6750 §3
-        if scheme.lower() != "bearer" or not token:
-            raise ApiError(
-                401, "missing API key: send 'Authorization: Bearer <key>'", type="authentication_error", headers=headers
-            )
-        if not hmac.compare_digest(token.strip().encode(), api_key.encode()):  # constant time
-            raise ApiError(401, "incorrect API key", type="authentication_error", headers=headers)
-
-    async def run_query(query) -> Any:
-        try:
-            return await batcher.submit(query)
-        except QueueFullError as exc:
-            raise ApiError(429, str(exc), type="rate_limit_error", headers={"Retry-After": "1"}) from None
-        except InputError as exc:
-            raise _invalid(str(exc), exc.param) from None
-        except Exception as exc:
-            raise ApiError(500, f"the model failed: {type(exc).__name__}: {exc}", type="server_error") from None
-
-    def make_query(task: str, image: bytes | str, inputs: dict, options: dict, param: str = "image") -> Any:
-        # Runs in a worker thread: base64 and image decoding must not stall the event loop.
-        if isinstance(image, str):
-            image = _image_bytes_from_text(image, max_image_bytes=max_image_bytes, param=param)
-        image = decode_image(image, max_image_bytes=max_image_bytes, max_pixels=max_pixels, param=param)
-        try:
-            return predictor.query(task, image, inputs, **options)
-        except InputError as exc:
-            raise _invalid(str(exc), exc.param) from None
-        except ImageLoadError as exc:
-            raise _bad_image(str(exc), param) from None
-
-    # -- endpoints ----------------------------------------------------------------------------
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": predictor.name, "queue_depth": batcher.queue_depth, "max_batch": max_batch}
-
-    @app.get("/metrics")
-    async def prometheus_metrics():
-        metrics.queue_depth.set(batcher.queue_depth)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/models")
-    async def models(request: Request):
-        check_key(request)
-        card = {
-            "id": predictor.name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "unified-vl",
-            "tasks": {name: input_fields(name) for name in known_tasks()},
-        }
-        return {"object": "list", "data": [card]}
-
-    @app.post("/v1/predict")
-    async def predict(request: Request):
-        check_key(request)
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            body, image_source = await _multipart_body(request)
-        else:
-            body = await _json_body(request)
-            image_source = None
-        task = body.get("task")
-        if task is None:
-            raise _invalid(f"missing field 'task'; one of {', '.join(known_tasks())}", "task")
-        if not isinstance(task, str) or task not in known_tasks():
-            raise _invalid(f"unknown task {task!r:.60}; known tasks: {', '.join(known_tasks())}", "task")
-        fields = input_fields(task)
-        allowed = {"task", "image", *RANKING_OPTIONS, *GENERATION_OPTIONS, *fields}
-        for name in body:
-            if name not in allowed:
-                raise _invalid(
-                    f"unknown field {name!r:.60} for task {task!r}; allowed: {', '.join(sorted(allowed))}", name
-                )
-        if image_source is None:
-            image = body.get("image")
-            if image is None:
-                raise _invalid("missing field 'image' (base64, a data: URI, or a multipart file)", "image")
-            if not isinstance(image, str):
-                raise _invalid(f"'image' must be a base64 string or a data: URI, got {type(image).__name__}", "image")
-            image_source = image  # base64 or a data: URI, decoded in make_query's thread
-        options: dict[str, Any] = {"candidates": _text_list(body, "candidates"), "labels": _text_list(body, "labels")}
-        top_k = _int_option(body, "top_k", 1, 1000)
-        if top_k is not None:
-            options["top_k"] = top_k
-        for name, (_, low, high) in GENERATION_OPTIONS.items():
-            value = _int_option(body, name, low, high)
-            if value is not None:
-                options[name] = value
-        inputs = {name: body[name] for name in fields if name in body}
-        query = await asyncio.to_thread(make_query, task, image_source, inputs, options)
-        result = await run_query(query)
-        return {"task": task, "model": predictor.name, "prediction": result.to_dict()}
-
-    async def _multipart_body(request: Request) -> tuple[dict[str, Any], bytes | None]:
-        form = await request.form(max_files=1, max_fields=64)
-        body: dict[str, Any] = {}
-        image_bytes = None
-        try:
-            for name in form:
-                values = form.getlist(name)
-                if name == "image":
-                    part = values[0]
-                    image_bytes = await part.read() if isinstance(part, UploadFile) else None
-                    if image_bytes is None:
-                        body["image"] = part  # a base64 text field
-                elif name in ("candidates", "labels"):
-                    # Repeated fields (-F labels=cat -F labels=dog) or one JSON array.
-                    body[name] = (
-                        json.loads(values[0]) if len(values) == 1 and values[0].startswith("[") else list(values)
-                    )
-                else:
-                    body[name] = values[0] if isinstance(values[0], str) else None
-        except json.JSONDecodeError as exc:
-            raise _invalid(f"a list field is not a JSON array ({exc})") from None
-        finally:
-            await form.close()
-        task = body.get("task")
-        if isinstance(task, str) and task in known_tasks() and task != GENERATE:
-            # Non-text task fields (a region box) come as JSON text in a form.
-            from tasks import get_task
-
-            for name, spec in get_task(task).fields.items():
-                if name in body and spec.type != "str" and isinstance(body[name], str):
-                    try:
-                        body[name] = json.loads(body[name])
-                    except json.JSONDecodeError:
-                        raise _invalid(f"field {name!r} must be JSON ({spec.type})", name) from None
-        return body, image_bytes
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        check_key(request)
-        body = await _json_body(request)
-        prompt, image_text, param = _chat_input(body)
-        options: dict[str, Any] = {}
-        for name in ("max_completion_tokens", "max_tokens"):  # max_tokens: the older name (API reference)
-            value = _int_option(body, name, 1, GENERATION_OPTIONS["max_new_tokens"][2])
-            if value is not None:
-                options["max_new_tokens"] = value
-                break
-        if body.get("n", 1) != 1:
-            raise _invalid("n must be 1: decoding is deterministic, every choice would be the same", "n")
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise _invalid(f"stream must be a boolean, got {stream!r:.60}", "stream")
-        # No score: a chat completion has no field for it, and scoring is one more forward pass.
-        options["with_score"] = False
-        query = await asyncio.to_thread(make_query, GENERATE, image_text, {"prompt": prompt}, options, param)
-        result = await run_query(query)
-
-        max_new_tokens = options.get("max_new_tokens", predictor.model.config.max_target_length)
-        tokenizer = predictor.processor.tokenizer
-        completion_tokens = len(tokenizer(result.text, add_special_tokens=False)["input_ids"])
-        prompt_tokens = len(tokenizer(prompt)["input_ids"]) + predictor.model.visual.num_patches
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
-        finish_reason = "length" if completion_tokens >= max_new_tokens else "stop"
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        if not stream:
-            return {
-                "id": completion_id,
-                "object": "chat.completion",
-                "created": created,
-                "model": predictor.name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": result.text},
-                        "logprobs": None,
-                        "finish_reason": finish_reason,
-                    }
-                ],
-                "usage": usage,
-            }
-
-        def chunk(delta: dict, finish: str | None, **extra) -> str:
-            payload = {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": predictor.name,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-                **extra,
-            }
-            return f"data: {json.dumps(payload)}\n\n"  # one SSE event: a data line, then a blank line
-
-        include_usage = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage")
-
-        async def events():
-            # OpenAI's stream: the role first, then the content, then the finish reason, then
-            # (with stream_options.include_usage) a chunk of usage with no choices, then [DONE].
-            yield chunk({"role": "assistant", "content": ""}, None)
-            if result.text:
-                yield chunk({"content": result.text}, None)
-            yield chunk({}, finish_reason)
-            if include_usage:
-                payload = {
-                    "id": completion_id,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": predictor.name,
-                    "choices": [],
-                    "usage": usage,
-                }
-                yield f"data: {json.dumps(payload)}\n\n"
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    # Ahead of the routes, so the limit holds before anything reads the body.
-    app.add_middleware(_Limits, max_body_bytes=max_body_bytes, metrics=metrics)
-    return app
+        error = ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+        return service.answer_error(request, error)
 
 
 def _chat_input(body: Mapping[str, Any]) -> tuple[str, str, str]:
