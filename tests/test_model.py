@@ -125,6 +125,38 @@ def test_save_and_load_round_trip_gives_identical_logits(tiny_model, tokenizer, 
     torch.testing.assert_close(tiny_model(**batch).logits, model2(**batch2).logits, atol=0, rtol=0)
 
 
+def test_transformers_auto_classes_load_a_saved_folder(tiny_model, tokenizer, tiny_config, tmp_path):
+    import json
+
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, T5Config
+
+    import unified_vl  # noqa: F401  (registers the auto classes)
+    from unified_vl.processor import UnifiedVLImageProcessor
+
+    processor = UnifiedVLProcessor.from_config(tiny_config, tokenizer, vision_backbone=tiny_model.visual.backbone)
+    folder = save_pretrained(tiny_model, processor, tmp_path / "model")
+    config = AutoConfig.from_pretrained(folder)
+    assert isinstance(config.text_config, T5Config) and config.text_config.d_model == tiny_config.text_config.d_model
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    auto = AutoProcessor.from_pretrained(folder)
+    assert isinstance(model, type(tiny_model)) and isinstance(auto, UnifiedVLProcessor)
+    assert isinstance(auto.image_processor, UnifiedVLImageProcessor)
+    ours, our_processor = load_pretrained(folder)
+    targets = ["a red circle", "<loc_1><loc_2><loc_3><loc_4>"]
+    batch = our_processor(images=random_images(2), text=PROMPTS[:2], targets=targets)
+    auto_batch = auto(images=random_images(2), text=PROMPTS[:2], targets=targets)
+    for key in batch:
+        torch.testing.assert_close(batch[key], auto_batch[key], atol=0, rtol=0)
+    torch.testing.assert_close(ours.eval()(**batch).logits, model(**auto_batch).logits, atol=0, rtol=0)
+
+    # A folder saved before the processor was a ProcessorMixin (a flat processor_config.json) still loads.
+    legacy = {"processor_class": "UnifiedVLProcessor", "image_size": tiny_config.image_size, "num_bins": 1000}
+    legacy |= {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "max_text_length": 128, "max_target_length": 64}
+    (folder / "processor_config.json").write_text(json.dumps(legacy))
+    _, old = load_pretrained(folder)
+    assert old.image_size == tiny_config.image_size and old.image_processor.image_std == [0.5] * 3
+
+
 def test_loading_a_folder_of_another_architecture_is_a_clear_error(tmp_path):
     from transformers import T5Config, T5ForConditionalGeneration
 
@@ -178,7 +210,7 @@ def test_local_t5_folder_and_timm_weight_file_become_the_backbones(tmp_path, tok
             image_size=32,
         )
         model = build_model(config, t5_tokenizer)
-        assert model.config.text_config["d_model"] == 32
+        assert model.config.text_config.d_model == 32
         assert model.language_model.config.vocab_size == len(t5_tokenizer) == base_vocab + 1000
         shared = model.language_model.shared.weight
         torch.testing.assert_close(shared[:base_vocab], t5.shared.weight, atol=0, rtol=0)

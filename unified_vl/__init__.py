@@ -1,24 +1,54 @@
 """unified-vl: one sequence-to-sequence model for captioning, VQA, grounding and classification.
 
-Heavy submodules (torch, transformers, timm) are imported lazily (PEP 562) so that pure-Python
-users such as ``tasks`` can import ``tasks.boxes`` without pulling in torch.
+Importing the package registers its classes with ``transformers``' auto classes, so that a saved
+model folder loads the Hugging Face way::
+
+    import unified_vl
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained("runs/main/model")
+    processor = AutoProcessor.from_pretrained("runs/main/model")
+
+This is the package's facade (tests/test_layout.py): it imports the library's model classes (so
+torch and transformers load with it) and names the public entry points of every layer; the
+pure-Python layers below it (``tasks``, ``tasks.boxes``, ``data_tools``) never import it.
 """
 
 from __future__ import annotations
 
 import importlib
 
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
+
+from unified_vl.config import UnifiedVLConfig
+from unified_vl.modeling import UnifiedVLForConditionalGeneration
+from unified_vl.processor import UnifiedVLImageProcessor, UnifiedVLProcessor
+
 __version__ = "0.1.0"
 
+AutoConfig.register(UnifiedVLConfig.model_type, UnifiedVLConfig, exist_ok=True)
+AutoModelForImageTextToText.register(UnifiedVLConfig, UnifiedVLForConditionalGeneration, exist_ok=True)
+# One pipeline for both of transformers' image backends: ours is plain PIL and torch.
+AutoImageProcessor.register(
+    UnifiedVLConfig,
+    image_processor_classes={"pil": UnifiedVLImageProcessor, "torchvision": UnifiedVLImageProcessor},
+    exist_ok=True,
+)
+AutoProcessor.register(UnifiedVLConfig, UnifiedVLProcessor, exist_ok=True)
+
 _LAZY = {
-    "UnifiedVLConfig": "unified_vl.config",
-    "UnifiedVLForConditionalGeneration": "unified_vl.modeling",
-    "UnifiedVLProcessor": "unified_vl.processor",
     "load_tokenizer": "unified_vl.tokenizer",
     "Predictor": "unified_vl.app.inference.predictor",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "__version__",
+    "UnifiedVLConfig",
+    "UnifiedVLForConditionalGeneration",
+    "UnifiedVLImageProcessor",
+    "UnifiedVLProcessor",
+    *_LAZY,
+]
 
 
 def __getattr__(name: str):

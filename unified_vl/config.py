@@ -96,9 +96,9 @@ class UnifiedVLConfig(PretrainedConfig):
     """Configuration of :class:`~unified_vl.modeling.UnifiedVLForConditionalGeneration`.
 
     Args:
-        text_config: T5 config fields (a dict or a ``T5Config``). Ignored fields fall back to
-            ``T5Config`` defaults. When ``text_model_path`` is given and this is None, the folder's
-            ``config.json`` is read.
+        text_config: T5 config fields (a dict or a ``T5Config``); kept as a ``T5Config`` sub-config
+            (``config.text_config.d_model``). Fields not given fall back to ``T5Config`` defaults.
+            When ``text_model_path`` is given and this is None, the folder's ``config.json`` is read.
         text_model_path: a local Hugging Face T5 folder whose weights (and ``spiece.model``)
             :func:`~unified_vl.modeling.build_model` loads. Only read when building a fresh model.
         vision_model: any timm model name (created with ``pretrained=False``: nothing downloads).
@@ -116,6 +116,7 @@ class UnifiedVLConfig(PretrainedConfig):
     """
 
     model_type = "unified_vl"
+    sub_configs = {"text_config": T5Config}  # saved nested in config.json, read back as a T5Config
 
     def __init__(
         self,
@@ -146,9 +147,7 @@ class UnifiedVLConfig(PretrainedConfig):
                 )
             text_config = json.loads(config_file.read_text())
         # T5's special ids (pad 0 doubles as decoder start, eos 1) unless the folder says otherwise.
-        text_config = {**T5_SPECIAL_IDS, **(text_config or {})}
-        # Resolve through T5Config so that every field is present and typed.
-        self.text_config = T5Config(**text_config).to_dict()
+        self.text_config = T5Config(**{**T5_SPECIAL_IDS, **(text_config or {})})  # a real sub-config
         self.text_model_path = os.fspath(text_model_path) if text_model_path is not None else None
         self.vision_model = vision_model
         self.vision_kwargs = dict(vision_kwargs or {})
@@ -163,13 +162,8 @@ class UnifiedVLConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     @property
-    def t5_config(self) -> T5Config:
-        """The text model's config as a ``T5Config``."""
-        return T5Config(**self.text_config)
-
-    @property
     def hidden_size(self) -> int:
-        return self.text_config["d_model"]
+        return self.text_config.d_model
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> UnifiedVLConfig:

@@ -104,7 +104,7 @@ class UnifiedVLForConditionalGeneration(PreTrainedModel):
     def __init__(self, config: UnifiedVLConfig):
         super().__init__(config)
         self.visual = VisualEmbedding(config)
-        self.language_model = T5ForConditionalGeneration(config.t5_config)
+        self.language_model = T5ForConditionalGeneration(config.text_config)  # shares the sub-config
         d = config.hidden_size
         # Type embeddings tell image tokens from text tokens (VL-T5 §3.1); zero-initialised so
         # that a pretrained T5's text path starts unchanged.
@@ -198,7 +198,7 @@ class UnifiedVLForConditionalGeneration(PreTrainedModel):
 
     def resize_token_embeddings(self, new_num_tokens: int, **kwargs) -> nn.Embedding:
         embeddings = self.language_model.resize_token_embeddings(new_num_tokens, **kwargs)
-        self.config.text_config["vocab_size"] = self.language_model.config.vocab_size
+        self.config.text_config = self.language_model.config
         return embeddings
 
 
@@ -255,7 +255,7 @@ def build_model(config: UnifiedVLConfig, tokenizer=None) -> UnifiedVLForConditio
         if len(tokenizer) != model.language_model.config.vocab_size:
             model.resize_token_embeddings(len(tokenizer))
         init_location_embeddings(model, loc_token_ids(tokenizer, config.num_bins))
-    model.config.text_config = model.language_model.config.to_dict()
+    model.config.text_config = model.language_model.config
     return model
 
 

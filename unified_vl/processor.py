@@ -22,6 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from transformers import ProcessorMixin
+from transformers.image_processing_base import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
 
 from tasks.boxes import DEFAULT_NUM_BINS
 from unified_vl.tokenizer import load_tokenizer
@@ -71,14 +74,59 @@ def load_image(image: ImageInput, *, what: str = "image") -> Image.Image:
     raise ImageLoadError(f"{what}: expected a PIL image, a numpy array or a file path, got {type(image).__name__}")
 
 
-class UnifiedVLProcessor:
-    """Turns images and text into the model's batch.
+class UnifiedVLImageProcessor(BaseImageProcessor):
+    """Images -> ``pixel_values`` (B, 3, S, S): RGB, resized to S x S (bicubic, no crop), normalised.
+
+    A ``transformers`` image processor (``AutoImageProcessor`` loads it from a model folder once
+    ``unified_vl`` is imported). It keeps its own small pipeline rather than a ``PilBackend``'s
+    (which could resize, rescale and normalise too) so that its pixels are exactly those every
+    trained model saw.
 
     Args:
-        tokenizer: a tokenizer from :func:`unified_vl.tokenizer.load_tokenizer`.
         image_size: square size images are resized to.
         image_mean: per-channel mean (the backbone's timm data config).
         image_std: per-channel std.
+    """
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(
+        self,
+        image_size: int = 64,
+        image_mean: Sequence[float] = (0.5, 0.5, 0.5),
+        image_std: Sequence[float] = (0.5, 0.5, 0.5),
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.image_size = int(image_size)
+        self.image_mean = [float(v) for v in image_mean]
+        self.image_std = [float(v) for v in image_std]
+
+    def preprocess(self, images: Sequence[ImageInput] | ImageInput, **kwargs) -> BatchFeature:
+        """``{"pixel_values": (B, 3, S, S) float tensor}``; a single image makes a batch of one."""
+        if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike)):
+            images = [images]
+        arrays = []
+        for i, image in enumerate(images):
+            img = load_image(image, what=f"image {i}")
+            img = img.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+            arrays.append(np.asarray(img, dtype=np.float32) / 255.0)  # (S, S, 3)
+        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, S, S)
+        mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std).view(1, 3, 1, 1)
+        return BatchFeature({"pixel_values": (batch - mean) / std})
+
+
+class UnifiedVLProcessor(ProcessorMixin):
+    """Turns images and text into the model's batch; a ``transformers`` ``ProcessorMixin``.
+
+    ``AutoProcessor.from_pretrained(folder)`` loads it once ``unified_vl`` is imported;
+    ``save_pretrained`` writes ``processor_config.json`` (the image processor nested in it) and the
+    tokenizer files.
+
+    Args:
+        image_processor: a :class:`UnifiedVLImageProcessor`.
+        tokenizer: a tokenizer from :func:`unified_vl.tokenizer.load_tokenizer`.
         max_text_length: prompts longer than this (in tokens) are truncated.
         max_target_length: targets longer than this are truncated.
         num_bins: number of location tokens, for the box helpers of callers.
@@ -86,23 +134,23 @@ class UnifiedVLProcessor:
 
     def __init__(
         self,
+        image_processor: UnifiedVLImageProcessor,
         tokenizer,
-        *,
-        image_size: int,
-        image_mean: Sequence[float] = (0.5, 0.5, 0.5),
-        image_std: Sequence[float] = (0.5, 0.5, 0.5),
         max_text_length: int = 128,
         max_target_length: int = 64,
         num_bins: int = DEFAULT_NUM_BINS,
+        **kwargs,
     ):
-        self.tokenizer = tokenizer
-        self.image_size = int(image_size)
-        self.image_mean = tuple(float(v) for v in image_mean)
-        self.image_std = tuple(float(v) for v in image_std)
+        # ProcessorMixin saves the positional-or-keyword arguments of __init__ besides the sub-processors.
         self.max_text_length = int(max_text_length)
         self.max_target_length = int(max_target_length)
         self.num_bins = int(num_bins)
         self._warned_truncation = False
+        super().__init__(image_processor, tokenizer, **kwargs)
+
+    @property
+    def image_size(self) -> int:
+        return self.image_processor.image_size
 
     @classmethod
     def from_config(cls, config, tokenizer=None, *, vision_backbone=None) -> UnifiedVLProcessor:
@@ -114,10 +162,8 @@ class UnifiedVLProcessor:
             data_config = timm.data.resolve_model_data_config(vision_backbone)
             mean, std = data_config["mean"], data_config["std"]
         return cls(
+            UnifiedVLImageProcessor(config.image_size, mean, std),
             tokenizer if tokenizer is not None else load_tokenizer(num_bins=config.num_bins),
-            image_size=config.image_size,
-            image_mean=mean,
-            image_std=std,
             max_text_length=config.max_text_length,
             max_target_length=config.max_target_length,
             num_bins=config.num_bins,
@@ -126,15 +172,7 @@ class UnifiedVLProcessor:
     # -- images -------------------------------------------------------------------------------
     def preprocess_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """(B, 3, S, S) float tensor, resized (bicubic, no crop) and normalised."""
-        arrays = []
-        for i, image in enumerate(images):
-            img = load_image(image, what=f"image {i}")
-            img = img.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
-            arrays.append(np.asarray(img, dtype=np.float32) / 255.0)  # (S, S, 3)
-        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, S, S)
-        mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.image_std).view(1, 3, 1, 1)
-        return (batch - mean) / std
+        return self.image_processor(images)["pixel_values"]
 
     # -- text ---------------------------------------------------------------------------------
     def _tokenize(self, texts: Sequence[str], max_length: int, field: str) -> dict[str, torch.Tensor]:
@@ -213,34 +251,33 @@ class UnifiedVLProcessor:
         return [self.tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in sequences]
 
     # -- persistence --------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return {
-            "processor_class": type(self).__name__,
-            "image_size": self.image_size,
-            "image_mean": list(self.image_mean),
-            "image_std": list(self.image_std),
-            "max_text_length": self.max_text_length,
-            "max_target_length": self.max_target_length,
-            "num_bins": self.num_bins,
-        }
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Writes ``processor_config.json`` and the tokenizer files into ``save_directory``."""
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(str(folder))
-        tmp = folder / (PROCESSOR_CONFIG + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, folder / PROCESSOR_CONFIG)
+        super().save_pretrained(str(save_directory), **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> UnifiedVLProcessor:
-        """Loads a processor saved by :meth:`save_pretrained` (a local folder)."""
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> UnifiedVLProcessor:
+        """Loads a processor saved by :meth:`save_pretrained` (a local folder), or by earlier versions.
+
+        Raises:
+            FileNotFoundError: the folder has no ``processor_config.json``.
+        """
         folder = Path(path)
         config_file = folder / PROCESSOR_CONFIG
         if not config_file.is_file():
             raise FileNotFoundError(f"{str(folder)!r} has no {PROCESSOR_CONFIG}; is it a unified-vl model folder?")
         fields = json.loads(config_file.read_text())
-        fields.pop("processor_class", None)
-        tokenizer = load_tokenizer(folder, num_bins=fields.get("num_bins", DEFAULT_NUM_BINS))
-        return cls(tokenizer, **fields)
+        num_bins = fields.get("num_bins", DEFAULT_NUM_BINS)
+        if "image_processor" not in fields:  # the flat file of folders saved before the ProcessorMixin
+            image = {k: fields[k] for k in ("image_size", "image_mean", "image_std")}
+            return cls(
+                UnifiedVLImageProcessor(**image),
+                load_tokenizer(folder, num_bins=num_bins),
+                max_text_length=fields["max_text_length"],
+                max_target_length=fields["max_target_length"],
+                num_bins=num_bins,
+            )
+        processor = super().from_pretrained(str(folder), local_files_only=True, **kwargs)
+        # The folder's tokenizer as load_tokenizer reads it: T5's sentinels and the location tokens.
+        processor.tokenizer = load_tokenizer(folder, num_bins=num_bins)
+        return processor

@@ -154,7 +154,7 @@ def build_model_and_processor(config: RunConfig):
 
 def architecture(model_config) -> dict:
     arch = {k: getattr(model_config, k) for k in ARCH_FIELDS}
-    arch["text_config"] = {k: model_config.text_config.get(k) for k in ARCH_TEXT_FIELDS}
+    arch["text_config"] = {k: getattr(model_config.text_config, k, None) for k in ARCH_TEXT_FIELDS}
     return arch
 
 
