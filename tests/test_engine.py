@@ -449,3 +449,27 @@ def test_inherited_launcher_variables_of_another_job_give_a_clear_error(tmp_path
     assert proc.returncode != 0
     assert "DistributedSetupError: could not join the process group" in proc.stderr
     assert f"MASTER_PORT={env['MASTER_PORT']}" in proc.stderr and "unset RANK WORLD_SIZE" in proc.stderr
+
+
+def test_progress_bar_updates_a_few_times_a_minute_in_a_log_file(tmp_path):
+    import io
+
+    from unified_vl.engine.monitor import LOG_INTERVAL_S, progress_interval
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert progress_interval(Terminal()) == 0.1
+    assert progress_interval(io.StringIO()) == LOG_INTERVAL_S >= 10
+    from unified_vl.engine.monitor import Monitor
+
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as stream, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "stderr", stream)
+        monitor = Monitor(tmp_path, enabled=True, total_steps=500)
+        for step in range(1, 501):
+            monitor.step(step, {"train/loss": 1.0, "train/lr": 1e-3, "train/samples_per_s": 100.0}, log=step % 10 == 0)
+        monitor.close()
+    updates = log.read_text().replace("\r", "\n").strip().splitlines()
+    assert 1 <= len(updates) <= 4, updates  # the first and last state, not one line per step
