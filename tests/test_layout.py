@@ -139,3 +139,19 @@ def test_cli_commands_resolve_to_functions():
     for name, (target, _) in COMMANDS.items():
         module_name, func_name = target.split(":")
         assert callable(getattr(importlib.import_module(module_name), func_name)), name
+
+
+MAX_FUNCTION_LINES = 90  # "fits on a screen or two", docstring included (about 80 lines of code)
+
+
+def test_library_functions_fit_on_a_screen_or_two():
+    long = []
+    for path, rel in _files():
+        if not rel.startswith("unified_vl/"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{rel}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, "split these into named steps:\n" + "\n".join(long)
