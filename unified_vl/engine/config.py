@@ -143,12 +143,21 @@ class CheckpointConfig:
 
 
 @dataclass
+class MethodConfig:
+    """How the model is adapted (``unified_vl.prompting``; DESIGN.md §8)."""
+
+    name: str = "full"  # a registered method: full, or a prompt-learning / adapter method
+    options: dict[str, Any] = field(default_factory=dict)  # the method's own settings; unknown ones are errors
+
+
+@dataclass
 class RunConfig:
     """One training run."""
 
     output_dir: str | None = None  # None: runs/<job>-<date-time>
     resume: bool = False  # continue from <output_dir>/checkpoints/latest
     model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -431,6 +440,7 @@ def validate(config: RunConfig) -> None:
                         f"model.overrides.text_config: unknown T5Config field {k!r}; allowed: {', '.join(sorted(t5_fields))}"
                     )
     positive("model.tokenizer_vocab_size", m.tokenizer_vocab_size)
+    _validate_method(config)
     if not d.tasks:
         raise ConfigError("data.tasks is empty; name the tasks to train, e.g. data.tasks={vqa: 1, rec: 1}")
     for task, weight in d.tasks.items():
@@ -464,6 +474,15 @@ def validate(config: RunConfig) -> None:
     positive("checkpoint.keep_last", c.keep_last)
     if c.best_metric is not None and len(c.best_metric.split("/")) != 3:
         raise ConfigError(f"checkpoint.best_metric must be a metric key 'task/split/metric', got {c.best_metric!r}")
+
+
+def _validate_method(config: RunConfig) -> None:
+    from unified_vl.prompting import MethodError, get_method
+
+    try:
+        get_method(config.method.name).resolve_options(config.method.options)
+    except MethodError as exc:
+        raise ConfigError(f"method: {exc}") from None
 
 
 def dump_yaml(config: RunConfig, derived: Derived | None = None) -> str:

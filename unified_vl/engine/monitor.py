@@ -56,8 +56,7 @@ class Monitor:
     def set_total(self, total_steps: int) -> None:
         """The plan changed (a time-bounded run measured its speed)."""
         if self.bar is not None:
-            self.bar.total = total_steps
-            self.bar.refresh()
+            self.bar.total = total_steps  # shown at the next update (a forced refresh is a log line)
 
     def step(self, step: int, values: dict[str, float], *, log: bool) -> None:
         """One optimizer step done; ``log``: also write ``values`` to the files."""

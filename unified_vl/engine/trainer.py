@@ -28,6 +28,7 @@ from unified_vl.engine.config import ConfigError, Derived, RunConfig, deepspeed_
 from unified_vl.engine.export import SPEC, export_checkpoint, export_model
 from unified_vl.engine.mixture import MixtureSampler, few_shot_indices, mixture_probabilities, shard
 from unified_vl.engine.monitor import Monitor
+from unified_vl.prompting import get_method
 from unified_vl.tokenizer import loc_token_ids
 
 # Architecture fields that must agree between a checkpoint and the model built to resume it.
@@ -303,7 +304,6 @@ class _Run:
     data: TrainData
     sampler: MixtureSampler
     mixture: dict[str, float]
-    frozen: int  # frozen parameters
 
 
 def _few_shot(config: RunConfig, data: TrainData) -> TrainData:
@@ -338,15 +338,18 @@ def _build(config: RunConfig, data: TrainData, job: str) -> _Run:
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model, processor = build_model_and_processor(config)
+    method = get_method(config.method.name)
+    if method.attach is not None:  # the method's own parameters, and what it freezes
+        method.attach(model, method.resolve_options(config.method.options))
     if config.resume:
         check_architecture(architecture(UnifiedVLConfig.from_pretrained(run_dir / SPEC)), model.config, run_dir)
-    frozen = freeze(model, t.freeze)
+    freeze(model, t.freeze)
     torch.manual_seed(t.seed + dist.rank)  # dropout streams differ between ranks
     sizes = {task: len(ds) for task, ds in data.datasets.items()}
     d = config.data
     mixture = mixture_probabilities(sizes, d.tasks, weighting=d.weighting, temperature=d.temperature)
     sampler = MixtureSampler(sizes, mixture, seed=t.seed, global_batch_size=t.global_batch_size)
-    run = _Run(config, dist, derived, run_dir, model, processor, data, sampler, mixture, frozen)
+    run = _Run(config, dist, derived, run_dir, model, processor, data, sampler, mixture)
     if dist.is_main:
         suffix = "" if not config.resume else f"-resume-{time.strftime('%Y%m%d-%H%M%S')}"
         atomic_write_text(run_dir / f"config{suffix}.yaml", dump_yaml(config, derived))
@@ -357,14 +360,43 @@ def _build(config: RunConfig, data: TrainData, job: str) -> _Run:
     return run
 
 
+def parameter_counts(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """``{module: (trainable, total)}`` parameters, by top-level module (the language model by its parts).
+
+    Shared tensors (T5's tied embeddings) count once, under the first name that holds them.
+    """
+    counts: dict[str, list[int]] = {}
+    for name, param in model.named_parameters():  # named_parameters yields a shared tensor once
+        parts = name.split(".")
+        key = ".".join(parts[:2]) if parts[0] == "language_model" and len(parts) > 2 else parts[0]
+        entry = counts.setdefault(key, [0, 0])
+        entry[0] += param.numel() if param.requires_grad else 0
+        entry[1] += param.numel()
+    return {key: (trainable, total) for key, (trainable, total) in counts.items()}
+
+
+def parameter_report(model: torch.nn.Module) -> str:
+    """The trainable-parameter report a run prints: counts and fractions, per module and in all."""
+    counts = parameter_counts(model)
+    trainable, total = (sum(c[i] for c in counts.values()) for i in (0, 1))
+    width = max(len(k) for k in counts)
+    lines = [f"parameters: {trainable:,} of {total:,} trainable ({100 * trainable / max(total, 1):.2f}%)"]
+    lines += [
+        f"  {key:{width}s}  {t:>12,} of {n:>12,} trainable ({100 * t / max(n, 1):6.2f}%)"
+        for key, (t, n) in counts.items()
+    ]
+    return "\n".join(lines)
+
+
 def _summary(run: _Run) -> str:
     t, derived = run.config.train, run.derived
-    trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     return (
-        f"run {run.run_dir}: {trainable / 1e6:.2f}M trainable parameters ({run.frozen / 1e6:.2f}M frozen), world size "
+        f"run {run.run_dir}: method {run.config.method.name}, world size "
         f"{run.dist.world_size}, global batch {t.global_batch_size} = {t.micro_batch_size} x {run.dist.world_size} "
         f"ranks x {derived.gradient_accumulation_steps} accumulation, ZeRO {t.zero_stage}, {t.precision}; mixture "
         + ", ".join(f"{k} {v:.2f}" for k, v in run.mixture.items())
+        + "\n"
+        + parameter_report(run.model)
     )
 
 

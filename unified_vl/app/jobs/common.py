@@ -8,6 +8,7 @@ hands them to the engine as plain functions and records.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -162,13 +163,25 @@ def make_example(task_name: str, record: Mapping, rng: random.Random) -> Example
 
 
 def training_data(config: RunConfig) -> TrainData:
-    """The training split of every configured task, memory-mapped (images decode on access)."""
-    from data_tools import storage
+    """The training split of every configured task, memory-mapped (images decode on access).
 
-    return TrainData(
-        {task: storage.load_split(config.data.path, task, config.data.train_split) for task in config.data.tasks},
-        make_example,
-    )
+    Records become examples through the method's ``make_example`` when it has one (CPT paints the
+    image), else through the task's templates.
+    """
+    from data_tools import storage
+    from unified_vl.prompting import get_method
+
+    method = get_method(config.method.name)
+    examples = make_example
+    if method.make_example is not None:
+        options = method.resolve_options(config.method.options)
+        examples = functools.partial(_method_example, method.make_example, options=options)
+    datasets = {task: storage.load_split(config.data.path, task, config.data.train_split) for task in config.data.tasks}
+    return TrainData(datasets, examples)
+
+
+def _method_example(hook, task_name: str, record: Mapping, rng: random.Random, *, options) -> Example:
+    return hook(task_name, record, rng, options)
 
 
 def preflight(config: RunConfig) -> distributed.DistInfo:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from unified_vl.app.jobs.common import run_main
 
@@ -27,6 +28,9 @@ class TaskEvaluator:
         num_beams: 1 for greedy search.
         candidate_split: where the candidate texts of ``"candidates"`` tasks come from (the label
             set seen in training); falls back to the evaluated split.
+        method: the method whose ``generate`` reads the answers (``unified_vl.prompting``); the
+            task's own decoding when it has none.
+        method_options: the method's options (``Method.resolve_options``).
     """
 
     def __init__(
@@ -37,12 +41,18 @@ class TaskEvaluator:
         batch_size: int = 64,
         num_beams: int = 1,
         candidate_split: str = "train",
+        method: str = "full",
+        method_options: Mapping[str, Any] | None = None,
     ):
+        from unified_vl.prompting import get_method
+
         self.data_dir = str(data_dir)
         self.task_names = list(task_names)
         self.batch_size = batch_size
         self.num_beams = num_beams
         self.candidate_split = candidate_split
+        self.method = get_method(method)
+        self.method_options = self.method.resolve_options(method_options)
         self._candidates: dict[str, list[str] | None] = {}
 
     def available(self, split: str) -> list[str]:
@@ -72,8 +82,6 @@ class TaskEvaluator:
     def generate(self, model, processor, *, split: str, max_examples: int | None, rank: int = 0, world_size: int = 1):
         """``{task: [(record index, generated text)]}`` for rows ``rank::world_size`` of each task's split."""
         import tasks
-        from unified_vl.app.jobs.common import blank_image
-        from unified_vl.generation import generate_texts
 
         out: dict[str, list[tuple[int, str]]] = {}
         for name in self.available(split):
@@ -81,19 +89,35 @@ class TaskEvaluator:
             dataset = self.records(name, split, max_examples)
             indices = list(range(rank, len(dataset), world_size))
             rows = [dataset[i] for i in indices]
-            candidates = self.candidates(task, split) if task.decoding == "candidates" else None
-            texts = generate_texts(
-                model,
-                processor,
-                [r["image"] if r["image"] is not None else blank_image() for r in rows],
-                [task.prompt(r) for r in rows],
-                decoding=task.decoding,
-                candidates=candidates,
-                num_beams=self.num_beams,
-                batch_size=self.batch_size,
-            )
+            texts = self._texts(model, processor, task, rows, split)
             out[name] = list(zip(indices, texts, strict=True))
         return out
+
+    def _texts(self, model, processor, task, rows, split: str) -> list[str]:
+        """The method's texts for ``rows`` when it reads answers its own way, else the task's decoding."""
+        from unified_vl.app.jobs.common import blank_image
+        from unified_vl.generation import generate_texts
+
+        if self.method.generate is not None:
+            return self.method.generate(
+                model,
+                processor,
+                task.name,
+                rows,
+                self.method_options,
+                batch_size=self.batch_size,
+                num_beams=self.num_beams,
+            )
+        return generate_texts(
+            model,
+            processor,
+            [r["image"] if r["image"] is not None else blank_image() for r in rows],
+            [task.prompt(r) for r in rows],
+            decoding=task.decoding,
+            candidates=self.candidates(task, split) if task.decoding == "candidates" else None,
+            num_beams=self.num_beams,
+            batch_size=self.batch_size,
+        )
 
     def score(
         self, texts: dict[str, list[tuple[int, str]]], *, split: str, max_examples: int | None
@@ -133,6 +157,25 @@ def format_metrics(metrics: dict[str, float]) -> str:
     return "\n".join(f"  {k.ljust(width)}  {v:.4f}" for k, v in sorted(metrics.items()))
 
 
+def _method_options(name: str, items: Sequence[str]) -> dict[str, Any]:
+    """``--method-option KEY=VALUE`` items, checked against the method's options (a ConfigError if not)."""
+    import yaml
+
+    from unified_vl.engine.config import ConfigError
+    from unified_vl.prompting import MethodError, get_method
+
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--method-option {item!r} is not KEY=VALUE")
+        options[key.strip()] = yaml.safe_load(value)
+    try:
+        return get_method(name).resolve_options(options)
+    except MethodError as exc:
+        raise ConfigError(f"--method: {exc}") from None
+
+
 def _body(argv: Sequence[str]) -> int:
     from data_tools import storage
     from unified_vl.checkpoint import load_pretrained
@@ -148,8 +191,17 @@ def _body(argv: Sequence[str]) -> int:
     parser.add_argument("--max-examples", type=int, default=None, help="first N records per (task, split)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--method", default="full", help="how answers are read (unified_vl.prompting; default: full)")
+    parser.add_argument(
+        "--method-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method option (repeatable; the value is YAML, e.g. alpha=0.5)",
+    )
     parser.add_argument("--out", default=None, help="JSON file to write (default: <model>/eval_results.json)")
     args = parser.parse_args(argv)
+    method_options = _method_options(args.method, args.method_option)
 
     import tasks
 
@@ -163,7 +215,14 @@ def _body(argv: Sequence[str]) -> int:
                 have = ", ".join(f"{t}/{s}" for t, ss in available.items() for s in ss)
                 raise ConfigError(f"{args.data} has no {name}/{split}; it has: {have}")
     model, processor = load_pretrained(args.model)
-    evaluator = TaskEvaluator(args.data, names, batch_size=args.batch_size, num_beams=args.num_beams)
+    evaluator = TaskEvaluator(
+        args.data,
+        names,
+        batch_size=args.batch_size,
+        num_beams=args.num_beams,
+        method=args.method,
+        method_options=method_options,
+    )
     metrics: dict[str, float] = {}
     for split in args.split:
         metrics.update(evaluator.evaluate(model, processor, split=split, max_examples=args.max_examples))

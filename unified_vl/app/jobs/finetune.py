@@ -6,6 +6,7 @@ task's primary metric on ``val`` is kept; the final model is evaluated on ``test
 
     unified-vl finetune --task vqa --data ~/.cache/unified-vl/synth-... --init runs/pretrain-.../model
     unified-vl finetune --task rec --data DIR --init MODEL --shots 32 --seed 1 train.freeze=[visual]
+    unified-vl finetune --task rec --data DIR --init MODEL --shots 8 --method cpt     # another method
 
 Layers: `FINETUNE` defaults <- CONFIG.yaml <- the flags <- KEY=VALUE.
 """
@@ -54,6 +55,11 @@ def _body(argv: Sequence[str]) -> int:
     parser.add_argument("--init", default=None, help="the model folder to start from (default: a fresh model.preset)")
     parser.add_argument("--shots", type=int, default=None, help="train on K examples drawn from the seed (few-shot)")
     parser.add_argument("--seed", type=int, default=None, help="the run's seed (sampling, shots, dropout)")
+    parser.add_argument(
+        "--method",
+        default=None,
+        help="how to adapt the model (unified_vl.prompting; default: full); method.options.KEY=VALUE sets its options",
+    )
     parser.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [KEY=VALUE ...]")
     add_config_args(parser)
     args = parser.parse_args(argv)
@@ -64,6 +70,7 @@ def _body(argv: Sequence[str]) -> int:
     flags += [f"model.init={args.init}"] if args.init else []
     flags += [f"data.shots={args.shots}"] if args.shots is not None else []
     flags += [f"train.seed={args.seed}"] if args.seed is not None else []
+    flags += [f"method.name={args.method}"] if args.method is not None else []
     primary = tasks.get_task(args.task).primary_metric
     defaults = {**FINETUNE, "checkpoint": {**FINETUNE["checkpoint"], "best_metric": f"{args.task}/val/{primary}"}}
     config = config_from(path, [*flags, *overrides], defaults=defaults, resume=args.resume)
@@ -73,7 +80,12 @@ def _body(argv: Sequence[str]) -> int:
     config = prepare_data(config, dist)
     check_tasks_and_data(config)
     evaluator = TaskEvaluator(
-        config.data.path, [args.task], batch_size=config.eval.batch_size, num_beams=config.eval.num_beams
+        config.data.path,
+        [args.task],
+        batch_size=config.eval.batch_size,
+        num_beams=config.eval.num_beams,
+        method=config.method.name,
+        method_options=config.method.options,
     )
     result = train(config, training_data(config), evaluator=evaluator, job=f"finetune-{args.task}")
     if dist.is_main:

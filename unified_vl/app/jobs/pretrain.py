@@ -113,7 +113,12 @@ def _body(argv: Sequence[str]) -> int:
     config = prepare_data(config, dist)
     check_tasks_and_data(config)
     evaluator = TaskEvaluator(
-        config.data.path, list(config.data.tasks), batch_size=config.eval.batch_size, num_beams=config.eval.num_beams
+        config.data.path,
+        list(config.data.tasks),
+        batch_size=config.eval.batch_size,
+        num_beams=config.eval.num_beams,
+        method=config.method.name,
+        method_options=config.method.options,
     )
     result = train(config, training_data(config), evaluator=evaluator, job="pretrain")
     if dist.is_main:
