@@ -1,28 +1,20 @@
-"""Requests/s and p50/p99 latency of `unified-vl serve`, with dynamic batching and with --max-batch 1.
+"""Requests/s, p50/p99 latency and errors of `unified-vl serve`: dynamic batching vs --max-batch 1.
 
-    python scripts/bench_serve.py                      # untrained uvl-tiny, CPU, 192 requests per run
-    python scripts/bench_serve.py --model runs/main/model --device cuda --requests 512
+    python scripts/bench_serve.py                      # untrained uvl-tiny, CPU, 1/8/32 clients, mixed tasks
+    python scripts/bench_serve.py --model runs/main/model --device cuda --requests 512 --out docs/bench/serve-gpu.md
 
 Starts the real server (a subprocess, as users run it) once with ``--max-batch 16`` and once with
-``--max-batch 1``, and at 1 and 32 concurrent clients sends ``/v1/predict`` vqa requests (a
-640x480 JPEG each, base64 in JSON). Prints requests/s, p50 and p99 latency for each of the four
-runs and the ratios batching / no batching. At 1 client both are the same (a lone request
-waits up to --max-wait-ms for company); at 32 clients batching multiplies throughput and cuts
-latency. Measured (untrained models, 16 new tokens, 192/256 requests per run):
-
-    uvl-tiny, 2 shared CPU cores        req/s  p50 ms  p99 ms
-      max-batch 16, 1 / 32 clients       14.0    63     106  /  72.3   407   681
-      max-batch 1,  1 / 32 clients       15.0    61     103  /  16.9  1833  2199   -> x4.3 req/s at 32
-    uvl-base, one H100 (--device cuda --server-threads 4)
-      max-batch 16, 1 / 32 clients        4.6   208     289  /  38.6   783  1165
-      max-batch 1,  1 / 32 clients        4.7   205     283  /   5.1  6324  7423   -> x7.6 req/s at 32
-
-(On the GPU a request is bound by kernel launches, not arithmetic: batching amortises them.)
+``--max-batch 1``; at each number of concurrent clients it sends ``/v1/predict`` requests that mix
+four tasks (vqa, captioning, rec, classification with labels; a 640x480 JPEG each, base64 in JSON)
+and counts requests/s, p50 and p99 latency and errors (any non-2xx answer). Prints a machine line
+and a table with the ratios batching / no batching measured in the same run. Target: >= 3x
+throughput at 32 clients with 0 errors. At 1 client both are about the same (a lone request waits
+up to --max-wait-ms for company).
 
 Without --model the model is an untrained preset (--preset), saved to a temporary folder; it
-never writes end-of-sequence, so every request decodes exactly --max-new-tokens tokens, a fixed
-workload. The server process gets --server-threads torch threads (OMP_NUM_THREADS): on a small
-shared CPU, more threads than free cores make torch spin instead of compute.
+never writes end-of-sequence, so every open-ended request decodes exactly --max-new-tokens tokens,
+a fixed workload. The server process gets --server-threads torch threads (OMP_NUM_THREADS): on a
+small shared CPU, more threads than free cores make torch spin instead of compute.
 """
 
 from __future__ import annotations
@@ -45,6 +37,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 JSON = {"content-type": "application/json"}
+# The mixed workload: one request of each task in turn (their decodings differ, so a batch splits into groups).
+TASKS = (
+    lambda i: {"task": "vqa", "question": f"what color is shape number {i}?"},
+    lambda i: {"task": "captioning"},
+    lambda i: {"task": "rec", "expression": f"the shape number {i}"},
+    lambda i: {"task": "classification", "labels": ["circle", "square", "triangle", "cross"]},
+)
 
 
 def _free_port() -> int:
@@ -82,33 +81,35 @@ def _bodies(n: int, max_new_tokens: int) -> list[bytes]:
             draw.ellipse((x, y % 400, x + 80, y % 400 + 80), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=90)
-        body = {
-            "task": "vqa",
-            "image": base64.b64encode(buffer.getvalue()).decode(),
-            "question": f"what color is shape number {i}?",
-            "max_new_tokens": max_new_tokens,
-        }
+        body = {"image": base64.b64encode(buffer.getvalue()).decode(), **TASKS[i % len(TASKS)](i)}
+        if body["task"] != "classification":
+            body["max_new_tokens"] = max_new_tokens
         bodies.append(json.dumps(body).encode())
     return bodies
 
 
-async def _load(url: str, bodies: list[bytes], requests: int, clients: int) -> tuple[float, list[float]]:
-    """``requests`` requests from ``clients`` concurrent clients; returns (wall seconds, latencies)."""
+async def _load(url: str, bodies: list[bytes], requests: int, clients: int) -> tuple[float, list[float], int]:
+    """``requests`` requests from ``clients`` concurrent clients; returns (wall seconds, latencies, errors)."""
     latencies: list[float] = []
+    errors = 0
     counter = iter(range(requests))
 
     async def client(http: httpx.AsyncClient) -> None:
+        nonlocal errors
         for i in counter:  # clients share one iterator: each request is sent once
             start = time.perf_counter()
-            response = await http.post("/v1/predict", content=bodies[i % len(bodies)], headers=JSON)
+            try:
+                response = await http.post("/v1/predict", content=bodies[i % len(bodies)], headers=JSON)
+                errors += not response.is_success
+            except httpx.HTTPError:
+                errors += 1
             latencies.append(time.perf_counter() - start)
-            response.raise_for_status()
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
         start = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
-        return time.perf_counter() - start, latencies
+        return time.perf_counter() - start, latencies, errors
 
 
 def _serve(model: Path, port: int, max_batch: int, args) -> subprocess.Popen:
@@ -139,42 +140,53 @@ def main() -> None:
     parser.add_argument("--preset", default="uvl-tiny")
     parser.add_argument("--device", default=None, help="the server's device (default: cuda when available)")
     parser.add_argument("--requests", type=int, default=192, help="requests per run (after a warm-up)")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-batch", type=int, default=16, help="the batching run's --max-batch")
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--server-threads", type=int, default=1, help="torch threads of the server process")
+    parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).parent))
+    from benchlib import machine_line, markdown_table, report, verdict
 
+    batching = f"max-batch {args.max_batch}"
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else _untrained_model(args.preset, Path(tmp))
         bodies = _bodies(16, args.max_new_tokens)
-        rows = {}
-        for label, max_batch in ((f"batching (max-batch {args.max_batch})", args.max_batch), ("max-batch 1", 1)):
+        figures = {}
+        for label, max_batch in ((batching, args.max_batch), ("max-batch 1", 1)):
             port = _free_port()
             server = _serve(model, port, max_batch, args)
             try:
                 url = f"http://127.0.0.1:{port}"
                 for clients in args.clients:
                     asyncio.run(_load(url, bodies, 2 * clients, clients))  # warm-up
-                    wall, latencies = asyncio.run(_load(url, bodies, args.requests, clients))
+                    wall, latencies, errors = asyncio.run(_load(url, bodies, args.requests, clients))
                     p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
-                    rows[label, clients] = (args.requests / wall, p50, p99)
-                    print(f"{label:24s} clients={clients:3d}  {args.requests / wall:8.1f} req/s  "
-                          f"p50 {p50:8.1f} ms  p99 {p99:8.1f} ms", flush=True)  # fmt: skip
+                    figures[label, clients] = {"rps": args.requests / wall, "p50": p50, "p99": p99, "errors": errors}
+                    print(
+                        f"{label} clients={clients}: {args.requests / wall:.1f} req/s, {errors} errors", file=sys.stderr
+                    )
             finally:
                 server.terminate()
                 server.wait(timeout=60)
 
-    print(f"\nmodel {model.name}, {args.requests} requests per run, max-new-tokens {args.max_new_tokens}")
-    print(f"{'':24s} {'clients':>7s} {'req/s':>9s} {'p50 ms':>9s} {'p99 ms':>9s}")
-    for (label, clients), (rps, p50, p99) in rows.items():
-        print(f"{label:24s} {clients:7d} {rps:9.1f} {p50:9.1f} {p99:9.1f}")
-    batching = f"batching (max-batch {args.max_batch})"
+    rows = []
     for clients in args.clients:
-        b, s = rows[batching, clients], rows["max-batch 1", clients]
-        print(f"ratio batching / max-batch 1 at {clients} clients: throughput x{b[0] / s[0]:.2f}, "
-              f"p50 x{b[1] / s[1]:.2f}, p99 x{b[2] / s[2]:.2f}")  # fmt: skip
+        b, s = figures[batching, clients], figures["max-batch 1", clients]
+        ratio = b["rps"] / s["rps"]
+        ok = verdict(ratio, 3.0) if clients == 32 and b["errors"] == 0 else ("missed" if clients == 32 else "")
+        rows.append([clients, f"{b['rps']:.1f}", f"{b['p50']:.0f} / {b['p99']:.0f}", b["errors"],
+                     f"{s['rps']:.1f}", f"{s['p50']:.0f} / {s['p99']:.0f}", s["errors"], f"{ratio:.2f}x", ok])  # fmt: skip
+    head = (
+        f"{machine_line()}\nmodel {args.model or 'untrained ' + args.preset}, mixed vqa/captioning/rec/classification, "
+        f"{args.requests} requests per run, max-new-tokens {args.max_new_tokens}, server threads {args.server_threads}\n"
+    )
+    headers = ["clients", f"{batching} req/s", "p50 / p99 ms", "errors", "max-batch 1 req/s", "p50 / p99 ms",
+               "errors", "throughput ratio", "target (32: >= 3x, 0 errors)"]  # fmt: skip
+    data = {"machine": machine_line(), "runs": {f"{k[0]}, {k[1]} clients": v for k, v in figures.items()}}
+    report(args.out, head + "\n" + markdown_table(headers, rows), data)
 
 
 if __name__ == "__main__":
