@@ -283,3 +283,18 @@ def test_bad_arguments_are_clear_errors(model, processor, inputs):
         score_candidates(model, processor, images, prompts, [["red", "blue"], ["red"]])
     with pytest.raises(ValueError, match="template 1: expected a list of 2 prompts"):
         rank_classify(model, processor, images, [prompts, prompts[:1]], ["red"])
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+@pytest.mark.parametrize("decoding", ["loc4", "candidates"])
+def test_scores_from_the_generation_pass_equal_a_second_scoring_pass(model, processor, inputs, decoding, num_beams):
+    # Constrained outputs round-trip through the tokenizer, so the second pass scores the same tokens.
+    images, prompts = inputs[0][:6], inputs[1][:6]
+    kwargs = {"decoding": decoding, "num_beams": num_beams, "batch_size": 4}
+    if decoding == "candidates":
+        kwargs["candidates"] = _per_row_candidates(6, seed=2)
+    texts, scores = generate_texts(model, processor, images, prompts, return_scores=True, **kwargs)
+    assert texts == generate_texts(model, processor, images, prompts, **kwargs)
+    second = score_candidates(model, processor, images, prompts, [[t] for t in texts])[:, 0]
+    assert len(set(texts)) > 1
+    torch.testing.assert_close(torch.tensor(scores), second, atol=2e-5, rtol=0)

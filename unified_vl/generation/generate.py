@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from transformers import LogitsProcessorList
 
 from unified_vl.generation.constraints import (
@@ -48,8 +49,9 @@ def generate_texts(
     num_beams: int = 1,
     max_new_tokens: int | None = None,
     batch_size: int = 32,
+    return_scores: bool = False,
     **generation_kwargs,
-) -> list[str]:
+) -> list[str] | tuple[list[str], list[float]]:
     """Generates one text per (image, prompt), optionally constrained; what evaluation and serving call.
 
     Outputs do not depend on how inputs are batched (padding never reaches a real token). The
@@ -67,10 +69,13 @@ def generate_texts(
         max_new_tokens: the longest output in tokens. None: the model's default for ``"open"``,
             exactly enough for ``"loc4"`` and for the longest candidate.
         batch_size: inputs per ``generate`` call.
+        return_scores: also return each output's score, taken from the generation pass itself (no
+            second pass): see :func:`sequence_scores`.
         **generation_kwargs: passed to ``generate`` (e.g. ``length_penalty``, ``logits_processor``).
 
     Returns:
-        The decoded texts (special tokens removed, location tokens kept), one per input.
+        The decoded texts (special tokens removed, location tokens kept), one per input; with
+        ``return_scores``, ``(texts, scores)``.
 
     Raises:
         ValueError: an unknown ``decoding``; ``"candidates"`` without candidates or candidates with
@@ -99,7 +104,10 @@ def generate_texts(
     if max_new_tokens is not None:
         generation_kwargs["max_new_tokens"] = max_new_tokens
 
+    if return_scores:  # the raw logits of every step, to score the outputs without a second pass
+        generation_kwargs.update(return_dict_in_generate=True, output_logits=True)
     texts: list[str] = []
+    scores: list[float] = []
     for start in range(0, len(prompts), batch_size):
         stop = start + batch_size
         batch = processor(images=list(images[start:stop]), text=list(prompts[start:stop]))
@@ -107,6 +115,36 @@ def generate_texts(
         if tries is not None:
             # generate's batch_id counts rows of this chunk, not of all inputs.
             generation_kwargs["prefix_allowed_tokens_fn"] = trie_prefix_fn(tries[start:stop], shared=False)
-        sequences = model.generate(**batch, num_beams=num_beams, **generation_kwargs)  # (b, 1 + t)
+        out = model.generate(**batch, num_beams=num_beams, **generation_kwargs)
+        sequences = out.sequences if return_scores else out  # (b, 1 + t)
         texts.extend(processor.decode(sequences))
-    return texts
+        if return_scores:
+            scores.extend(sequence_scores(model, out, eos_token_id=processor.tokenizer.eos_token_id).tolist())
+    return (texts, scores) if return_scores else texts
+
+
+def sequence_scores(model, output, *, eos_token_id: int) -> torch.Tensor:
+    """Mean log-probability per generated token, end-of-sequence token included, from ``generate``'s output.
+
+    The same number as :func:`unified_vl.generation.score_candidates` gives the generated tokens
+    teacher-forced (tested): the log-softmax of the model's raw logits at each step (before any
+    constraint's logits processor, so a constrained output is scored by the model itself, not by
+    the constraint), gathered along each returned beam (``beam_indices``) by ``transformers``'
+    ``compute_transition_scores``, averaged over the tokens up to the first end-of-sequence token.
+
+    Args:
+        model: the model that generated (its ``language_model`` computes the transition scores).
+        output: ``generate``'s output with ``return_dict_in_generate=True, output_logits=True``.
+        eos_token_id: the end-of-sequence token.
+
+    Returns:
+        A float tensor (b,) on the CPU.
+    """
+    sequences = output.sequences[:, 1:]  # (b, t): without the decoder start token
+    steps = model.language_model.compute_transition_scores(
+        output.sequences, output.logits, getattr(output, "beam_indices", None), normalize_logits=True
+    )[:, -sequences.shape[1] :]  # (b, t)
+    is_eos = sequences == eos_token_id
+    last = torch.where(is_eos.any(1), is_eos.float().argmax(1), sequences.shape[1] - 1)  # (b,)
+    counted = torch.arange(sequences.shape[1], device=sequences.device)[None, :] <= last[:, None]  # (b, t)
+    return ((steps * counted).sum(1) / counted.sum(1)).float().cpu()
