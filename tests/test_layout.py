@@ -155,3 +155,25 @@ def test_library_functions_fit_on_a_screen_or_two():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{rel}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, "split these into named steps:\n" + "\n".join(long)
+
+
+def test_openmp_wait_policy_is_set_before_torch_loads():
+    # OpenMP reads OMP_WAIT_POLICY when torch loads it; the package sets it first (see unified_vl/__init__.py).
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = (
+        "import sys, builtins, os\n"
+        "seen = {}\n"
+        "real = builtins.__import__\n"
+        "def spy(name, *a, **k):\n"
+        "    if name == 'torch' and 'policy' not in seen: seen['policy'] = os.environ.get('OMP_WAIT_POLICY')\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = spy\n"
+        "import unified_vl.app.cli\n"
+        "print(seen['policy'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "PASSIVE"
