@@ -209,6 +209,17 @@ def build_results(
     return results, dropped
 
 
+def check_inputs(format_name: str, lines: Sequence[Mapping[str, Any]], *, categories=None, source: str) -> None:
+    """Fails before any prediction when the inputs cannot make the format's file (missing source
+    ids, repeated ids, several splits): ``lines`` are the inputs' lines without predictions yet.
+
+    Raises:
+        PredictionsError: as :func:`build_results`.
+    """
+    stubs = [{**line, "text": "", "prediction": None, "score": None} for line in lines]
+    build_results(stubs, format_name, categories=categories, source=source)
+
+
 def write_results(path: str | os.PathLike, results: list[dict], *, overwrite: bool = False) -> Path:
     """Writes a results list as one JSON array, atomically; an existing file only with ``overwrite``."""
     path = check_new_output(path, overwrite=overwrite)
