@@ -425,7 +425,7 @@ def batch_main(args, inputs: Mapping[str, Any], options: dict[str, Any]) -> int:
             )
             report = predict_batch(predictor, args.task, items, writer, options=options)
         print(
-            f"{report.written} predictions in {report.seconds:.1f} s ({report.images_per_s:.1f} images/s), "
+            f"{report.written} predictions in {report.seconds:.2f} s ({report.images_per_s:.1f} images/s), "
             f"{report.skipped} already there -> {args.predictions}",
             file=sys.stderr,
         )
