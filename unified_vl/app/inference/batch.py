@@ -77,10 +77,13 @@ def data_items(data_dir: str, task_name: str, split: str) -> list[Item]:
     names = input_fields(task_name)
     meta = storage.load_split(data_dir, task_name, split, decode_images=False).remove_columns("image")
 
+    from unified_vl.app.jobs.common import blank_image
+
     def loader(index: int):
         def load():
             record = dataset[index]
-            return record["image"], {n: record[n] for n in names if record.get(n) is not None}
+            image = record["image"] if record["image"] is not None else blank_image()  # text-only, as evaluation
+            return image, {n: record[n] for n in names if record.get(n) is not None}
 
         return load
 
