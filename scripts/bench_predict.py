@@ -118,7 +118,7 @@ def batch_command(model: Path, folder: Path, out: Path, batch_size: int, max_new
 def predictor_rate(model: Path, paths: list[Path], batch_size: int, max_new_tokens: int) -> dict[str, float]:
     import torch
 
-    from unified_vl import Predictor
+    from unified_vl.app.inference.predictor import Predictor
 
     torch.set_num_threads(1)
     predictor = Predictor.from_pretrained(model, device="cpu", batch_size=batch_size)

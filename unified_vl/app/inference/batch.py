@@ -72,12 +72,11 @@ def data_items(data_dir: str, task_name: str, split: str) -> list[Item]:
     from data_tools import storage
     from data_tools.predictions import source_ids
     from unified_vl.app.inference.predictor import input_fields
+    from unified_vl.app.jobs.common import blank_image
 
     dataset = storage.load_split(data_dir, task_name, split)
     names = input_fields(task_name)
     meta = storage.load_split(data_dir, task_name, split, decode_images=False).remove_columns("image")
-
-    from unified_vl.app.jobs.common import blank_image
 
     def loader(index: int):
         def load():
@@ -124,12 +123,12 @@ def image_items(spec: str, task_name: str, inputs: Mapping[str, Any]) -> list[It
 
     has_image_id = task_name != GENERATE and "image_id" in tasks.get_task(task_name).fields
     items = []
-    for image_id, path in _image_files(spec):
+    for rid, path in _image_files(spec):
         coco = COCO_FILE_NAME.match(path.stem)
         extra: dict[str, Any] = {"image": str(path)}
         if has_image_id and coco is not None:
             extra["image_id"] = int(coco.group(1))
-        items.append(Item(id=image_id, where=str(path), load=lambda p=path: (p, dict(inputs)), extra=extra))
+        items.append(Item(id=rid, where=str(path), load=lambda p=path: (p, dict(inputs)), extra=extra))
     return items
 
 
