@@ -131,8 +131,8 @@ def predictor_rate(model: Path, paths: list[Path], batch_size: int, max_new_toke
 
 
 def _cell(values: list[float]) -> str:
-    mean = statistics.fmean(values)
-    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ({min(values):.1f}-{max(values):.1f})"
+    mean = statistics.fmean(values)  # three significant digits: the loop runs at a fraction of an image per second
+    return f"{mean:.3g}" if len(values) == 1 else f"{mean:.3g} ({min(values):.3g}-{max(values):.3g})"
 
 
 def table(runs: list[dict], args: argparse.Namespace) -> str:
@@ -150,7 +150,7 @@ def table(runs: list[dict], args: argparse.Namespace) -> str:
     ]
     for name, key, field, images in rows:
         values = [r[key][field] for r in runs]
-        lines.append(f"| {name} | {images} | {_cell(values)} | {statistics.fmean(values) / loop:.1f} |")
+        lines.append(f"| {name} | {images} | {_cell(values)} | {statistics.fmean(values) / loop:.3g} |")
     return "\n".join(lines)
 
 
