@@ -217,3 +217,25 @@ def test_predictions_of_a_data_folder_equal_evaluation_and_round_trip_to_vqav2(
     with torch_threads(1):
         assert evaluate.main([*args, "--overwrite"]) == 0
     assert official_vqa_accuracy(questions, annotations, results) == pytest.approx(accuracy, abs=1e-12)
+
+
+def test_sigterm_stops_after_the_batch_in_flight(served_model_dir, folder, tmp_path, capsys, monkeypatch):  # noqa: F811
+    from data_tools.predictions import PredictionsWriter
+
+    requests = _requests(tmp_path, folder, 9, question=QUESTION)
+    out = tmp_path / "preds.jsonl"
+    write = PredictionsWriter.write
+
+    def write_then_terminate(self, lines):
+        write(self, lines)
+        os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler stopping the job; our handler only takes note
+
+    monkeypatch.setattr(PredictionsWriter, "write", write_then_terminate)
+    args = ("--task", "vqa", "--requests", requests, "--predictions", out, "--batch-size", 2)
+    assert _predict(served_model_dir, *args) == 130
+    assert "stopped early; the same command with --resume continues" in capsys.readouterr().err
+    assert [line["id"] for line in read_predictions(out)] == ["r000", "r001"]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone again
+    monkeypatch.undo()
+    assert _predict(served_model_dir, *args, "--resume") == 0
+    assert [line["id"] for line in read_predictions(out)] == [f"r{k:03d}" for k in range(9)]
