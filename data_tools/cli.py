@@ -3,6 +3,7 @@
     unified-vl data synth --out data/synth                      # the synthetic world, all tasks
     unified-vl data convert vqav2 --input q.json a.json --images train2014/ --out data/vqav2 [--skip-bad]
     unified-vl data show --data data/synth --n 16 --out grid.png [--task rec] [--split val]
+    unified-vl data show --data data/synth --predictions preds.jsonl --worst --out failures.png
 
 `main` takes the arguments after the command word (``unified_vl.app.cli`` calls it with
 ``sys.argv[2:]``) and returns the exit status: 0 success, 1 bad input (the message names the file
@@ -52,8 +53,23 @@ def _convert(args: argparse.Namespace, command: str) -> int:
 
 
 def _show(args: argparse.Namespace, command: str) -> int:
-    from data_tools.show import show
+    from data_tools.show import show, show_predictions
 
+    if args.predictions is not None:
+        width, height = show_predictions(
+            args.data,
+            args.predictions,
+            n=args.n,
+            out=args.out,
+            task=args.task,
+            split=args.split,
+            worst=args.worst,
+            cell_size=args.cell_size,
+        )
+        print(f"wrote {args.out} ({width}x{height})")
+        return 0
+    if args.worst:
+        raise storage.StorageError("--worst orders predictions: give --predictions FILE")
     width, height = show(args.data, n=args.n, out=args.out, task=args.task, split=args.split, cell_size=args.cell_size)
     print(f"wrote {args.out} ({width}x{height})")
     return 0
@@ -117,6 +133,12 @@ def _data_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cell-size", type=int, default=192, help="side of each image cell in pixels (default: %(default)s)"
     )
+    p.add_argument(
+        "--predictions",
+        default=None,
+        help="a predictions file (predict --data, eval --predictions): draw each beside its gold",
+    )
+    p.add_argument("--worst", action="store_true", help="with --predictions: the lowest-scored predictions first")
     p.set_defaults(run=_show)
     return parser
 
@@ -124,11 +146,12 @@ def _data_parser() -> argparse.ArgumentParser:
 def _run(run, args: argparse.Namespace, command: str) -> int:
     import tasks
     from data_tools.converters import ConversionError
+    from data_tools.predictions import PredictionsError
     from tasks.boxes import BoxError
 
     try:
         return run(args, command)
-    except (ConversionError, storage.StorageError, tasks.RecordError, BoxError) as exc:
+    except (ConversionError, storage.StorageError, tasks.RecordError, BoxError, PredictionsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -36,6 +36,7 @@ from tasks._common import (
     box_list_field,
     choice_field,
     size_field,
+    source_id_field,
     string_field,
     string_list_field,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "load_module",
     "register",
     "size_field",
+    "source_id_field",
     "string_field",
     "string_list_field",
     "unregister",

@@ -22,7 +22,7 @@ from typing import Any
 from tasks import boxes
 
 DECODING_MODES = ("open", "loc4", "candidates")
-ROLES = ("input", "label")
+ROLES = ("input", "label", "source")
 
 Record = Mapping[str, Any]
 
@@ -46,7 +46,9 @@ class FieldSpec:
         check: ``check(value, record)`` raises ``ValueError(reason)`` when ``value`` is unusable;
             ``reason`` completes the sentence "field 'x' ..." (e.g. "must be str, got int 3").
         role: ``"input"`` when the prompt or the output parser needs the field (it must be present
-            at serving time too), ``"label"`` when only targets and metrics need it.
+            at serving time too), ``"label"`` when only targets and metrics need it, ``"source"`` for
+            the source dataset's identifier of the record (VQAv2's ``question_id``, COCO's
+            ``image_id``): nothing reads it but the official results formats (``data_tools.formats``).
         required: a required field may be neither absent nor None; an optional one is checked only
             when it is present and not None (records from a `datasets` table carry every column).
         storage: how the field is stored on disk (``data_tools.storage`` builds each task's schema
@@ -173,6 +175,20 @@ def size_field(name: str) -> FieldSpec:
             )
 
     return FieldSpec(name, "int > 0", check, "input", True, "int32")
+
+
+def source_id_field(name: str) -> FieldSpec:
+    """An optional source-dataset identifier (role ``"source"``): an integer >= 0, stored as int64.
+
+    Converters keep these (VQAv2 ``question_id``, COCO ``image_id``, RefCOCO ``ref_id``/``sent_id``)
+    so that predictions can be written in the official results formats, which key on them.
+    """
+
+    def check(value: Any, record: Record) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"must be an integer >= 0 (the source dataset's id), got {_describe(value)}")
+
+    return FieldSpec(name, "int >= 0", check, "source", False, "int64")
 
 
 def _check_box(value: Any, record: Record, what: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tasks._caption_metrics import caption_scores
-from tasks._common import Record, Task, rng_index, squash, string_list_field
+from tasks._common import Record, Task, rng_index, source_id_field, squash, string_list_field
 
 PROMPTS = (
     "what does the image describe?",
@@ -39,7 +39,7 @@ def _metric(predictions: Sequence[str | None], records: Sequence[Record]) -> dic
 
 EXAMPLES = [
     {
-        "id": "cap-0", "image": None, "width": 64, "height": 64,
+        "id": "cap-0", "image": None, "width": 64, "height": 64, "image_id": 391895,
         "captions": ["a red circle left of a blue square", "a red circle and a blue square", "red circle, blue square"],
     },
     {
@@ -54,7 +54,8 @@ EXAMPLES = [
 
 TASK = Task(
     name="captioning",
-    fields={"captions": string_list_field("captions")},
+    # image_id: COCO's id of the image (data_tools.converters.coco_captions); COCO caption results key on it.
+    fields={"captions": string_list_field("captions"), "image_id": source_id_field("image_id")},
     prompts=PROMPTS,
     primary_metric="cider",
     decoding="open",

@@ -12,7 +12,10 @@ ordering, which it found to work best.
 
 Metric: AP at IoU 0.5 (``map@0.5``), COCO-style, by pycocotools' COCOeval on COCO objects built in
 memory. Text generation gives no per-box confidence, so every predicted box has score 1.0;
-COCOeval sorts detections with a stable mergesort, so ties keep (image, generation) order.
+COCOeval sorts detections with a stable mergesort, so ties keep (image id, generation) order. The
+image ids are the records' COCO ``image_id`` when every record has a distinct one, else their
+positions: COCOeval on the official results file (``data_tools.formats``, scores 1.0 as well) then
+breaks ties in the same order and gives the same number.
 Predicted labels absent from the gold labels are dropped: COCOeval only scores categories with
 ground truth, where such boxes could never be true positives.
 """
@@ -33,6 +36,7 @@ from tasks._common import (
     format_labelled_boxes,
     parse_labelled_boxes,
     size_field,
+    source_id_field,
     squash,
     string_field,
 )
@@ -83,6 +87,14 @@ def _xywh(box: Sequence[float]) -> list[float]:
     return [x1, y1, x2 - x1, y2 - y1]  # COCO boxes are [x, y, width, height]
 
 
+def _image_ids(records: Sequence[Record]) -> list[int]:
+    """The records' COCO image ids when all have distinct ones, else 1..N (see the module docstring)."""
+    ids = [record.get("image_id") for record in records]
+    if all(isinstance(i, int) for i in ids) and len(set(ids)) == len(ids):
+        return ids
+    return list(range(1, len(records) + 1))
+
+
 def mean_ap50(predictions: Sequence[Any], records: Sequence[Record]) -> float:
     """COCO AP at IoU 0.5 (area "all", 100 detections per image), averaged over categories.
 
@@ -99,7 +111,7 @@ def mean_ap50(predictions: Sequence[Any], records: Sequence[Record]) -> float:
     labels = sorted({squash(o["label"]) for r in records for o in r["objects"]})
     category = {label: i + 1 for i, label in enumerate(labels)}
     images, annotations, detections = [], [], []
-    for image_id, (prediction, record) in enumerate(zip(predictions, records, strict=True), start=1):
+    for image_id, prediction, record in zip(_image_ids(records), predictions, records, strict=True):
         images.append({"id": image_id, "width": record["width"], "height": record["height"]})
         for obj in record["objects"]:
             x, y, w, h = _xywh(obj["box"])
@@ -150,7 +162,7 @@ def _metric(predictions, records: Sequence[Record]) -> dict[str, float]:
 
 EXAMPLES = [
     {
-        "id": "det-0", "image": None, "width": 640, "height": 480,
+        "id": "det-0", "image": None, "width": 640, "height": 480, "image_id": 139,
         "objects": [
             {"label": "square", "box": [400.0, 250.0, 600.0, 470.0]},
             {"label": "circle", "box": [32.0, 40.0, 200.0, 210.0]},
@@ -181,6 +193,7 @@ TASK = Task(
             _check_objects,
             storage=[{"label": "string", "box": "box"}],
         ),
+        "image_id": source_id_field("image_id"),  # COCO's image id: COCO detection results key on it
     },
     prompts=PROMPTS,
     primary_metric="map@0.5",

@@ -20,6 +20,7 @@ from tasks._common import (
     decode_box,
     safe_mean,
     size_field,
+    source_id_field,
     string_field,
 )
 
@@ -54,7 +55,7 @@ def _metric(predictions: Sequence[list[float] | None], records: Sequence[Record]
 
 EXAMPLES = [
     {
-        "id": "rec-0", "image": None, "width": 640, "height": 480,
+        "id": "rec-0", "image": None, "width": 640, "height": 480, "ref_id": 1, "sent_id": 7,
         "expression": "the red circle", "box": [32.0, 40.0, 200.0, 210.0],
     },
     {
@@ -77,6 +78,9 @@ TASK = Task(
         "box": box_field("box"),
         # For CPT colour prompts (unified_vl.prompting); includes the gold box. Not read here.
         "candidate_boxes": box_list_field("candidate_boxes", role="input", required=False),
+        # RefCOCO's ids of the referred object and the sentence (data_tools.converters.refcoco).
+        "ref_id": source_id_field("ref_id"),
+        "sent_id": source_id_field("sent_id"),
     },
     prompts=PROMPTS,
     primary_metric="acc@0.5",

@@ -29,6 +29,7 @@ from tasks._common import (
     Task,
     choice_field,
     safe_mean,
+    source_id_field,
     squash,
     string_field,
     string_list_field,
@@ -190,7 +191,7 @@ def answer_vocabulary(records: Sequence[Record], *, min_count: int = 1) -> list[
 
 EXAMPLES = [
     {
-        "id": "vqa-0", "image": None, "width": 64, "height": 64,
+        "id": "vqa-0", "image": None, "width": 64, "height": 64, "question_id": 420, "image_id": 42,
         "question": "What color is the circle?", "answer_type": "other", "question_type": "what color is the",
         "answers": ["red"] * 8 + ["dark red", "orange"],
     },
@@ -213,6 +214,9 @@ TASK = Task(
         "answers": string_list_field("answers"),
         "answer_type": choice_field("answer_type", ANSWER_TYPES),
         "question_type": string_field("question_type", required=False),
+        # VQAv2's ids (data_tools.converters.vqav2): the EvalAI results file keys on question_id.
+        "question_id": source_id_field("question_id"),
+        "image_id": source_id_field("image_id"),
     },
     prompts=PROMPTS,
     primary_metric="accuracy",

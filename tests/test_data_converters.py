@@ -89,6 +89,7 @@ def test_coco_captions(tmp_path):
             "width": 40,
             "height": 30,
             "captions": ["A cat on a mat.", "A cat sitting."],
+            "image_id": 1,
         },
         {
             "id": "2",
@@ -96,6 +97,7 @@ def test_coco_captions(tmp_path):
             "width": 20,
             "height": 20,
             "captions": ["Two dogs playing"],
+            "image_id": 2,
         },
     ]
     assert any("captioning      train=2" in line for line in lines)
@@ -137,9 +139,9 @@ def test_coco_karpathy(tmp_path):
     manifest, _ = _run("coco_karpathy", tmp_path, inputs=[data], images=[tmp_path / "coco"])
     assert manifest["tasks"] == {"captioning": {"train": 2, "val": 1, "test": 1}}
     train = _load(tmp_path / "out", "captioning", "train")
-    assert [(r["id"], r["width"], r["height"], r["captions"]) for r in train] == [
-        ("11", 8, 8, ["A red bus.", "A bus."]),
-        ("12", 9, 7, ["A tree."]),
+    assert [(r["id"], r["width"], r["height"], r["captions"], r["image_id"]) for r in train] == [
+        ("11", 8, 8, ["A red bus.", "A bus."], 11),
+        ("12", 9, 7, ["A tree."], 12),
     ]
     assert train[1]["image"] == str(tmp_path / "coco" / "val2014" / "b.jpg")
     assert _load(tmp_path / "out", "captioning", "test")[0]["captions"] == ["A boat."]
@@ -226,6 +228,8 @@ def test_vqav2(tmp_path):
             "answers": ["red"] * 8 + ["dark red", "orange"],
             "answer_type": "other",
             "question_type": "what color is the",
+            "question_id": 420,
+            "image_id": 42,
         },
         {
             "id": "421",
@@ -236,6 +240,8 @@ def test_vqav2(tmp_path):
             "answers": ["no"] * 9 + ["yes"],
             "answer_type": "yes/no",
             "question_type": "is it",
+            "question_id": 421,
+            "image_id": 42,
         },
         {
             "id": "70",
@@ -246,6 +252,8 @@ def test_vqav2(tmp_path):
             "answers": ["2"] * 7 + ["two", "3", "2"],
             "answer_type": "number",
             "question_type": "how many",
+            "question_id": 70,
+            "image_id": 7,
         },
     ]
 
@@ -331,6 +339,8 @@ def test_refcoco(tmp_path):
             "expression": "man on left",
             "box": [2.5, 3.0, 12.5, 15.0],
             "candidate_boxes": candidates,
+            "ref_id": 1,
+            "sent_id": 7,
         },
         {
             "id": "1-8",
@@ -340,6 +350,8 @@ def test_refcoco(tmp_path):
             "expression": "left guy",
             "box": [2.5, 3.0, 12.5, 15.0],
             "candidate_boxes": candidates,
+            "ref_id": 1,
+            "sent_id": 8,
         },
     ]
     grounding = _load(tmp_path / "out", "grounding", "testA")

@@ -173,6 +173,15 @@ class Report:
             return None
 
 
+def source_id(value: Any) -> int | None:
+    """A source dataset's id kept on the record (``tasks.source_id_field``): an int >= 0, else None.
+
+    The record's own ``id`` is always kept as text; a source id that is not a plain integer is
+    left out, and the official results formats that need it say so per record.
+    """
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 def xywh_to_xyxy(box: Sequence[float]) -> list[float]:
     """COCO ``[x, y, w, h]`` -> ``[x1, y1, x2, y2]`` (DESIGN.md §3)."""
     x, y, w, h = (float(v) for v in box)

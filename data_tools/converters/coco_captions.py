@@ -5,7 +5,8 @@ Official format (cocodataset.org/#format-data, "Image Captioning")::
     {"images": [{"id", "file_name", "width", "height", ...}],
      "annotations": [{"image_id", "id", "caption"}]}
 
-One record per image with all its captions (about five) as references, in file order. The split
+One record per image with all its captions (about five) as references, in file order, keeping COCO's
+``image_id`` (COCO caption results key on it). The split
 comes from the file name (``captions_train2017.json`` -> ``train``, ``captions_val2014.json`` ->
 ``val``) unless ``--split`` is given. Images without captions are counted in the notes.
 """
@@ -25,6 +26,7 @@ from data_tools.converters._common import (
     load_json,
     missing_keys,
     require_keys,
+    source_id,
 )
 
 DESCRIPTION = "COCO Captions captions_*.json -> captioning"
@@ -84,5 +86,12 @@ def records(inputs: Sequence[Path], images: Sequence[Path], *, report: Report, s
                 continue
             yield (
                 ("captioning", split_name),
-                {"id": str(image["id"]), "image": str(file), "width": size[0], "height": size[1], "captions": refs},
+                {
+                    "id": str(image["id"]),
+                    "image": str(file),
+                    "width": size[0],
+                    "height": size[1],
+                    "captions": refs,
+                    "image_id": source_id(image["id"]),
+                },
             )

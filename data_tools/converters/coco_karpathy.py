@@ -10,6 +10,8 @@ Splits: ``restval`` joins ``train`` — the standard "Karpathy train" of 113,287
 OFA and BLIP train on (5,000 val, 5,000 test). ``dataset_flickr8k.json`` and
 ``dataset_flickr30k.json`` have the same layout without ``filepath``/``cocoid`` and convert too. The
 image sizes are read from the image files (the JSON has none). Captions are the ``raw`` sentences.
+COCO's ``cocoid`` is kept as the record's ``image_id`` (COCO caption results key on it); Flickr's
+files have none (their ``imgid`` is a position in the file, not a source id).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from data_tools.converters._common import (
     load_json,
     missing_keys,
     require_keys,
+    source_id,
 )
 
 DESCRIPTION = "Karpathy-split dataset_coco.json -> captioning (restval joins train)"
@@ -66,5 +69,12 @@ def records(inputs: Sequence[Path], images: Sequence[Path], *, report: Report, s
                 continue
             yield (
                 ("captioning", split or SPLIT_NAMES[image["split"]]),
-                {"id": str(ident), "image": str(file), "width": size[0], "height": size[1], "captions": captions},
+                {
+                    "id": str(ident),
+                    "image": str(file),
+                    "width": size[0],
+                    "height": size[1],
+                    "captions": captions,
+                    "image_id": source_id(image.get("cocoid")),
+                },
             )

@@ -10,8 +10,8 @@ Official files (github.com/lichengunc/refer, ``data/<dataset>/``):
 
 Per sentence of a ref: one ``rec`` record (``expression`` = the normalised ``sent`` that the refer
 API and OFA use, ``box`` = the referred annotation's box as ``[x1, y1, x2, y2]``, ``candidate_boxes``
-= the boxes of all annotations of the image) and one ``grounding`` region->description record with
-the same id. The benchmark splits are kept as they are (``train``, ``val``, ``testA``, ``testB``,
+= the boxes of all annotations of the image, and the source ids ``ref_id`` and ``sent_id`` that a
+RefCOCO results file keys on) and one ``grounding`` region->description record with the same id. The benchmark splits are kept as they are (``train``, ``val``, ``testA``, ``testB``,
 ``test``). A ref's ``file_name`` carries an annotation suffix; the image file name comes from
 ``instances.json``.
 
@@ -35,6 +35,7 @@ from data_tools.converters._common import (
     load_json,
     missing_keys,
     require_keys,
+    source_id,
     xywh_to_xyxy,
 )
 
@@ -151,6 +152,7 @@ def records(inputs: Sequence[Path], images: Sequence[Path], *, report: Report, s
             common = {"id": rid, "image": str(file), "width": width, "height": height}
             split_name = split or ref["split"]
             rec = {**common, "expression": text, "box": box, "candidate_boxes": candidates}
+            rec |= {"ref_id": source_id(ref["ref_id"]), "sent_id": source_id(sentence.get("sent_id"))}
             grounding = {**common, "region": box, "description": text}
             if report.valid("rec", rec, file=refs_path, name=sent_name) and report.valid(
                 "grounding", grounding, file=refs_path, name=sent_name

@@ -13,7 +13,8 @@ Images are ``COCO_{data_subtype}_{image_id:012d}.jpg`` (found in ``--images`` or
 ``{data_subtype}/`` subfolder). Questions and annotations files are told apart by their keys and
 paired by ``data_subtype`` (``train2014`` -> split ``train``, ``val2014`` -> ``val``). One record per
 question, in question-file order, with the 10 raw human answers (the VQA metric normalises them) and
-``answer_type``/``question_type`` as given. Test questions have no public answers and are refused.
+``answer_type``/``question_type`` as given, and the source ids ``question_id`` and ``image_id`` (the
+EvalAI results file keys on ``question_id``). Test questions have no public answers and are refused.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from data_tools.converters._common import (
     images_per_input,
     load_json,
     missing_keys,
+    source_id,
 )
 
 DESCRIPTION = "VQAv2 questions + annotations JSON -> vqa"
@@ -143,6 +145,8 @@ def records(inputs: Sequence[Path], images: Sequence[Path], *, report: Report, s
                 "answers": answers,
                 "answer_type": ann["answer_type"],
                 "question_type": ann.get("question_type"),
+                "question_id": source_id(q["question_id"]),
+                "image_id": q["image_id"],
             }
             if report.valid("vqa", record, file=a_path, name=name):
                 yield ("vqa", split_name), record

@@ -51,13 +51,19 @@ class Evaluator(Protocol):
     def generate(
         self, model: Any, processor: Any, *, split: str, max_examples: int | None, rank: int, world_size: int
     ) -> dict[str, list[tuple[int, str]]]:
-        """Texts generated for this rank's share of ``split``: ``{task: [(record index, text)]}``."""
+        """Texts generated for this rank's share of ``split``: ``{task: [(record index, text)]}``.
+
+        The final evaluation also passes ``with_scores=True``: rows are then ``(record index, text, score)``.
+        """
 
     def score(
         self, texts: dict[str, list[tuple[int, str]]], *, split: str, max_examples: int | None
     ) -> dict[str, float]:
         """Metrics ``{task}/{split}/{metric}`` of all ranks' texts (called on rank 0), and
-        ``mean/{split}/primary``, the mean of the tasks' primary metrics (the default for the best checkpoint)."""
+        ``mean/{split}/primary``, the mean of the tasks' primary metrics (the default for the best checkpoint).
+
+        The final evaluation also passes ``predictions_file=`` (``RUN_DIR/predictions/{split}.jsonl``):
+        the evaluator writes each record's prediction there."""
 
 
 @dataclass
@@ -522,8 +528,8 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
     def client_state() -> dict:
         return {"step": step, "sampler": run.sampler.state_dict(), "train_seconds": train_seconds}
 
-    def evaluate_now(splits, max_examples) -> dict[str, float]:
-        return evaluate(engine, processor, evaluator, config, dist, splits=splits, max_examples=max_examples)
+    def evaluate_now(splits, max_examples, **keep) -> dict[str, float]:
+        return evaluate(engine, processor, evaluator, config, dist, splits=splits, max_examples=max_examples, **keep)
 
     losses: list[float] = []
     start_step, start_seconds, tic = step, train_seconds, time.perf_counter()
@@ -565,7 +571,8 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
         monitor.eval(step, metrics)
     if step != last_saved:
         checkpoints.save(engine, step, client_state(), metrics)
-    final = evaluate_now(config.eval.final_splits, None) if evaluator and config.eval.final_splits else {}
+    keep = {"predictions_dir": run_dir / "predictions"}  # the final evaluation keeps its predictions
+    final = evaluate_now(config.eval.final_splits, None, **keep) if evaluator and config.eval.final_splits else {}
     model_dir = _finish(run, engine, checkpoints, monitor, step=step, final=final)
     elapsed = train_seconds - start_seconds
     return TrainResult(
@@ -580,20 +587,31 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
 
 
 def evaluate(
-    engine, processor, evaluator: Evaluator, config: RunConfig, dist: distributed.DistInfo, *, splits, max_examples
+    engine,
+    processor,
+    evaluator: Evaluator,
+    config: RunConfig,
+    dist: distributed.DistInfo,
+    *,
+    splits,
+    max_examples,
+    predictions_dir: Path | None = None,
 ) -> dict[str, float]:
     """Generation on every rank's share, metrics on rank 0, the same dict returned on every rank.
 
     Under ZeRO-3 every forward pass gathers parameters collectively, so all ranks must run the
     same number of passes: each then generates the whole split (the same texts) instead of a share.
+    With ``predictions_dir`` the texts are scored and each split's predictions written to
+    ``predictions_dir/{split}.jsonl``.
     """
     engine.eval()
     rank, world = (0, 1) if config.train.zero_stage == 3 else (dist.rank, dist.world_size)
+    keep = {} if predictions_dir is None else {"with_scores": True}
     metrics: dict[str, float] = {}
     for split in splits:
         with torch.no_grad():
             texts = evaluator.generate(
-                engine.module, processor, split=split, max_examples=max_examples, rank=rank, world_size=world
+                engine.module, processor, split=split, max_examples=max_examples, rank=rank, world_size=world, **keep
             )
         gathered = distributed.all_gather_object(texts) if world > 1 else [texts]
         if dist.is_main:
@@ -601,7 +619,8 @@ def evaluate(
             for part in gathered:
                 for task, rows in part.items():
                     merged.setdefault(task, []).extend(rows)
-            metrics.update(evaluator.score(merged, split=split, max_examples=max_examples))
+            written = {} if predictions_dir is None else {"predictions_file": predictions_dir / f"{split}.jsonl"}
+            metrics.update(evaluator.score(merged, split=split, max_examples=max_examples, **written))
     engine.train()
     return distributed.broadcast_object(metrics)
 

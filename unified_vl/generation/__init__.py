@@ -2,7 +2,7 @@
 
 from unified_vl.generation.constraints import CandidateTrie, LocationOnlyLogitsProcessor, candidates_prefix_fn
 from unified_vl.generation.generate import DECODINGS, generate_texts
-from unified_vl.generation.scoring import rank_classify, score_candidates
+from unified_vl.generation.scoring import rank_classify, score_candidates, score_texts
 
 __all__ = [
     "DECODINGS",
@@ -12,4 +12,5 @@ __all__ = [
     "generate_texts",
     "rank_classify",
     "score_candidates",
+    "score_texts",
 ]

@@ -102,6 +102,34 @@ def score_candidates(
     return torch.cat(scores) if scores else torch.zeros(0, num_candidates)
 
 
+def score_texts(
+    model, processor, images: Sequence, prompts: Sequence[str], texts: Sequence[str], *, batch_size: int = 32
+) -> list[float]:
+    """The score of each generated text: its mean log-probability per token (eos included) given its input.
+
+    The one place where a prediction's score is computed (the `Predictor`'s results, evaluation's
+    per-record predictions): a teacher-forced pass over the generated text, the same
+    log-likelihood rank classification uses (:func:`score_candidates`, length-normalised).
+
+    Args:
+        model: the model (in eval mode).
+        processor: its processor.
+        images: one image per text.
+        prompts: the instruction each text was generated for.
+        texts: the generated texts (location tokens kept).
+        batch_size: inputs per forward pass.
+
+    Returns:
+        One float per text, in (-inf, 0].
+    """
+    if len(texts) != len(prompts):
+        raise ValueError(f"got {len(texts)} texts for {len(prompts)} prompts")
+    if not texts:
+        return []
+    rows = [[text] for text in texts]
+    return score_candidates(model, processor, images, prompts, rows, batch_size=batch_size)[:, 0].tolist()
+
+
 def rank_classify(
     model,
     processor,

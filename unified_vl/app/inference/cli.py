@@ -1,10 +1,12 @@
 """`unified-vl predict` and `unified-vl serve`.
 
     unified-vl predict --model runs/main/model --task rec --image scene.png --text "the red circle" --out vis.png
+    unified-vl predict --model runs/main/model --data DIR --task vqa --split val --predictions preds.jsonl
     unified-vl serve --model runs/main/model --port 8000 --max-batch 16 --max-wait-ms 10
 
 ``predict`` prints the prediction as JSON; with ``--out`` it also draws the predicted boxes and
-text on the image. ``serve`` runs the HTTP server (:mod:`unified_vl.app.inference.server`) with
+text on the image. With ``--data``, ``--images`` or ``--requests`` it predicts many inputs into a
+predictions file (:mod:`unified_vl.app.inference.batch`). ``serve`` runs the HTTP server (:mod:`unified_vl.app.inference.server`) with
 uvicorn; it binds loopback unless ``--host`` says otherwise.
 """
 
@@ -34,12 +36,21 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_predict_parser() -> argparse.ArgumentParser:
     """The arguments of ``unified-vl predict``."""
-    from unified_vl.app.inference.predictor import known_tasks
+    from data_tools.formats import FORMATS
+    from unified_vl.app.inference.predictor import DEFAULT_BATCH_SIZE, known_tasks
 
-    parser = argparse.ArgumentParser(prog="unified-vl predict", description="Predict on one image; prints JSON.")
+    parser = argparse.ArgumentParser(
+        prog="unified-vl predict",
+        description="Predict on one image (prints JSON), or on many (--data, --images, --requests) into a "
+        "predictions file, one JSON line per input.",
+    )
     _model_arguments(parser)
     parser.add_argument("--task", required=True, choices=known_tasks(), help="a task, or 'generate' for a free prompt")
-    parser.add_argument("--image", required=True, help="the image file")
+    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--image", help="the image file (one prediction, printed)")
+    inputs.add_argument("--data", help="a data folder: every record of --task in --split")
+    inputs.add_argument("--images", help="a folder of images (recursive) or a quoted glob; --text for all")
+    inputs.add_argument("--requests", help="a JSON Lines file: per line image, the task's fields, optional id")
     parser.add_argument("--text", default=None, help="the task's text: question, expression, caption, prompt, ...")
     parser.add_argument("--labels", nargs="+", default=None, help="classification: rank these labels")
     parser.add_argument("--top-k", type=int, default=1, help="classification with --labels: labels to list")
@@ -47,6 +58,15 @@ def build_predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-beams", type=int, default=None, help="beam search width (default: greedy)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="the longest output in tokens")
     parser.add_argument("--out", default=None, help="also draw the prediction on the image into this file")
+    many = parser.add_argument_group("many inputs (--data, --images, --requests)")
+    many.add_argument("--split", default="test", help="--data: the split to predict (default: test)")
+    many.add_argument("--predictions", default=None, help="the JSON Lines file to write, one line per input")
+    many.add_argument("--resume", action="store_true", help="continue --predictions: predict only the inputs not in it")
+    many.add_argument("--overwrite", action="store_true", help="replace an existing --predictions (and --results)")
+    many.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="inputs per forward pass")
+    many.add_argument("--format", default=None, choices=list(FORMATS), help="also write this official results file")
+    many.add_argument("--results", default=None, help="the --format file (default: PREDICTIONS.<format>.json)")
+    many.add_argument("--categories", default=None, help="coco_detection: a COCO annotation file with 'categories'")
     return parser
 
 
@@ -79,6 +99,10 @@ def predict_main(argv: list[str] | None = None) -> int:
         options["num_beams"] = args.num_beams
     if args.max_new_tokens is not None:
         options["max_new_tokens"] = args.max_new_tokens
+    if args.image is None:
+        from unified_vl.app.inference.batch import batch_main
+
+        return batch_main(args, inputs, options)
     try:
         image = load_image(args.image)
         predictor = Predictor.from_pretrained(args.model, device=args.device, dtype=args.dtype, adapters=args.adapters)

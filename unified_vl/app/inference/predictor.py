@@ -39,7 +39,7 @@ from PIL import Image
 import tasks
 from unified_vl.app.inference.results import Result
 from unified_vl.checkpoint import load_pretrained
-from unified_vl.generation import generate_texts, score_candidates
+from unified_vl.generation import generate_texts, score_candidates, score_texts
 from unified_vl.processor import ImageInput, load_image
 
 GENERATE = "generate"  # the pseudo-task of a free instruction (Predictor.generate)
@@ -290,10 +290,7 @@ class Predictor:
             **first.generation,
         )
         if first.with_score:
-            # The score of each text: the same teacher-forced log-likelihood rank classification uses.
-            scores = score_candidates(
-                self.model, self.processor, images, prompts, [[t] for t in texts], batch_size=self.batch_size
-            )[:, 0].tolist()
+            scores = score_texts(self.model, self.processor, images, prompts, texts, batch_size=self.batch_size)
         else:
             scores = [math.nan] * len(texts)
         return [_result(q, text, score) for q, text, score in zip(group, texts, scores, strict=True)]

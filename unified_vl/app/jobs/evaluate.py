@@ -2,14 +2,19 @@
 
     unified-vl eval --model runs/pretrain-tiny/model --data ~/.cache/unified-vl/synth-... --split test
     # prints {task}/{split}/{metric} for every task of the data folder and writes them as JSON
+    unified-vl eval --model M --data DIR --task vqa --split val --predictions preds.jsonl [--format vqav2]
+    # also keeps every record's prediction, its score and the gold (data_tools.predictions)
 
-The same `TaskEvaluator` runs the periodic and final evaluation during training.
+The same `TaskEvaluator` runs the periodic and final evaluation during training; the final one
+writes its predictions into the run folder (``predictions/{split}.jsonl``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -79,19 +84,48 @@ class TaskEvaluator:
             self._candidates[task.name] = task.candidates(dataset.remove_columns("image"))
         return self._candidates[task.name]
 
-    def generate(self, model, processor, *, split: str, max_examples: int | None, rank: int = 0, world_size: int = 1):
-        """``{task: [(record index, generated text)]}`` for rows ``rank::world_size`` of each task's split."""
+    def generate(
+        self,
+        model,
+        processor,
+        *,
+        split: str,
+        max_examples: int | None,
+        rank: int = 0,
+        world_size: int = 1,
+        with_scores: bool = False,
+    ):
+        """``{task: [(record index, generated text)]}`` for rows ``rank::world_size`` of each task's split.
+
+        With ``with_scores`` each row is ``(record index, text, score)``: the text's mean token
+        log-probability (``unified_vl.generation.score_texts``, as the `Predictor` reports it), or
+        NaN when the method reads answers its own way (its input is not the task's).
+        """
         import tasks
 
-        out: dict[str, list[tuple[int, str]]] = {}
+        out: dict[str, list[tuple]] = {}
         for name in self.available(split):
             task = tasks.get_task(name)
             dataset = self.records(name, split, max_examples)
             indices = list(range(rank, len(dataset), world_size))
             rows = [dataset[i] for i in indices]
             texts = self._texts(model, processor, task, rows, split)
-            out[name] = list(zip(indices, texts, strict=True))
+            if with_scores:
+                scores = self._scores(model, processor, task, rows, texts)
+                out[name] = list(zip(indices, texts, scores, strict=True))
+            else:
+                out[name] = list(zip(indices, texts, strict=True))
         return out
+
+    def _scores(self, model, processor, task, rows, texts: list[str]) -> list[float]:
+        from unified_vl.app.jobs.common import blank_image
+        from unified_vl.generation import score_texts
+
+        if self.method.generate is not None:
+            return [math.nan] * len(texts)
+        images = [r["image"] if r["image"] is not None else blank_image() for r in rows]
+        prompts = [task.prompt(r) for r in rows]
+        return score_texts(model, processor, images, prompts, texts, batch_size=self.batch_size)
 
     def _texts(self, model, processor, task, rows, split: str) -> list[str]:
         """The method's texts for ``rows`` when it reads answers its own way, else the task's decoding."""
@@ -120,27 +154,55 @@ class TaskEvaluator:
         )
 
     def score(
-        self, texts: dict[str, list[tuple[int, str]]], *, split: str, max_examples: int | None
+        self,
+        texts: dict[str, list[tuple]],
+        *,
+        split: str,
+        max_examples: int | None,
+        predictions_file: str | os.PathLike | None = None,
     ) -> dict[str, float]:
-        """``{task}/{split}/{metric}`` for each task, and ``mean/{split}/primary`` over the tasks."""
+        """``{task}/{split}/{metric}`` for each task, and ``mean/{split}/primary`` over the tasks.
+
+        With ``predictions_file`` the split's per-record predictions (:meth:`score_records`) are
+        also written there, atomically.
+        """
+        metrics, lines = self.score_records(texts, split=split, max_examples=max_examples)
+        if predictions_file is not None:
+            from data_tools.predictions import write_predictions
+
+            write_predictions(predictions_file, lines, overwrite=True)
+        return metrics
+
+    def score_records(
+        self, texts: dict[str, list[tuple]], *, split: str, max_examples: int | None
+    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """The metrics (see :meth:`score`) and a predictions line per record (`data_tools.predictions`):
+        its id, the text, the parsed prediction, the score (null without one), the gold prediction
+        and the record's source ids."""
         import tasks
+        from data_tools.predictions import source_ids
 
         metrics: dict[str, float] = {}
+        lines: list[dict[str, Any]] = []
         primaries = []
         for name, rows in texts.items():
             task = tasks.get_task(name)
             dataset = self.records(name, split, max_examples, decode_images=False)  # metrics need no pixels
-            rows = sorted(rows)
-            if [i for i, _ in rows] != list(range(len(dataset))):
+            rows = sorted(rows, key=lambda row: row[0])
+            if [row[0] for row in rows] != list(range(len(dataset))):
                 raise RuntimeError(f"{name}/{split}: got texts for {len(rows)} of {len(dataset)} records")
             records = [dataset[i] for i in range(len(dataset))]
-            predictions = [task.parse(text, record) for (_, text), record in zip(rows, records, strict=True)]
+            predictions = [task.parse(row[1], record) for row, record in zip(rows, records, strict=True)]
             result = task.evaluate(predictions, records)
             metrics.update({f"{name}/{split}/{k}": v for k, v in result.items()})
             primaries.append(result[task.primary_metric])
+            for row, record, prediction in zip(rows, records, predictions, strict=True):
+                line = {"id": record["id"], "task": name, "split": split, "text": row[1], "prediction": prediction}
+                line |= {"score": row[2] if len(row) > 2 else math.nan, "gold": task.gold(record)}
+                lines.append(line | source_ids(name, record))
         if primaries:
             metrics[f"mean/{split}/primary"] = sum(primaries) / len(primaries)
-        return metrics
+        return metrics, lines
 
     def evaluate(self, model, processor, *, split: str, max_examples: int | None = None) -> dict[str, float]:
         """Generation and metrics in one process."""
@@ -176,10 +238,8 @@ def _method_options(name: str, items: Sequence[str]) -> dict[str, Any]:
         raise ConfigError(f"--method: {exc}") from None
 
 
-def _body(argv: Sequence[str]) -> int:
-    from data_tools import storage
-    from unified_vl.checkpoint import load_pretrained
-    from unified_vl.engine.config import ConfigError
+def _parser() -> argparse.ArgumentParser:
+    from data_tools.formats import FORMATS
 
     parser = argparse.ArgumentParser(prog="unified-vl eval", description="Evaluate a model folder on stored data.")
     parser.add_argument("--model", required=True, help="a model folder (save_pretrained / a run's model/)")
@@ -200,8 +260,106 @@ def _body(argv: Sequence[str]) -> int:
         help="a method option (repeatable; the value is YAML, e.g. alpha=0.5)",
     )
     parser.add_argument("--out", default=None, help="JSON file to write (default: <model>/eval_results.json)")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--predictions", default=None, help="also write every record's prediction, score and gold (JSON Lines)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --predictions or --results")
+    parser.add_argument("--format", default=None, choices=list(FORMATS), help="also write this official results file")
+    parser.add_argument("--results", default=None, help="the --format file (default: PREDICTIONS.<format>.json)")
+    parser.add_argument("--categories", default=None, help="coco_detection: a COCO annotation file with 'categories'")
+    return parser
+
+
+def _output_paths(args) -> Path | None:
+    """Checks --predictions and --results before any work; the --format file's path."""
+    from data_tools.formats import load_categories
+    from data_tools.predictions import check_new_output
+    from unified_vl.engine.config import ConfigError
+
+    if args.predictions is not None:
+        check_new_output(args.predictions, overwrite=args.overwrite)
+    if args.format is None:
+        if args.results or args.categories:
+            raise ConfigError("--results and --categories go with --format")
+        return None
+    if args.results is None and args.predictions is None:
+        raise ConfigError(f"--format {args.format} needs --results FILE (or --predictions FILE to name it after)")
+    results = Path(args.results) if args.results else Path(args.predictions).with_suffix(f".{args.format}.json")
+    check_new_output(results, overwrite=args.overwrite)
+    if args.categories:
+        load_categories(args.categories)
+    return results
+
+
+def _check_format_inputs(args, names: Sequence[str]) -> None:
+    """--format fails before the model runs when the records lack the source ids it keys on."""
+    from data_tools import storage
+    from data_tools.formats import FORMATS, check_inputs, load_categories
+    from data_tools.predictions import PredictionsError, source_ids
+    from unified_vl.engine.config import ConfigError
+
+    task = FORMATS[args.format].task
+    stubs = []
+    for split in args.split if task in names else []:
+        dataset = storage.load_split(args.data, task, split, decode_images=False).remove_columns("image")
+        if args.max_examples is not None and len(dataset) > args.max_examples:
+            dataset = dataset.select(range(args.max_examples))
+        stubs += [{"id": r["id"], "task": task, "split": split, **source_ids(task, r)} for r in dataset]
+    categories = load_categories(args.categories) if args.categories else None
+    try:
+        check_inputs(args.format, stubs, categories=categories, source=f"--data {args.data}")
+    except PredictionsError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _evaluate_splits(evaluator: TaskEvaluator, model, processor, args) -> tuple[dict[str, float], list[dict]]:
+    """Metrics of every split, and the predictions lines when --predictions or --format asks for them."""
+    keep = args.predictions is not None or args.format is not None
+    metrics: dict[str, float] = {}
+    lines: list[dict] = []
+    for split in args.split:
+        if not keep:
+            metrics.update(evaluator.evaluate(model, processor, split=split, max_examples=args.max_examples))
+            continue
+        model.eval()
+        texts = evaluator.generate(
+            model, processor, split=split, max_examples=args.max_examples, with_scores=args.predictions is not None
+        )
+        split_metrics, split_lines = evaluator.score_records(texts, split=split, max_examples=args.max_examples)
+        metrics.update(split_metrics)
+        lines += split_lines
+    return metrics, lines
+
+
+def _keep_predictions(args, lines: list[dict], results: Path | None) -> None:
+    from data_tools.formats import build_results, load_categories, write_results
+    from data_tools.predictions import write_predictions
+
+    if args.predictions is not None:
+        print(
+            f"wrote {len(lines)} predictions to {write_predictions(args.predictions, lines, overwrite=args.overwrite)}"
+        )
+    if results is not None:
+        categories = load_categories(args.categories) if args.categories else None
+        entries, dropped = build_results(lines, args.format, categories=categories, source="the evaluated records")
+        write_results(results, entries, overwrite=args.overwrite)
+        print(f"wrote {len(entries)} {args.format} results to {results}")
+        if dropped:
+            print(f"left out {sum(dropped.values())} boxes whose label is no COCO category: {dict(dropped)}")
+
+
+def _body(argv: Sequence[str]) -> int:
+    from data_tools import storage
+    from data_tools.predictions import PredictionsError
+    from unified_vl.checkpoint import load_pretrained
+    from unified_vl.engine.config import ConfigError
+
+    args = _parser().parse_args(argv)
     method_options = _method_options(args.method, args.method_option)
+    try:
+        results = _output_paths(args)
+    except PredictionsError as exc:
+        raise ConfigError(str(exc)) from None
 
     import tasks
 
@@ -214,6 +372,8 @@ def _body(argv: Sequence[str]) -> int:
             if split not in available.get(name, {}):
                 have = ", ".join(f"{t}/{s}" for t, ss in available.items() for s in ss)
                 raise ConfigError(f"{args.data} has no {name}/{split}; it has: {have}")
+    if args.format is not None:
+        _check_format_inputs(args, names)
     model, processor = load_pretrained(args.model)
     evaluator = TaskEvaluator(
         args.data,
@@ -223,14 +383,16 @@ def _body(argv: Sequence[str]) -> int:
         method=args.method,
         method_options=method_options,
     )
-    metrics: dict[str, float] = {}
-    for split in args.split:
-        metrics.update(evaluator.evaluate(model, processor, split=split, max_examples=args.max_examples))
+    metrics, lines = _evaluate_splits(evaluator, model, processor, args)
     print(format_metrics(metrics))
     out = Path(args.out) if args.out else Path(args.model) / "eval_results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": str(args.model), "data": str(args.data), "metrics": metrics}, indent=2) + "\n")
     print(f"wrote {out}")
+    try:
+        _keep_predictions(args, lines, results)
+    except PredictionsError as exc:  # a record without the source ids --format needs
+        raise ConfigError(str(exc)) from None
     return 0
 
 
