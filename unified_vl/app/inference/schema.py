@@ -322,13 +322,16 @@ class RequestSchema:
             raise self._error(exc, body) from None
 
     def _error(self, exc: ValidationError, body: Any) -> SchemaError:
-        errors = exc.errors(include_url=False, include_context=False)
+        errors = exc.errors(include_url=False)
         # Of a union's alternatives, the deepest error is the one about the field that was meant.
         error = max(errors, key=lambda e: len(e["loc"]))
         kind, param = error["type"], field_path(error["loc"], body, error["type"])
-        if kind == "union_tag_not_found" and not param:
+        if kind in ("union_tag_not_found", "union_tag_invalid"):  # the field that tells the alternatives apart
+            tag = str(error.get("ctx", {}).get("discriminator", "")).strip("'")
+            param = f"{param}.{tag}" if param else tag
+        if kind == "union_tag_not_found" and param == "task":
             return SchemaError(f"missing field 'task'; one of {', '.join(self.tasks)}", "task")
-        if kind == "union_tag_invalid" and not param:
+        if kind == "union_tag_invalid" and param == "task":
             task = body.get("task") if isinstance(body, Mapping) else None
             return SchemaError(f"unknown task {task!r:.60}; known tasks: {', '.join(self.tasks)}", "task")
         if kind == "missing":
