@@ -32,13 +32,33 @@ class CheckpointError(RuntimeError):
     names the folder and says what is intact."""
 
 
+def current_umask() -> int:
+    """The process's umask (reading it means setting it; set back at once)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def follow_umask(folder: Path) -> None:
+    """Gives ``folder`` and everything in it the modes ``mkdir`` and ``open`` would: 0777 / 0666 less the umask.
+
+    A folder written under a temporary name (``mkdtemp``: 0700) and files some libraries write
+    through ``mkstemp`` (0600) would otherwise keep private modes that no other tool's output has.
+    """
+    umask = current_umask()
+    os.chmod(folder, 0o777 & ~umask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Writes ``text`` to ``path`` so that readers see the old or the new file, never a mix."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -60,6 +80,7 @@ def save_pretrained(
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
         processor.save_pretrained(tmp)
+        follow_umask(tmp)  # mkdtemp made it 0700, and the weights file comes out 0600
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
