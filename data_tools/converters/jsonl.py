@@ -5,8 +5,9 @@ of your own joins with ``UNIFIED_VL_TASKS=pkg.module``) and optionally ``split``
 
     {"task": "vqa", "id": "q1", "image": "img/1.png", "question": "what color is it?", "answers": ["red"], "answer_type": "other"}
 
-``image`` is a path relative to ``--images`` (default: the file's folder) or absolute; ``width`` and
-``height`` are read from the image when absent. The split is ``--split``, else the line's
+``image`` is a path relative to ``--images`` (default: the file's folder), or absolute, and must lie
+inside that folder unless ``--allow-outside-images``; ``width`` and ``height`` are read from the image
+when absent. The split is ``--split``, else the line's
 ``split``, else ``train``. Every record is checked against its task's field specs; a bad line
 stops the conversion naming the file and the line, or with ``--skip-bad`` is skipped and listed.
 """
@@ -66,7 +67,9 @@ def records(inputs: Sequence[Path], images: Sequence[Path], *, report: Report, s
             if not isinstance(image, str) or not image:
                 report.bad(path, name, f"'image' must be a path to the image file, got {image!r}")
                 continue
-            file = (base / image).resolve()
+            file = report.confined(base, image, file=path, record=name)
+            if file is None:
+                continue
             stated = (record["width"], record["height"]) if "width" in record and "height" in record else None
             size = report.image(file, file=path, record=name, expected=stated)
             if size is None:
