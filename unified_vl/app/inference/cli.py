@@ -21,6 +21,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from unified_vl.app.cli import exit_2_on_bad_model_files
+
 API_KEY_ENV = "UNIFIED_VL_API_KEY"  # read when --api-key is not given: keys stay out of `ps` listings
 # Box colours for drawings, cycled (Tableau 10, matplotlib's default colour cycle).
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
@@ -63,6 +65,7 @@ def _text_field(task: str) -> str | None:
     return next((name for name in input_fields(task) if spec[name].type == "str"), None)
 
 
+@exit_2_on_bad_model_files
 def predict_main(argv: list[str] | None = None) -> int:
     """``unified-vl predict``; returns the exit code (2 for bad input)."""
     from unified_vl.app.inference.predictor import InputError, Predictor
@@ -168,6 +171,7 @@ def _limit_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, type=int, default=f.default, help=f"{f.metadata['help']} (default: %(default)s)")
 
 
+@exit_2_on_bad_model_files
 def serve_main(argv: list[str] | None = None) -> int:
     """``unified-vl serve``: loads the model and serves it until interrupted."""
     import uvicorn

@@ -262,11 +262,13 @@ def relaunch_locally(config: RunConfig, job: str, argv: Sequence[str]) -> int | 
 def run_main(body, argv: Sequence[str]) -> int:
     """Runs a job body, turning configuration and data errors into one clear line and exit status 2/1."""
     from data_tools.storage import StorageError
-    from unified_vl.checkpoint import CheckpointError
+    from unified_vl.checkpoint import CheckpointError, ModelFileError
     from unified_vl.engine.trainer import NonFiniteError
 
     try:
         return body(strip_launcher_args(argv))
+    except ModelFileError:
+        raise  # unified_vl.app.cli.exit_2_on_bad_model_files: one line, status 2
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
