@@ -200,7 +200,8 @@ def _unique_ids(pairs: Iterable[Pair], report: Report) -> Iterator[Pair]:
     """Records whose id is new in their (task, split); a repeated id is a bad record (records.md: ids are unique)."""
     seen: set[tuple[str, str, object]] = set()
     for (task, split), record in pairs:
-        key = (task, split, record.get("id"))
+        rid = record.get("id")
+        key = (task, split, rid if isinstance(rid, str) else repr(rid))
         if key in seen:
             report.bad(f"{task}/{split}", f"id {record.get('id')!r}", "the id is used by an earlier record")
             continue

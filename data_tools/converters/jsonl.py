@@ -55,14 +55,20 @@ def records(inputs: Sequence[Path], images: Sequence[Path], *, report: Report, s
                 report.bad(path, name, f"expected a JSON object, got {type(record).__name__}")
                 continue
             task = record.pop("task", None)
-            if task not in tasks.TASKS:
+            if not isinstance(task, str) or task not in tasks.TASKS:
                 known = ", ".join(sorted(tasks.TASKS))
                 report.bad(
                     path, name, f"'task' must name a registered task ({known}; yours: {tasks.TASKS_ENV}), got {task!r}"
                 )
                 continue
             line_split = record.pop("split", None)
+            if line_split is not None and (not isinstance(line_split, str) or not line_split.strip()):
+                report.bad(path, name, f"'split' must be a split name, got {line_split!r}")
+                continue
             record_split = split or line_split or "train"
+            if not isinstance(record.get("id"), str) or not record["id"]:
+                report.bad(path, name, f"'id' must be a non-empty string, got {record.get('id')!r}")
+                continue
             image = record.get("image")
             if not isinstance(image, str) or not image:
                 report.bad(path, name, f"'image' must be a path to the image file, got {image!r}")
