@@ -22,6 +22,11 @@ Endpoints:
   run: outputs are batched, not produced token by token.
 * ``GET /health``, ``GET /v1/models``, ``GET /metrics`` (Prometheus text format).
 
+Every field of both POST bodies, JSON or multipart, is validated by one schema layer,
+:mod:`unified_vl.app.inference.schema` (which also writes the bodies into ``/openapi.json``), and
+each request's image is decoded and its text tokenized in its own thread before it joins a batch:
+one bad request never fails another. What a request may cost is the server's `Limits`.
+
 Concurrent requests are gathered into batches by :class:`~unified_vl.app.inference.batcher.DynamicBatcher`;
 a full queue answers 429. Errors are ``{"error": {"message", "type", "param"}}`` (OpenAI's error
 shape): an undecodable, corrupt or decompression-bomb image -> 400; an image or body over its size
