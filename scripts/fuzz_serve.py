@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     import httpx
     import torch
 
-    from unified_vl import Predictor
+    from unified_vl.app.inference.predictor import Predictor
     from unified_vl.app.inference.server import create_app
 
     torch.set_num_threads(1)

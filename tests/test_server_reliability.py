@@ -273,6 +273,11 @@ def test_integer_options_must_be_json_integers(client, pngs, value):
     assert response.json()["error"]["param"] == "num_beams"
 
 
+def test_json_nested_too_deeply_is_a_400(client):
+    response = client.post("/v1/predict", content=b"[" * 200_000, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "nested too deeply" in response.json()["error"]["message"]
+
+
 def test_a_file_part_where_a_text_field_belongs_is_422(client, pngs):
     response = client.post(
         "/v1/predict",

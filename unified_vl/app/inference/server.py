@@ -239,6 +239,8 @@ async def _json_body(request: Request) -> dict[str, Any]:
         body = json.loads(raw) if len(raw) < 65536 else await asyncio.to_thread(json.loads, raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the body is not valid JSON ({exc})", type="invalid_request_error") from None
+    except RecursionError:  # [[[[...]]]]: Python's parser recurses once per level
+        raise ApiError(400, "the body is JSON nested too deeply", type="invalid_request_error") from None
     if not isinstance(body, dict):
         raise _invalid(f"the body must be a JSON object, got {type(body).__name__}")
     return body
