@@ -154,13 +154,17 @@ def check_before_start(config: RunConfig) -> None:
     used = [("eval.final_splits", config.eval.final_splits)]
     if config.eval.every:
         used.append(("eval.splits", config.eval.splits))
+    held_out = [s for s in ("val", "test", *have) if s in have and s != config.data.train_split][:1]
     for key, splits in used:
         for split in splits:
             if not any(split in available.get(t, {}) for t in config.data.tasks):
                 where = config.data.path or "the synthetic world"
+                hint = f"set {key}=[{held_out[0]}]" if held_out else f"set {key}=[]"
+                if key == "eval.splits":
+                    hint += " or eval.every=0"
                 raise ConfigError(
                     f"{key}: no task of data.tasks has a split {split!r} in {where}; the splits there: "
-                    f"{', '.join(have) or 'none'} (e.g. {key}=[{have[-1] if have else 'val'}])"
+                    f"{', '.join(have) or 'none'} ({hint})"
                 )
 
 
