@@ -124,7 +124,10 @@ def test_any_overrides_give_a_clear_error_or_a_valid_config(items):
     [
         (["data.tasks={nosuchtask: 1}"], ["data.tasks", "nosuchtask", "known tasks", "vqa"]),
         (["eval.final_splits=[nosuch]"], ["eval.final_splits", "'nosuch'", "train, val"]),
-        (["eval.every=1", "eval.splits=[nosuch]", "eval.final_splits=[val]"], ["eval.splits", "'nosuch'", "eval.splits=[val] or eval.every=0"]),
+        (
+            ["eval.every=1", "eval.splits=[nosuch]", "eval.final_splits=[val]"],
+            ["eval.splits", "'nosuch'", "eval.splits=[val] or eval.every=0"],
+        ),
         (["eval.final_splits=[test]"], ["eval.final_splits", "'test'", "eval.final_splits=[val]"]),
     ],
 )
