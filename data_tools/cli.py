@@ -47,6 +47,7 @@ def _convert(args: argparse.Namespace, command: str) -> int:
         split=args.split,
         embed_images=args.embed_images,
         verify_images=args.verify_images,
+        confine_images=not args.allow_outside_images,
         command=command,
     )
     return 0
@@ -121,6 +122,11 @@ def _data_parser() -> argparse.ArgumentParser:
     p.add_argument("--embed-images", action="store_true", help="store image bytes in the dataset instead of paths")
     p.add_argument(
         "--verify-images", action="store_true", help="decode every image fully (catches truncated files; slower)"
+    )
+    p.add_argument(
+        "--allow-outside-images",
+        action="store_true",
+        help="csv, jsonl: allow image paths that lead outside --images (.., absolute paths, symlinks out)",
     )
     p.set_defaults(run=_convert)
 

@@ -64,6 +64,18 @@ def load_tokenizer(path: str | os.PathLike | None = None, *, num_bins: int = DEF
     return _add_loc_tokens(tokenizer, num_bins)
 
 
+def _follow_umask(folder: Path) -> None:
+    # unified_vl.checkpoint.follow_umask, which imports the model; the tokenizer stays light.
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+    os.chmod(folder, 0o777 & ~umask)
+
+
 def loc_token_ids(tokenizer: T5Tokenizer, num_bins: int = DEFAULT_NUM_BINS) -> list[int]:
     """Ids of ``<loc_0>``..``<loc_{num_bins-1}>``, in bin order."""
     ids = tokenizer.convert_tokens_to_ids(loc_tokens(num_bins))
@@ -124,6 +136,7 @@ def train_tokenizer(
         (tmp / "spiece.vocab").unlink(missing_ok=True)
         tokenizer = load_tokenizer(tmp, num_bins=num_bins)
         tokenizer.save_pretrained(str(tmp))
+        _follow_umask(tmp)  # mkdtemp made it 0700: the final folder gets the modes mkdir would give it
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

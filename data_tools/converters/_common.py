@@ -85,8 +85,9 @@ class ImageChecker:
 class Report:
     """Collects skipped records and notes of one conversion; raises instead when not skipping."""
 
-    def __init__(self, *, skip_bad: bool = False, verify_images: bool = False):
+    def __init__(self, *, skip_bad: bool = False, verify_images: bool = False, confine_images: bool = True):
         self.skip_bad = skip_bad
+        self.confine_images = confine_images
         self.skipped: list[dict[str, str]] = []
         self.notes: Counter[str] = Counter()
         self.images = ImageChecker(decode=verify_images)
@@ -116,6 +117,28 @@ class Report:
             self.bad(file, name, str(exc))
             return False
         return True
+
+    def confined(self, root: Path, name: str, *, file: str | os.PathLike, record: str) -> Path | None:
+        """``root/name`` resolved (symlinks followed), or None after reporting that it leaves ``root``.
+
+        An annotation file names image paths; ``../../x`` or an absolute path would let it reach (and,
+        with ``--embed-images``, copy) any file of the machine. Unless the user opts out
+        (``--allow-outside-images``), the real path must lie inside the real ``root``.
+        """
+        try:
+            path = (root / name).resolve()
+        except (OSError, ValueError) as exc:  # a NUL byte, a name too long, a symlink loop
+            self.bad(file, record, f"image path {name!r} is not a usable path ({exc})")
+            return None
+        if self.confine_images and not path.is_relative_to(root.resolve()):
+            self.bad(
+                file,
+                record,
+                f"image path {name!r} leads outside the images folder {root} (to {path}); "
+                "pass --allow-outside-images to allow paths outside it",
+            )
+            return None
+        return path
 
     def image(
         self,
@@ -180,6 +203,19 @@ def source_id(value: Any) -> int | None:
     left out, and the official results formats that need it say so per record.
     """
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _unique_ids(pairs: Iterable[Pair], report: Report) -> Iterator[Pair]:
+    """Records whose id is new in their (task, split); a repeated id is a bad record (records.md: ids are unique)."""
+    seen: set[tuple[str, str, object]] = set()
+    for (task, split), record in pairs:
+        rid = record.get("id")
+        key = (task, split, rid if isinstance(rid, str) else repr(rid))
+        if key in seen:
+            report.bad(f"{task}/{split}", f"id {record.get('id')!r}", "the id is used by an earlier record")
+            continue
+        seen.add(key)
+        yield (task, split), record
 
 
 def xywh_to_xyxy(box: Sequence[float]) -> list[float]:
@@ -261,6 +297,7 @@ def convert(
     split: str | None = None,
     embed_images: bool = False,
     verify_images: bool = False,
+    confine_images: bool = True,
     command: str = "",
     log=print,
 ) -> dict:
@@ -275,6 +312,7 @@ def convert(
         split: put every record in this split instead of the split the source defines.
         embed_images: store image bytes in the dataset instead of paths.
         verify_images: decode every image fully (catches truncated files; slower).
+        confine_images: image paths of csv and jsonl annotations must stay inside the images folder.
         command: the command line, for the manifest.
         log: where the summary goes.
 
@@ -285,7 +323,7 @@ def convert(
         ConversionError: bad input (see the module docstring).
     """
     module = get_converter(source)
-    report = Report(skip_bad=skip_bad, verify_images=verify_images)
+    report = Report(skip_bad=skip_bad, verify_images=verify_images, confine_images=confine_images)
     input_paths = [Path(p).resolve() for p in inputs]
     image_paths = [Path(p).resolve() for p in images]
     start = time.perf_counter()
@@ -301,7 +339,7 @@ def convert(
             "notes": dict(report.notes),
         }
 
-    stream: Iterator[Pair] = module.records(input_paths, image_paths, report=report, split=split)
+    stream: Iterator[Pair] = _unique_ids(module.records(input_paths, image_paths, report=report, split=split), report)
     manifest = storage.write_dataset(
         out, stream, source=source, command=command, embed_images=embed_images, extra=extra
     )

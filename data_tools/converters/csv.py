@@ -2,8 +2,9 @@
 
 Format: UTF-8 CSV (RFC 4180 quoting, read with Python's ``csv`` module). With a header row naming
 ``path`` and ``label`` (and optionally ``split``) the columns are found by name; without a header the
-columns are ``path,label[,split]``. Relative paths are resolved against ``--images`` (default: the
-CSV's folder). The split is the ``split`` column, else ``--split``, else ``train``. Record ids are the
+columns are ``path,label[,split]``. Paths are resolved against ``--images`` (default: the CSV's
+folder) and must stay inside it (no ``..`` or absolute path out of it, no symlink out of it) unless
+``--allow-outside-images``. The split is the ``split`` column, else ``--split``, else ``train``. Record ids are the
 paths as written; a path listed twice is a bad record.
 """
 
@@ -56,7 +57,9 @@ def records(inputs: Sequence[Path], images: Sequence[Path], *, report: Report, s
                 report.bad(path, name, f"{image_path!r} is listed twice in split {split_name!r}")
                 continue
             seen.add((split_name, image_path))
-            file = (base / image_path).resolve()
+            file = report.confined(base, image_path, file=path, record=name)
+            if file is None:
+                continue
             size = report.image(file, file=path, record=name)
             if size is None:
                 continue

@@ -5,8 +5,9 @@ of your own joins with ``UNIFIED_VL_TASKS=pkg.module``) and optionally ``split``
 
     {"task": "vqa", "id": "q1", "image": "img/1.png", "question": "what color is it?", "answers": ["red"], "answer_type": "other"}
 
-``image`` is a path relative to ``--images`` (default: the file's folder) or absolute; ``width`` and
-``height`` are read from the image when absent. The split is ``--split``, else the line's
+``image`` is a path relative to ``--images`` (default: the file's folder), or absolute, and must lie
+inside that folder unless ``--allow-outside-images``; ``width`` and ``height`` are read from the image
+when absent. The split is ``--split``, else the line's
 ``split``, else ``train``. Every record is checked against its task's field specs; a bad line
 stops the conversion naming the file and the line, or with ``--skip-bad`` is skipped and listed.
 """
@@ -54,19 +55,27 @@ def records(inputs: Sequence[Path], images: Sequence[Path], *, report: Report, s
                 report.bad(path, name, f"expected a JSON object, got {type(record).__name__}")
                 continue
             task = record.pop("task", None)
-            if task not in tasks.TASKS:
+            if not isinstance(task, str) or task not in tasks.TASKS:
                 known = ", ".join(sorted(tasks.TASKS))
                 report.bad(
                     path, name, f"'task' must name a registered task ({known}; yours: {tasks.TASKS_ENV}), got {task!r}"
                 )
                 continue
             line_split = record.pop("split", None)
+            if line_split is not None and (not isinstance(line_split, str) or not line_split.strip()):
+                report.bad(path, name, f"'split' must be a split name, got {line_split!r}")
+                continue
             record_split = split or line_split or "train"
+            if not isinstance(record.get("id"), str) or not record["id"]:
+                report.bad(path, name, f"'id' must be a non-empty string, got {record.get('id')!r}")
+                continue
             image = record.get("image")
             if not isinstance(image, str) or not image:
                 report.bad(path, name, f"'image' must be a path to the image file, got {image!r}")
                 continue
-            file = (base / image).resolve()
+            file = report.confined(base, image, file=path, record=name)
+            if file is None:
+                continue
             stated = (record["width"], record["height"]) if "width" in record and "height" in record else None
             size = report.image(file, file=path, record=name, expected=stated)
             if size is None:

@@ -50,6 +50,11 @@ def _subtype(data: dict, path: Path) -> str:
     return match.group(1)
 
 
+def _hashable(value: object) -> bool:
+    # question_id is an integer in VQAv2; a list or an object from a broken file cannot key a lookup.
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
 def split_of(subtype: str) -> str:
     """``train2014`` -> ``train``, ``val2014`` -> ``val``."""
     return re.sub(r"20\d\d$", "", subtype)
@@ -91,13 +96,25 @@ def records(inputs: Sequence[Path], images: Sequence[Path], *, report: Report, s
     ):
         if not isinstance(q_data["questions"], list) or not isinstance(a_data["annotations"], list):
             raise ConversionError(f"{q_path} / {a_path}: 'questions' and 'annotations' must be lists")
-        by_question: dict[object, dict] = {}
+        by_question: dict[object, tuple[int, dict]] = {}
         for k, ann in enumerate(a_data["annotations"]):
             if missing_keys(ann, ("question_id",)):
                 report.bad(a_path, f"annotations[{k}]", "missing key 'question_id'")
                 continue
-            by_question[ann["question_id"]] = ann
+            if not _hashable(ann["question_id"]):
+                report.bad(a_path, f"annotations[{k}]", f"question_id must be a number, got {ann['question_id']!r}")
+                continue
+            if ann["question_id"] in by_question:  # which of the two holds the right answers is unknown
+                first = by_question[ann["question_id"]][0]
+                report.bad(
+                    a_path,
+                    f"annotations[{k}]",
+                    f"duplicate question_id {ann['question_id']} (first: annotations[{first}])",
+                )
+                continue
+            by_question[ann["question_id"]] = (k, ann)
         split_name = split or split_of(subtype)
+        seen: dict[object, int] = {}  # question_id -> index of its first question
         for k, q in enumerate(q_data["questions"]):
             name = f"questions[{k}]" + (
                 f" (question_id={q['question_id']})" if isinstance(q, dict) and "question_id" in q else ""
@@ -106,10 +123,17 @@ def records(inputs: Sequence[Path], images: Sequence[Path], *, report: Report, s
             if lacking:
                 report.bad(q_path, name, f"missing key(s) {lacking}")
                 continue
+            if not _hashable(q["question_id"]):
+                report.bad(q_path, name, f"question_id must be a number, got {q['question_id']!r}")
+                continue
+            if q["question_id"] in seen:
+                report.bad(q_path, name, f"duplicate question_id (first: questions[{seen[q['question_id']]}])")
+                continue
+            seen[q["question_id"]] = k
             if not isinstance(q["question"], str) or not q["question"].strip():
                 report.bad(q_path, name, f"empty question {q['question']!r}")
                 continue
-            ann = by_question.get(q["question_id"])
+            _, ann = by_question.get(q["question_id"], (None, None))
             if ann is None:
                 report.bad(a_path, name, f"no annotation for question_id {q['question_id']}")
                 continue

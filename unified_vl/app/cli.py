@@ -36,6 +36,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def exit_2_on_bad_model_files(main_function):
+    """Wraps a command's ``main(argv) -> int``: a missing, truncated or malformed model file
+    (`unified_vl.checkpoint.ModelFileError`) ends it with one line naming the file, and status 2."""
+    import functools
+
+    @functools.wraps(main_function)
+    def wrapped(argv=None) -> int:
+        from unified_vl.checkpoint import ModelFileError
+
+        try:
+            return main_function(argv)
+        except ModelFileError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    return wrapped
+
+
 def _usage() -> str:
     width = max(len(n) for n in COMMANDS)
     lines = ["usage: unified-vl COMMAND [ARGS...]", "", "commands:"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -255,14 +256,19 @@ def _coerce(value: Any, tp: Any, key: str, *, from_text: bool) -> Any:
                 raise fail() from None
         raise fail()
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML 1.1 reads "1e-3" as a string, in files too
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML 1.1 reads "1e-3" as a string, in files too
             try:
-                return float(value.strip())
+                number = float(value.strip())
             except ValueError:
                 raise fail() from None
-        raise fail()
+        if number is None:
+            raise fail()
+        if not math.isfinite(number):  # inf and nan parse as floats; no setting of a run means them
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -411,9 +417,7 @@ def load_config(
 
 def validate(config: RunConfig) -> None:
     """Checks values that types alone do not (ranges, combinations, model overrides)."""
-    from transformers import T5Config
-
-    from unified_vl.config import PRESETS, UnifiedVLConfig
+    from unified_vl.config import PRESETS
 
     def positive(key: str, value: float | None, *, allow_zero: bool = False) -> None:
         if value is not None and (value < 0 or (value == 0 and not allow_zero)):
@@ -426,19 +430,7 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(
             "model.init fixes the architecture (the folder's config.json); leave model.preset and model.overrides unset"
         )
-    allowed = set(inspect.signature(UnifiedVLConfig.__init__).parameters) - {"self", "kwargs"}
-    for name, value in m.overrides.items():
-        if name not in allowed:
-            raise ConfigError(f"model.overrides: unknown field {name!r}; allowed: {', '.join(sorted(allowed))}")
-        if name == "text_config":
-            if not isinstance(value, dict):
-                raise ConfigError(f"model.overrides.text_config must be a mapping, got {value!r}")
-            t5_fields = set(T5Config().to_dict())
-            for k in value:
-                if k not in t5_fields:
-                    raise ConfigError(
-                        f"model.overrides.text_config: unknown T5Config field {k!r}; allowed: {', '.join(sorted(t5_fields))}"
-                    )
+    _validate_overrides(m.overrides, m.preset)
     positive("model.tokenizer_vocab_size", m.tokenizer_vocab_size)
     _validate_method(config)
     if not d.tasks:
@@ -451,6 +443,10 @@ def validate(config: RunConfig) -> None:
     positive("data.synth.num_images", d.synth.num_images)
     positive("data.synth.image_size", d.synth.image_size)
     positive("optim.lr", o.lr)
+    positive("optim.eps", o.eps)
+    for key, beta in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
+        if not 0 <= beta < 1:  # Adam's moment decay rates (Kingma & Ba 2015, Algorithm 1): in [0, 1)
+            raise ConfigError(f"{key} must be in [0, 1), got {beta!r}")
     positive("optim.weight_decay", o.weight_decay, allow_zero=True)
     positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
     positive("optim.grad_clip", o.grad_clip, allow_zero=True)
@@ -474,6 +470,81 @@ def validate(config: RunConfig) -> None:
     positive("checkpoint.keep_last", c.keep_last)
     if c.best_metric is not None and len(c.best_metric.split("/")) != 3:
         raise ConfigError(f"checkpoint.best_metric must be a metric key 'task/split/metric', got {c.best_metric!r}")
+
+
+# T5Config integer fields that are sizes or counts (T5Config's docstring): at least 1.
+_T5_SIZES = (
+    "vocab_size",
+    "d_model",
+    "d_kv",
+    "d_ff",
+    "num_layers",
+    "num_decoder_layers",
+    "num_heads",
+    "relative_attention_num_buckets",
+    "relative_attention_max_distance",
+)
+
+
+def _check_type(key: str, value: Any, expected: Any) -> None:
+    """``value`` has the type ``expected`` (a type hint, or the default value whose type it must share)."""
+    if not isinstance(expected, type) and typing.get_origin(expected) is None:
+        if expected is None:
+            return  # a default of None says nothing about the type
+        expected = type(expected)
+    arms = typing.get_args(expected) if typing.get_origin(expected) in (typing.Union, types.UnionType) else (expected,)
+    arms = tuple(
+        typing.get_origin(a) or a for a in arms if a is not type(None) and isinstance(typing.get_origin(a) or a, type)
+    )
+    if value is None and type(None) in typing.get_args(expected):
+        return
+    ok = any(
+        (arm is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+        or (arm is int and isinstance(value, int) and not isinstance(value, bool))
+        or (arm not in (int, float) and isinstance(value, arm))
+        for arm in arms
+    )
+    if not ok:
+        names = " | ".join(a.__name__ for a in arms)
+        raise ConfigError(f"{key}: expected {names}, got {type(value).__name__} {value!r}")
+
+
+def _validate_overrides(overrides: dict[str, Any], preset: str | None) -> None:
+    """``model.overrides``: known fields of the right types and ranges, and a model config they can build."""
+    from transformers import T5Config
+
+    from unified_vl.config import UnifiedVLConfig
+
+    hints = typing.get_type_hints(UnifiedVLConfig.__init__)
+    allowed = set(inspect.signature(UnifiedVLConfig.__init__).parameters) - {"self", "kwargs"}
+    for name, value in overrides.items():
+        key = f"model.overrides.{name}"
+        if name not in allowed:
+            raise ConfigError(f"model.overrides: unknown field {name!r}; allowed: {', '.join(sorted(allowed))}")
+        if name != "text_config":
+            _check_type(key, value, hints[name])
+            if name in ("image_size", "max_text_length", "max_target_length") and value < 2:
+                raise ConfigError(f"{key} must be >= 2, got {value!r}")
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"model.overrides.text_config must be a mapping, got {value!r}")
+        defaults = T5Config().to_dict()
+        for k, v in value.items():
+            if k not in defaults:
+                raise ConfigError(
+                    f"model.overrides.text_config: unknown T5Config field {k!r}; allowed: {', '.join(sorted(defaults))}"
+                )
+            _check_type(f"{key}.{k}", v, defaults[k])
+            if k in _T5_SIZES and v is not None and v < 1:
+                raise ConfigError(f"{key}.{k} must be >= 1, got {v!r}")
+            if k == "dropout_rate" and not 0 <= v < 1:
+                raise ConfigError(f"{key}.{k} must be in [0, 1), got {v!r}")
+    text = overrides.get("text_config", {})
+    rest = {k: v for k, v in overrides.items() if k != "text_config"}
+    try:  # what only the constructor checks (visual_mode, num_bins); builds a config, no weights
+        UnifiedVLConfig.from_preset(preset or "uvl-tiny", text_config=text, **rest)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"model.overrides: {exc}") from None
 
 
 def _validate_method(config: RunConfig) -> None:

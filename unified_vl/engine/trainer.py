@@ -36,6 +36,11 @@ ARCH_FIELDS = ("vision_model", "vision_kwargs", "vision_out_index", "image_size"
 ARCH_TEXT_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads")
 
 
+class NonFiniteError(RuntimeError):
+    """Training reached a non-finite loss, gradient norm or weight: the run stops at that step, and
+    neither a checkpoint nor a model folder is written from it (the message names the step)."""
+
+
 @dataclass
 class Example:
     """One training example as text and an image."""
@@ -466,6 +471,40 @@ def _train_step(engine, run: _Run, step: int, loc_ids: torch.Tensor) -> StepLoss
     return losses
 
 
+def check_step_finite(step: int, loss: float, task_losses: Mapping[str, float], grad_norm: Any, lr: float) -> None:
+    """Stops the run at a non-finite loss or gradient norm (every rank sees the same, reduced values).
+
+    Stopping is deliberate: DeepSpeed's fp16 loss scaler skips such steps and lowers its scale, but
+    at full precision a non-finite value means the weights or the data are broken, and skipping
+    would hide it; the weights after the step are not saved, so the last checkpoint stays good.
+    """
+    problems = [] if math.isfinite(loss) else [f"the training loss is {loss}"]
+    if grad_norm is not None and not math.isfinite(float(grad_norm)):
+        problems.append(f"the gradient norm is {float(grad_norm)}")
+    if problems:
+        per_task = ", ".join(f"{t} {v:.4g}" for t, v in task_losses.items())
+        raise NonFiniteError(
+            f"step {step}: {' and '.join(problems)} (loss per task: {per_task}); training stopped, and no "
+            f"checkpoint or model was written from this step. Lower optim.lr (now {lr:g}), keep "
+            "optim.grad_clip > 0, or look for a bad record among these tasks."
+        )
+
+
+def check_weights_finite(model: torch.nn.Module, step: int, *, what: str) -> None:
+    """Refuses to save weights holding nan or inf (all ranks call it; ZeRO-3 checks each rank's shard)."""
+    bad = []
+    for name, param in model.named_parameters():
+        data = getattr(param, "ds_tensor", None)  # ZeRO-3: this rank's partition
+        data = param.detach() if data is None else data
+        if data.numel() and not torch.isfinite(data).all():
+            bad.append(name)
+    if distributed.all_reduce_sum([float(len(bad))])[0]:
+        raise NonFiniteError(
+            f"step {step}: the weights hold nan or inf ({', '.join(bad[:3]) or 'on another rank'}"
+            f"{', ...' if len(bad) > 3 else ''}); {what} was not written. Lower optim.lr or keep optim.grad_clip > 0."
+        )
+
+
 def _resume(run: _Run, engine, checkpoints: CheckpointManager, schedule: LRSchedule) -> tuple[int, float]:
     """Restores model, optimizer, scheduler (with its horizon), RNG and the sampler; returns (step, seconds)."""
     t = run.config.train
@@ -489,6 +528,7 @@ def _finish(
     if not c.export:
         monitor.close()
         return None
+    check_weights_finite(engine.module, step, what="the model folder")  # never export a NaN model
     model_dir = export_model(engine, run.processor, run.run_dir / "model", dist=dist, zero_stage=t.zero_stage)
     best = checkpoints.index().get("best")
     if dist.is_main and best and best["tag"] != checkpoints.latest_tag():
@@ -542,6 +582,7 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
         loss, task_losses, train_seconds = step_losses.reduce(
             start_seconds + (time.perf_counter() - tic), is_main=dist.is_main
         )
+        check_step_finite(step, loss, task_losses, engine.get_global_grad_norm(), engine.get_lr()[0])
         losses.append(loss)
         if budget is not None and (horizon := budget.update(step - start_step, step, train_seconds)) is not None:
             schedule.horizon = horizon  # every rank computes the same: train_seconds is rank 0's
@@ -559,6 +600,7 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
             metrics = evaluate_now(config.eval.splits, config.eval.max_examples)
             monitor.eval(step, metrics)
         if c.every and step % c.every == 0 and not done:
+            check_weights_finite(engine.module, step, what=f"the checkpoint of step {step}")
             checkpoints.save(engine, step, client_state(), metrics)
             last_saved = step
         if time_up:
@@ -570,6 +612,7 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
         metrics = evaluate_now(config.eval.splits, config.eval.max_examples)
         monitor.eval(step, metrics)
     if step != last_saved:
+        check_weights_finite(engine.module, step, what=f"the checkpoint of step {step}")
         checkpoints.save(engine, step, client_state(), metrics)
     keep = {"predictions_dir": run_dir / "predictions"}  # the final evaluation keeps its predictions
     final = evaluate_now(config.eval.final_splits, None, **keep) if evaluator and config.eval.final_splits else {}

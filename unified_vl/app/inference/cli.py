@@ -13,6 +13,7 @@ uvicorn; it binds loopback unless ``--host`` says otherwise.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
+
+from unified_vl.app.cli import exit_2_on_bad_model_files
 
 API_KEY_ENV = "UNIFIED_VL_API_KEY"  # read when --api-key is not given: keys stay out of `ps` listings
 # Box colours for drawings, cycled (Tableau 10, matplotlib's default colour cycle).
@@ -82,6 +85,7 @@ def _text_field(task: str) -> str | None:
     return next((name for name in input_fields(task) if spec[name].type == "str"), None)
 
 
+@exit_2_on_bad_model_files
 def predict_main(argv: list[str] | None = None) -> int:
     """``unified-vl predict``; returns the exit code (2 for bad input)."""
     from unified_vl.app.inference.predictor import InputError, Predictor
@@ -173,18 +177,42 @@ def build_serve_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-image-mb", type=float, default=10.0, help="the largest image file")
     parser.add_argument("--max-body-mb", type=float, default=16.0, help="the largest request body")
+    _limit_arguments(parser)
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
 
+def _limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--max-image-pixels``, ``--max-labels``, ...: one option per field of the server's `Limits`."""
+    import dataclasses
+
+    from unified_vl.app.inference.schema import Limits
+
+    for f in dataclasses.fields(Limits):
+        if f.name in ("max_image_bytes", "max_body_bytes"):  # given in MB above
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        parser.add_argument(flag, type=int, default=f.default, help=f"{f.metadata['help']} (default: %(default)s)")
+
+
+@exit_2_on_bad_model_files
 def serve_main(argv: list[str] | None = None) -> int:
     """``unified-vl serve``: loads the model and serves it until interrupted."""
     import uvicorn
 
     from unified_vl.app.inference.predictor import Predictor
-    from unified_vl.app.inference.server import MiB, create_app
+    from unified_vl.app.inference.schema import Limits, MiB
+    from unified_vl.app.inference.server import create_app
 
     args = build_serve_parser().parse_args(argv)
+    limits = {f.name: getattr(args, f.name) for f in dataclasses.fields(Limits) if hasattr(args, f.name)}
+    try:
+        limits = Limits(
+            max_image_bytes=int(args.max_image_mb * MiB), max_body_bytes=int(args.max_body_mb * MiB), **limits
+        )
+    except ValueError as exc:
+        print(f"unified-vl serve: error: {exc}", file=sys.stderr)
+        return 2
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
@@ -199,8 +227,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         max_wait_ms=args.max_wait_ms,
         api_key=api_key,
         max_queue=args.max_queue,
-        max_image_bytes=int(args.max_image_mb * MiB),
-        max_body_bytes=int(args.max_body_mb * MiB),
+        limits=limits,
     )
     logging.info("serving %s (%s) on http://%s:%d", predictor.name, Path(args.model), args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -25,6 +25,7 @@ whatever their tasks.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -39,12 +40,15 @@ from PIL import Image
 import tasks
 from unified_vl.app.inference.results import Result
 from unified_vl.checkpoint import load_pretrained
-from unified_vl.generation import generate_texts, score_candidates, score_texts
+from unified_vl.generation import CandidateTrie, generate_texts, score_candidates, score_texts
 from unified_vl.processor import ImageInput, load_image
+
+logger = logging.getLogger(__name__)
 
 GENERATE = "generate"  # the pseudo-task of a free instruction (Predictor.generate)
 DEFAULT_BATCH_SIZE = 16  # inputs per forward pass; uvl-base at 384 px fits a 16 GB GPU in fp16 with it
 
+_LOC4_TOKENS = 5  # "loc4" decoding writes four <loc_*> and eos (LocationOnlyLogitsProcessor's default)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -124,6 +128,7 @@ class Query:
     top_k: int = 1
     with_score: bool = True
     generation: Mapping[str, Any] = field(default_factory=dict)
+    prompt_tokens: int = 0  # tokens of the prompt the encoder reads, after truncation to max_text_length
 
     def group_key(self) -> tuple:
         """Queries with equal keys run in one forward pass."""
@@ -229,6 +234,12 @@ class Predictor:
         if top_k > 1 and labels is None:
             raise InputError("top_k > 1 ranks labels; give labels to rank", param="top_k")
         decoding, candidates, label_words = _decoding(task, task_obj, record, candidates=candidates, labels=labels)
+        # Everything a batch would do with this query's text is tried here, on this query alone, so
+        # that a text the tokenizer refuses fails this query and never the batch it would join.
+        for name, value in inputs.items():
+            _check_unicode(value, name)
+        prompt_ids = self._tokenize([prompt], "the prompt", _text_param(inputs))[0]
+        self._check_outputs(decoding, candidates, label_words, generation_kwargs)
         return Query(
             task=task,
             image=self._resize(original),
@@ -240,7 +251,43 @@ class Predictor:
             top_k=top_k,
             with_score=with_score,
             generation=dict(generation_kwargs),
+            prompt_tokens=min(len(prompt_ids), self.processor.max_text_length),
         )
+
+    def _check_outputs(self, decoding: str, candidates, label_words, generation: Mapping[str, Any]) -> None:
+        """The outputs a query asks for can be written: candidates and label words tokenize, fit the
+        model's target length and the query's ``max_new_tokens`` (checked here, not in its batch)."""
+        longest = self.processor.max_target_length  # the longest target the model was trained to write
+        needed = _LOC4_TOKENS if decoding == "loc4" else None
+        if candidates is not None:
+            self._tokenize(list(candidates), "candidates", "candidates")
+            try:
+                needed = CandidateTrie.from_texts(self.processor.tokenizer, list(candidates)).max_length
+            except (TypeError, ValueError) as exc:  # e.g. a candidate holding the end-of-sequence token
+                raise InputError(f"candidates: {exc}", param="candidates") from None
+            if needed > longest:
+                raise InputError(
+                    f"candidates: the longest is {needed} tokens; the model writes at most {longest}",
+                    param="candidates",
+                )
+        if label_words is not None:
+            ids = self._tokenize([w for _, words in label_words for w in words], "labels", "labels")
+            if max(len(x) for x in ids) > longest:
+                raise InputError(f"labels: a label is longer than the model's {longest} target tokens", param="labels")
+        requested = generation.get("max_new_tokens")
+        if needed is not None and requested is not None and requested < needed:
+            raise InputError(
+                f"max_new_tokens={requested} cannot complete this output, which needs {needed} tokens",
+                param="max_new_tokens",
+            )
+
+    def _tokenize(self, texts: list[str], what: str, param: str | None) -> list[list[int]]:
+        for i, text in enumerate(texts):
+            _check_unicode(text, param or what, index=i if len(texts) > 1 else None)
+        try:
+            return self.processor.tokenizer(texts)["input_ids"]
+        except Exception as exc:  # any tokenizer failure is this input's, reported as such
+            raise InputError(f"{what} cannot be tokenized: {type(exc).__name__}: {exc}", param=param) from None
 
     def _resize(self, image: Image.Image) -> Image.Image:
         # Exactly as the processor resizes (bicubic to S x S, no crop). Pillow's resize to an
@@ -265,11 +312,21 @@ class Predictor:
             group = [queries[i] for i in indices]
             try:
                 results = self._run_group(group)
-            except Exception as exc:
-                results = [exc] * len(group)
+            except Exception:
+                # One query must never fail another: run the group's queries one at a time, so that
+                # a query that fails alone gets its error and every other one its own answer (the
+                # same answer as in a batch: padding never changes a prediction).
+                logger.exception("a batch of %d queries failed; running them one at a time", len(group))
+                results = [self._run_alone(query) for query in group]
             for i, result in zip(indices, results, strict=True):
                 out[i] = result
         return out
+
+    def _run_alone(self, query: Query) -> Result | Exception:
+        try:
+            return self._run_group([query])[0]
+        except Exception as exc:
+            return exc
 
     def _run_group(self, group: Sequence[Query]) -> list[Result]:
         first = group[0]
@@ -444,6 +501,24 @@ def _text_list(values: Any, name: str) -> list[str]:
         if not isinstance(value, str) or not value.strip():
             raise InputError(f"{name}[{i}] must be a non-empty string, got {value!r:.80}", param=name)
     return list(values)
+
+
+def _check_unicode(value: Any, name: str, *, index: int | None = None) -> None:
+    """Text fields must be Unicode text: JSON can carry a lone surrogate ("\\ud800"), which no tokenizer takes."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            where = name if index is None else f"{name}[{index}]"
+            raise InputError(
+                f"{where} is not valid Unicode text ({exc.reason} at position {exc.start})", param=name
+            ) from None
+
+
+def _text_param(inputs: Mapping[str, Any]) -> str | None:
+    """The field a prompt's tokenization error is reported on: the request's only text field, if one."""
+    texts = [name for name, value in inputs.items() if isinstance(value, str)]
+    return texts[0] if len(texts) == 1 else None
 
 
 def _field_named_in(message: str, names: Sequence[str]) -> str | None:

@@ -22,6 +22,11 @@ Endpoints:
   run: outputs are batched, not produced token by token.
 * ``GET /health``, ``GET /v1/models``, ``GET /metrics`` (Prometheus text format).
 
+Every field of both POST bodies, JSON or multipart, is validated by one schema layer,
+:mod:`unified_vl.app.inference.schema` (which also writes the bodies into ``/openapi.json``), and
+each request's image is decoded and its text tokenized in its own thread before it joins a batch:
+one bad request never fails another. What a request may cost is the server's `Limits`.
+
 Concurrent requests are gathered into batches by :class:`~unified_vl.app.inference.batcher.DynamicBatcher`;
 a full queue answers 429. Errors are ``{"error": {"message", "type", "param"}}`` (OpenAI's error
 shape): an undecodable, corrupt or decompression-bomb image -> 400; an image or body over its size
@@ -36,6 +41,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import hmac
 import io
 import json
@@ -43,8 +49,6 @@ import time
 import urllib.parse
 import uuid
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -57,13 +61,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from unified_vl.app.inference.batcher import DynamicBatcher, QueueFullError
 from unified_vl.app.inference.predictor import GENERATE, InputError, Predictor, input_fields, known_tasks
+from unified_vl.app.inference.schema import Limits, MiB, RequestSchema, SchemaError
 from unified_vl.processor import ImageLoadError
 
-MiB = 1024 * 1024
-# Options of /v1/predict besides the task fields: name -> (type, lowest, highest). The bounds keep
-# one request from holding the model for long (beams and length multiply the decoding work).
-GENERATION_OPTIONS: dict[str, tuple[type, int, int]] = {"num_beams": (int, 1, 8), "max_new_tokens": (int, 1, 256)}
-RANKING_OPTIONS = ("candidates", "labels", "top_k")
+__all__ = ["ApiError", "Limits", "MiB", "create_app", "decode_image"]
 ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/predict", "/v1/chat/completions")
 
 
@@ -238,38 +239,11 @@ async def _json_body(request: Request) -> dict[str, Any]:
         body = json.loads(raw) if len(raw) < 65536 else await asyncio.to_thread(json.loads, raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the body is not valid JSON ({exc})", type="invalid_request_error") from None
+    except RecursionError:  # [[[[...]]]]: Python's parser recurses once per level
+        raise ApiError(400, "the body is JSON nested too deeply", type="invalid_request_error") from None
     if not isinstance(body, dict):
         raise _invalid(f"the body must be a JSON object, got {type(body).__name__}")
     return body
-
-
-def _int_option(body: Mapping[str, Any], name: str, low: int, high: int) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():  # multipart fields are strings
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise _invalid(f"{name} must be an integer from {low} to {high}, got {value!r:.60}", name)
-    return value
-
-
-def _text_list(body: Mapping[str, Any], name: str) -> list[str] | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
-        raise _invalid(f"{name} must be a non-empty list of non-empty strings, got {value!r:.60}", name)
-    return value
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may cost; each is a ``unified-vl serve`` option."""
-
-    max_image_bytes: int = 10 * MiB  # the largest image file (decoded from base64)
-    max_body_bytes: int = 16 * MiB  # the largest request body (base64 adds a third to an image)
-    max_pixels: int = 89_478_485  # Pillow's default Image.MAX_IMAGE_PIXELS
 
 
 class Service:
@@ -278,6 +252,7 @@ class Service:
     def __init__(self, predictor: Predictor, batcher: DynamicBatcher, metrics: _Metrics, *, api_key, limits: Limits):
         self.predictor, self.batcher, self.metrics = predictor, batcher, metrics
         self.api_key, self.limits = api_key, limits
+        self.schema = RequestSchema(limits)
 
     def check_key(self, request: Request) -> None:
         """Raises 401 unless the request carries the API key (when one is set)."""
@@ -298,7 +273,9 @@ class Service:
         limits = self.limits
         if isinstance(image, str):
             image = _image_bytes_from_text(image, max_image_bytes=limits.max_image_bytes, param=param)
-        image = decode_image(image, max_image_bytes=limits.max_image_bytes, max_pixels=limits.max_pixels, param=param)
+        image = decode_image(
+            image, max_image_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels, param=param
+        )
         try:
             return self.predictor.query(task, image, inputs, **options)
         except InputError as exc:
@@ -368,101 +345,84 @@ async def predict(request: Request):
     service = _service(request)
     service.check_key(request)
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        body, image_source = await _multipart_body(request)
+        body = await _multipart_body(request, service.schema)
     else:
-        body, image_source = await _json_body(request), None
-    task, inputs, options = _predict_fields(body)
-    if image_source is None:
-        image_source = _image_field(body)  # base64 or a data: URI, decoded in make_query's thread
-    query = await asyncio.to_thread(service.make_query, task, image_source, inputs, options)
-    result = await service.run_query(query)
-    return {"task": task, "model": service.predictor.name, "prediction": result.to_dict()}
-
-
-def _predict_fields(body: Mapping[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """``(task, task fields, options)`` of a /v1/predict body; 422 for anything else."""
-    task = body.get("task")
-    if task is None:
-        raise _invalid(f"missing field 'task'; one of {', '.join(known_tasks())}", "task")
-    if not isinstance(task, str) or task not in known_tasks():
-        raise _invalid(f"unknown task {task!r:.60}; known tasks: {', '.join(known_tasks())}", "task")
-    fields = input_fields(task)
-    allowed = {"task", "image", *RANKING_OPTIONS, *GENERATION_OPTIONS, *fields}
-    for name in body:
-        if name not in allowed:
-            raise _invalid(f"unknown field {name!r:.60} for task {task!r}; allowed: {', '.join(sorted(allowed))}", name)
-    options: dict[str, Any] = {"candidates": _text_list(body, "candidates"), "labels": _text_list(body, "labels")}
-    top_k = _int_option(body, "top_k", 1, 1000)
-    if top_k is not None:
-        options["top_k"] = top_k
-    for name, (_, low, high) in GENERATION_OPTIONS.items():
-        value = _int_option(body, name, low, high)
-        if value is not None:
-            options[name] = value
-    return task, {name: body[name] for name in fields if name in body}, options
-
-
-def _image_field(body: Mapping[str, Any]) -> str:
-    image = body.get("image")
-    if image is None:
-        raise _invalid("missing field 'image' (base64, a data: URI, or a multipart file)", "image")
-    if not isinstance(image, str):
-        raise _invalid(f"'image' must be a base64 string or a data: URI, got {type(image).__name__}", "image")
-    return image
-
-
-async def _multipart_body(request: Request) -> tuple[dict[str, Any], bytes | None]:
-    """The form's fields (list fields as lists, JSON-typed task fields parsed) and the image file's bytes."""
-    form = await request.form(max_files=1, max_fields=64)
-    body: dict[str, Any] = {}
-    image_bytes = None
+        body = await _json_body(request)
     try:
+        parsed = service.schema.predict(body, form=isinstance(body, _Form))
+    except SchemaError as exc:
+        raise _invalid(exc.message, exc.param) from None
+    # The image is decoded, and the query's text tokenized, in a thread of this request: whatever
+    # fails on this request's input fails here, before it joins a batch.
+    query = await asyncio.to_thread(service.make_query, parsed.task, parsed.image, parsed.inputs, parsed.options)
+    result = await service.run_query(query)
+    return {"task": parsed.task, "model": service.predictor.name, "prediction": result.to_dict()}
+
+
+class _Form(dict):
+    """A multipart form's fields (list fields as lists, the image file as bytes): text, converted by the schema."""
+
+
+async def _multipart_body(request: Request, schema: RequestSchema) -> _Form:
+    """The form's fields; a list field repeats (``-F labels=cat -F labels=dog``) or is one JSON array."""
+    form = await request.form(max_files=1, max_fields=64)
+    body = _Form()
+    try:
+        task = form.get("task")
+        lists = schema.list_fields(task if isinstance(task, str) else None)
         for name in form:
             values = form.getlist(name)
-            if name == "image":
+            if name == "image" and len(values) == 1:
                 part = values[0]
-                image_bytes = await part.read() if isinstance(part, UploadFile) else None
-                if image_bytes is None:
-                    body["image"] = part  # a base64 text field
-            elif name in ("candidates", "labels"):
-                # Repeated fields (-F labels=cat -F labels=dog) or one JSON array.
-                body[name] = json.loads(values[0]) if len(values) == 1 and values[0].startswith("[") else list(values)
+                body[name] = await part.read() if isinstance(part, UploadFile) else part  # a file, or base64 text
+                continue
+            if any(isinstance(v, UploadFile) for v in values):
+                raise _invalid(f"{name!r} must be a text field, not a file", name)
+            if name in lists:
+                body[name] = _form_list(name, values, text_items=lists[name])
+            elif len(values) > 1:
+                raise _invalid(f"{name!r} is given {len(values)} times; it takes one value", name)
             else:
-                body[name] = values[0] if isinstance(values[0], str) else None
-    except json.JSONDecodeError as exc:
-        raise _invalid(f"a list field is not a JSON array ({exc})") from None
+                body[name] = values[0]
     finally:
         await form.close()
-    task = body.get("task")
-    if isinstance(task, str) and task in known_tasks() and task != GENERATE:
-        # Non-text task fields (a region box) come as JSON text in a form.
-        from tasks import get_task
+    return body
 
-        for name, spec in get_task(task).fields.items():
-            if name in body and spec.type != "str" and isinstance(body[name], str):
-                try:
-                    body[name] = json.loads(body[name])
-                except json.JSONDecodeError:
-                    raise _invalid(f"field {name!r} must be JSON ({spec.type})", name) from None
-    return body, image_bytes
+
+def _form_list(name: str, values: list[str], *, text_items: bool) -> Any:
+    """A list field of a form: one JSON array, or repeated fields (each item JSON text unless items are text)."""
+
+    def parse(text: str) -> Any:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise _invalid(f"{name!r} is neither repeated fields nor a JSON array ({exc})", name) from None
+
+    if len(values) == 1 and values[0].lstrip().startswith("["):
+        return parse(values[0])
+    return list(values) if text_items else [parse(v) if v.lstrip().startswith(("[", "{")) else v for v in values]
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
     service = _service(request)
     service.check_key(request)
-    body = await _json_body(request)
-    prompt, image_text, param = _chat_input(body)
-    options = _chat_options(body)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise _invalid(f"stream must be a boolean, got {stream!r:.60}", "stream")
+    try:
+        chat = service.schema.chat(await _json_body(request))
+    except SchemaError as exc:
+        raise _invalid(exc.message, exc.param) from None
+    prompt, image_text, param = _chat_input(chat)
+    max_new_tokens = chat.max_completion_tokens or chat.max_tokens
+    # No score: a chat completion has no field for it, and scoring is one more forward pass.
+    options: dict[str, Any] = {"with_score": False}
+    if max_new_tokens is not None:
+        options["max_new_tokens"] = max_new_tokens
     query = await asyncio.to_thread(service.make_query, GENERATE, image_text, {"prompt": prompt}, options, param)
     result = await service.run_query(query)
-    completion = _Completion(service.predictor, prompt, result.text, options)
-    if not stream:
+    completion = _Completion(service.predictor, query, result.text)
+    if not chat.stream:
         return completion.body()
-    include_usage = isinstance(body.get("stream_options"), dict) and bool(body["stream_options"].get("include_usage"))
+    include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
     return StreamingResponse(
         completion.events(include_usage=include_usage),
         media_type="text/event-stream",
@@ -470,30 +430,17 @@ async def chat_completions(request: Request):
     )
 
 
-def _chat_options(body: Mapping[str, Any]) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for name in ("max_completion_tokens", "max_tokens"):  # max_tokens: the older name (API reference)
-        value = _int_option(body, name, 1, GENERATION_OPTIONS["max_new_tokens"][2])
-        if value is not None:
-            options["max_new_tokens"] = value
-            break
-    if body.get("n", 1) != 1:
-        raise _invalid("n must be 1: decoding is deterministic, every choice would be the same", "n")
-    # No score: a chat completion has no field for it, and scoring is one more forward pass.
-    options["with_score"] = False
-    return options
-
-
 class _Completion:
     """One chat completion's answer, as a JSON body or as OpenAI's stream of Server-Sent Events."""
 
-    def __init__(self, predictor: Predictor, prompt: str, text: str, options: Mapping[str, Any]):
+    def __init__(self, predictor: Predictor, query: Any, text: str):
         self.model, self.text = predictor.name, text
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        max_new_tokens = options.get("max_new_tokens", predictor.model.config.max_target_length)
+        max_new_tokens = query.generation.get("max_new_tokens", predictor.model.config.max_target_length)
         tokenizer = predictor.processor.tokenizer
         completion_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        prompt_tokens = len(tokenizer(prompt)["input_ids"]) + predictor.model.visual.num_patches
+        # What the encoder read: the image's patch tokens and the prompt's tokens after truncation.
+        prompt_tokens = query.prompt_tokens + predictor.model.visual.num_patches
         self.usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -540,9 +487,8 @@ def create_app(
     max_wait_ms: float = 10.0,
     api_key: str | None = None,
     max_queue: int = 256,
-    max_image_bytes: int = 10 * MiB,
-    max_body_bytes: int = 16 * MiB,
-    max_image_pixels: int | None = None,
+    limits: Limits | None = None,
+    **limit_overrides: int,
 ) -> FastAPI:
     """The FastAPI app serving ``predictor``.
 
@@ -552,15 +498,15 @@ def create_app(
         max_wait_ms: how long a query waits for others to share its batch.
         api_key: when set, ``/v1/*`` needs ``Authorization: Bearer <api_key>``.
         max_queue: queries waiting beyond this are refused with 429.
-        max_image_bytes: the largest image file (decoded from base64) in bytes.
-        max_body_bytes: the largest request body in bytes (base64 adds a third to an image).
-        max_image_pixels: the most pixels an image may have; None uses Pillow's
-            ``Image.MAX_IMAGE_PIXELS`` (about 89 million) or, when that is None, 89,478,485.
+        limits: what one request may cost (`Limits`: image bytes and pixels, body bytes, text
+            length, labels, candidates, tokens, beams, messages); None: the defaults.
+        **limit_overrides: single `Limits` fields over ``limits`` (``max_image_bytes=65536``).
 
     Returns:
         The app; its lifespan starts and stops the batcher (``TestClient`` and uvicorn run it).
+        Its ``/openapi.json`` describes every request and response body (`RequestSchema.openapi`).
     """
-    limits = Limits(max_image_bytes, max_body_bytes, max_image_pixels or Image.MAX_IMAGE_PIXELS or 89_478_485)
+    limits = dataclasses.replace(limits or Limits(), **limit_overrides)
     metrics = _Metrics()
     batcher = DynamicBatcher(
         predictor.run,
@@ -586,7 +532,16 @@ def create_app(
     _add_error_handlers(app, service)
     app.include_router(router)
     # Ahead of the routes, so the limit holds before anything reads the body.
-    app.add_middleware(_Limits, max_body_bytes=max_body_bytes, metrics=metrics)
+    app.add_middleware(_Limits, max_body_bytes=limits.max_body_bytes, metrics=metrics)
+    default_openapi = app.openapi
+
+    def openapi() -> dict:
+        # FastAPI's document (paths, info) with the bodies this server validates by hand (JSON or a form).
+        if app.openapi_schema is None:
+            app.openapi_schema = service.schema.openapi(default_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 
@@ -600,7 +555,9 @@ def _add_error_handlers(app: FastAPI, service: Service) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
-        return service.answer_error(request, ApiError(exc.status_code, str(exc.detail), type=kind))
+        # Keep the exception's headers: a 405 must list the allowed methods in Allow (RFC 9110 §15.5.6).
+        error = ApiError(exc.status_code, str(exc.detail), type=kind, headers=exc.headers)
+        return service.answer_error(request, error)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -612,47 +569,26 @@ def _add_error_handlers(app: FastAPI, service: Service) -> None:
         return service.answer_error(request, error)
 
 
-def _chat_input(body: Mapping[str, Any]) -> tuple[str, str, str]:
-    """The instruction, the image (data: URI text) and the image's param path from ``messages``."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise _invalid("messages must be a non-empty list of {role, content} objects", "messages")
+def _chat_input(chat: Any) -> tuple[str, str, str]:
+    """The instruction, the image (data: URI text) and the image's param path of a validated chat request.
+
+    The last user message's text parts, joined, are the instruction; the image is its image part,
+    or the latest one of an earlier user message.
+    """
     last_user = None
     image = None
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise _invalid(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}]")
-        content = message.get("content")
-        if message["role"] != "user":
+    for i, message in enumerate(chat.messages):
+        if message.role != "user":
             continue
-        if isinstance(content, str):
-            last_user = (i, [content])
+        if message.content is None or isinstance(message.content, str):
+            last_user = (i, [message.content or ""])
             continue
-        if not isinstance(content, list):
-            raise _invalid(
-                f"messages[{i}].content must be a string or a list of content parts", f"messages[{i}].content"
-            )
         texts = []
-        for j, part in enumerate(content):
-            where = f"messages[{i}].content[{j}]"
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                if not isinstance(part.get("text"), str):
-                    raise _invalid(f"{where}.text must be a string", f"{where}.text")
-                texts.append(part["text"])
-            elif kind == "image_url":
-                url = part.get("image_url")
-                url = url.get("url") if isinstance(url, dict) else url
-                if not isinstance(url, str):
-                    raise _invalid(f"{where}.image_url.url must be a string", f"{where}.image_url.url")
-                if not url.startswith("data:"):
-                    raise _invalid(
-                        f"{where}.image_url.url must be a data: URI (data:image/png;base64,...); the server fetches nothing",
-                        f"{where}.image_url.url",
-                    )
-                image = (url, f"{where}.image_url.url")
+        for j, part in enumerate(message.content):
+            if part.type == "text":
+                texts.append(part.text)
             else:
-                raise _invalid(f"{where}.type must be 'text' or 'image_url', got {kind!r:.40}", f"{where}.type")
+                image = (part.image_url.url, f"messages[{i}].content[{j}].image_url.url")
         last_user = (i, texts)
     if last_user is None:
         raise _invalid("messages holds no user message", "messages")

@@ -124,6 +124,50 @@ def prepare_data(config: RunConfig, dist: distributed.DistInfo) -> RunConfig:
     return config
 
 
+def check_before_start(config: RunConfig) -> None:
+    """Existence checks that need no process group and no generated data; run before any process starts.
+
+    Task names against the registry; with ``data.path``, the folder's manifest: every task's training
+    split, and that each split named in ``eval.splits`` (when evaluating during training) and
+    ``eval.final_splits`` exists for at least one task (a task without it is skipped). Without
+    ``data.path`` the splits are the synthetic world's.
+
+    Raises:
+        ConfigError: the message names the key, the value and what the data has.
+        StorageError: ``data.path`` is not a complete dataset.
+    """
+    import tasks
+
+    unknown = [t for t in config.data.tasks if t not in tasks.TASKS]
+    if unknown:
+        raise ConfigError(f"data.tasks: unknown task(s) {unknown}; known tasks: {', '.join(sorted(tasks.TASKS))}")
+    if config.data.path is None:
+        from data_tools import synth
+
+        available = {task: dict.fromkeys(synth.SPLITS, 1) for task in config.data.tasks}
+    else:
+        from data_tools import storage
+
+        available = storage.available(config.data.path)
+        check_tasks_and_data(config)
+    have = sorted({s for t in config.data.tasks for s in available.get(t, {})})
+    used = [("eval.final_splits", config.eval.final_splits)]
+    if config.eval.every:
+        used.append(("eval.splits", config.eval.splits))
+    held_out = [s for s in ("val", "test", *have) if s in have and s != config.data.train_split][:1]
+    for key, splits in used:
+        for split in splits:
+            if not any(split in available.get(t, {}) for t in config.data.tasks):
+                where = config.data.path or "the synthetic world"
+                hint = f"set {key}=[{held_out[0]}]" if held_out else f"set {key}=[]"
+                if key == "eval.splits":
+                    hint += " or eval.every=0"
+                raise ConfigError(
+                    f"{key}: no task of data.tasks has a split {split!r} in {where}; the splits there: "
+                    f"{', '.join(have) or 'none'} ({hint})"
+                )
+
+
 def check_tasks_and_data(config: RunConfig) -> None:
     """Every configured task has a training split in the data folder.
 
@@ -222,14 +266,17 @@ def relaunch_locally(config: RunConfig, job: str, argv: Sequence[str]) -> int | 
 def run_main(body, argv: Sequence[str]) -> int:
     """Runs a job body, turning configuration and data errors into one clear line and exit status 2/1."""
     from data_tools.storage import StorageError
-    from unified_vl.checkpoint import CheckpointError
+    from unified_vl.checkpoint import CheckpointError, ModelFileError
+    from unified_vl.engine.trainer import NonFiniteError
 
     try:
         return body(strip_launcher_args(argv))
+    except ModelFileError:
+        raise  # unified_vl.app.cli.exit_2_on_bad_model_files: one line, status 2
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (CheckpointError, StorageError, FileNotFoundError) as exc:
+    except (CheckpointError, StorageError, FileNotFoundError, NonFiniteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from unified_vl.app.cli import exit_2_on_bad_model_files
 from unified_vl.app.jobs.common import run_main
 
 
@@ -396,6 +397,7 @@ def _body(argv: Sequence[str]) -> int:
     return 0
 
 
+@exit_2_on_bad_model_files
 def main(argv: Sequence[str] | None = None) -> int:
     """``unified-vl eval ...``; returns the exit status."""
     return run_main(_body, list(sys.argv[1:] if argv is None else argv))

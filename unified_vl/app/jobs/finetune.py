@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from unified_vl.app.jobs.common import (
     EPILOG,
     add_config_args,
+    check_before_start,
     check_tasks_and_data,
     config_from,
     preflight,
@@ -74,6 +75,7 @@ def _body(argv: Sequence[str]) -> int:
     primary = tasks.get_task(args.task).primary_metric
     defaults = {**FINETUNE, "checkpoint": {**FINETUNE["checkpoint"], "best_metric": f"{args.task}/val/{primary}"}}
     config = config_from(path, [*flags, *overrides], defaults=defaults, resume=args.resume)
+    check_before_start(config)  # before any process starts: tasks, data, splits
     if (status := relaunch_locally(config, "finetune", argv)) is not None:
         return status
     dist = preflight(config)

@@ -15,12 +15,14 @@ Layers: the main job's settings (`MAIN_JOB`) <- CONFIG.yaml <- KEY=VALUE.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 
 from unified_vl.app.jobs.common import (
     EPILOG,
     add_config_args,
+    check_before_start,
     check_tasks_and_data,
     config_from,
     preflight,
@@ -61,34 +63,72 @@ MAIN_JOB: dict = {
 TARGETS = {"vqa": 0.90, "rec": 0.80, "classification": 0.95, "grounding": 0.70}
 
 
-def results_table(metrics: dict[str, float], baselines: Sequence[dict], task_names: Sequence[str]) -> str:
-    """Primary metric per task: test, heldout, the best trivial baseline on test, and the target."""
+def results_table(
+    metrics: dict[str, float],
+    baselines: Sequence[dict],
+    task_names: Sequence[str],
+    splits: Sequence[str] = ("test", "heldout"),
+    *,
+    targets: bool = True,
+) -> str:
+    """Primary metric per task on each evaluated split, the best trivial baseline (on test) and the target.
+
+    Args:
+        metrics: ``{task}/{split}/{metric}`` values.
+        baselines: the data's trivial baselines (the synthetic world's manifest); none: no column.
+        task_names: the rows.
+        splits: the columns: the splits that were evaluated.
+        targets: show the main job's targets (they are about the synthetic world).
+    """
     import tasks
 
-    head = f"  {'task':15s} {'metric':15s} {'test':>7s} {'heldout':>8s} {'baseline':>9s} {'target':>7s}"
+    widths = [max(7, len(s)) for s in splits]
+    head = f"  {'task':15s} {'metric':15s} " + " ".join(f"{s:>{w}s}" for s, w in zip(splits, widths, strict=True))
+    head += f" {'baseline':>9s}" if baselines else ""
+    head += f" {'target':>7s}" if targets else ""
     lines = [head, "  " + "-" * (len(head) - 2)]
     for name in task_names:
         metric = tasks.get_task(name).primary_metric
         base = [b["value"] for b in baselines if b["task"] == name and b["metric"] == metric]
-
-        def cell(split: str, width: int, metric=metric, name=name) -> str:
+        cells = []
+        for split, width in zip(splits, widths, strict=True):
             value = metrics.get(f"{name}/{split}/{metric}")
-            return f"{value:{width}.3f}" if value is not None else " " * (width - 1) + "-"
-
-        baseline = f"{max(base):9.3f}" if base else " " * 8 + "-"
-        target = f"{TARGETS[name]:7.2f}" if name in TARGETS else ("  >base" if base else "      -")
-        lines.append(f"  {name:15s} {metric:15s} {cell('test', 7)} {cell('heldout', 8)} {baseline} {target}")
+            cells.append(f"{value:{width}.3f}" if value is not None else " " * (width - 1) + "-")
+        line = f"  {name:15s} {metric:15s} " + " ".join(cells)
+        if baselines:
+            line += f" {max(base):9.3f}" if base else " " * 9 + "-"
+        if targets:
+            line += f" {TARGETS[name]:7.2f}" if name in TARGETS else ("   >base" if base else "       -")
+        lines.append(line)
     return "\n".join(lines)
 
 
-def try_command(model_dir, data_dir, run_dir) -> str:
-    """A ``unified-vl predict`` command on one test image (saved next to the run)."""
+def try_command(model_dir, data_dir, run_dir, task_names: Sequence[str] = ("vqa",), splits: Sequence[str] = ("test",)):
+    """A ``unified-vl predict`` command on one image of the data (saved next to the run), or None.
+
+    The example is the first record of a split that exists (the evaluated ones first) of a trained
+    task with an image (VQA first: its question makes the best demonstration).
+    """
+    import tasks
     from data_tools import storage
 
-    record = storage.load_split(data_dir, "vqa", "test")[0]
-    image_path = run_dir / "example.png"
-    record["image"].save(image_path)
-    return f'unified-vl predict --model {model_dir} --task vqa --image {image_path} --text "{record["question"]}"'
+    available = storage.available(data_dir)
+    order = sorted(task_names, key=lambda t: t != "vqa")
+    for name in order:
+        have = available.get(name, {})
+        split = next((s for s in (*splits, "val", "test", "train") if have.get(s)), None)
+        if split is None:
+            continue
+        record = storage.load_split(data_dir, name, split)[0]
+        if record.get("image") is None:
+            continue
+        image_path = run_dir / "example.png"
+        record["image"].convert("RGB").save(image_path)
+        command = f"unified-vl predict --model {model_dir} --task {name} --image {image_path}"
+        spec = tasks.get_task(name).fields
+        field = next((f for f, fs in spec.items() if fs.role == "input" and fs.type == "str" and record.get(f)), None)
+        return command + (f" --text {shlex.quote(record[field])}" if field else "")
+    return None
 
 
 def _body(argv: Sequence[str]) -> int:
@@ -107,6 +147,7 @@ def _body(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     path, overrides = split_config_args(args.items)
     config = config_from(path, overrides, defaults=MAIN_JOB, resume=args.resume)
+    check_before_start(config)  # before any process starts: tasks, data, splits
     if (status := relaunch_locally(config, "pretrain", argv)) is not None:
         return status
     dist = preflight(config)
@@ -125,14 +166,17 @@ def _body(argv: Sequence[str]) -> int:
         print(
             f"\n{result.steps} steps in {result.train_seconds / 60:.1f} min, {result.samples_per_s:.0f} samples/s; run folder {result.run_dir}"
         )
+        splits = config.eval.final_splits
         if result.metrics:
             print(format_metrics(result.metrics))
             baselines = storage.read_manifest(config.data.path).get("synth", {}).get("baselines", [])
-            print("\n" + results_table(result.metrics, baselines, list(config.data.tasks)))
+            table = results_table(result.metrics, baselines, list(config.data.tasks), splits, targets=bool(baselines))
+            print("\n" + table)
         if result.model_dir is not None:
             print(f"\nmodel: {result.model_dir}")
-            if "vqa" in storage.available(config.data.path):
-                print("try a prediction:\n  " + try_command(result.model_dir, config.data.path, result.run_dir))
+            command = try_command(result.model_dir, config.data.path, result.run_dir, list(config.data.tasks), splits)
+            if command is not None:
+                print("try a prediction:\n  " + command)
     return 0
 
 
