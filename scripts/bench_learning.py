@@ -40,6 +40,7 @@ DEFAULT_MINUTES = 4.0
 DEFAULT_SEEDS = (0, 1, 2)
 # The free layout's relation questions (data_tools.synth): reported on their own as well.
 RELATION_TYPES = ("relation", "relation choice")
+SIDES = ("ours", "baseline")
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,30 @@ def prepare(source: str, task: str, data_root: Path, *, quick: bool) -> Path:
     return folder / task
 
 
-def run_ours(data: Path, task: str, *, minutes: float, seed: int, run_dir: Path, recipe: list[str]) -> dict:
+@dataclass(frozen=True)
+class Budget:
+    """Wall-clock minutes per run (the table), or a number of examples (comparisons on a shared machine)."""
+
+    minutes: float | None = None
+    examples: int | None = None
+
+    def ours(self, global_batch: int = 32) -> list[str]:
+        if self.examples is not None:
+            return ["train.max_minutes=null", f"train.max_steps={max(1, self.examples // global_batch)}"]
+        return [f"train.max_minutes={self.minutes}"]
+
+    def baseline(self, batch: int) -> list[str]:
+        if self.examples is not None:
+            return [f"--max-steps={max(1, self.examples // batch)}"]
+        return [f"--minutes={self.minutes}"]
+
+    def describe(self) -> str:
+        if self.examples is not None:
+            return f"{self.examples} training examples per run (a step budget, not wall-clock)"
+        return f"{self.minutes:g} min of wall-clock per run"
+
+
+def run_ours(data: Path, task: str, *, budget: Budget, seed: int, run_dir: Path, recipe: list[str]) -> dict:
     """Our recipe on one task: ``unified-vl pretrain [CONFIG.yaml]`` (the main job's settings unless
     ``recipe`` names a config file and overrides), a time budget, then the final evaluation on test."""
     config = recipe[:1] if recipe[:1] and recipe[0].endswith((".yaml", ".yml")) else []
@@ -94,7 +118,7 @@ def run_ours(data: Path, task: str, *, minutes: float, seed: int, run_dir: Path,
     command += [
         f"data.path={data}",
         f"data.tasks={{{task}: 1}}",
-        f"train.max_minutes={minutes}",
+        *budget.ours(),
         f"train.seed={seed}",
         f"output_dir={run_dir}",
         "eval.final_splits=[test]",
@@ -128,10 +152,12 @@ def ours_by_question_type(model_dir: Path, data: Path) -> dict[str, float]:
     return accuracy_by_question_type(ordered, records)
 
 
-def run_baseline(data: Path, task: str, *, minutes: float, seed: int, out: Path) -> dict:
+def run_baseline(data: Path, task: str, *, budget: Budget, seed: int, out: Path) -> dict:
     """The plain baseline in a fresh process with two threads (the cores our two processes use)."""
+    from unified_vl.app.baselines import BaselineConfig
+
     command = [sys.executable, "-m", "unified_vl.app.baselines", f"--data={data}", f"--task={task}"]
-    command += [f"--minutes={minutes}", f"--seed={seed}", "--threads=2", f"--out={out}"]
+    command += [*budget.baseline(BaselineConfig().batch_size), f"--seed={seed}", "--threads=2", f"--out={out}"]
     with open(out.with_suffix(".log"), "w") as log:
         status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
     if status != 0:
@@ -151,13 +177,19 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {spread:.3f}"
 
 
-def table(results: dict, *, minutes: float, seeds: list[int]) -> str:
+def _line(name: str, task: str, metric: str, ours: list[float], base: list[float]) -> tuple[str, float | None]:
+    ratio = statistics.mean(ours) / max(statistics.mean(base), 1e-9) if ours and base else None
+    shown = f"{ratio:.3f}" if ratio is not None else "-"
+    return f"| {name} | {task} | {metric} | {mean_std(ours)} | {mean_std(base)} | {shown} |", ratio
+
+
+def table(results: dict, *, budget: Budget, seeds: list[int]) -> str:
     """The Markdown table: one line per row (and one for the free layout's relation questions)."""
     import tasks
 
     lines = [
         machine_line(),
-        f"budget: {minutes:g} min of wall-clock per run, seeds {', '.join(map(str, seeds))}",
+        f"budget: {budget.describe()}, seeds {', '.join(map(str, seeds))}",
         "",
         "| dataset | task | metric | ours | baseline | ours / baseline |",
         "|---|---|---|---|---|---|",
@@ -165,22 +197,16 @@ def table(results: dict, *, minutes: float, seeds: list[int]) -> str:
     ratios = []
     for entry in results.values():
         metric = tasks.get_task(entry["task"]).primary_metric
-        name = f"{entry['task']}/test/{metric}"
-        ours = [r["metrics"][name] for r in entry["ours"]]
-        base = [r["metrics"][name] for r in entry["baseline"]]
-        ratio = statistics.mean(ours) / max(statistics.mean(base), 1e-9)
-        ratios.append(ratio)
-        lines.append(
-            f"| {entry['name']} | {entry['task']} | {metric} | {mean_std(ours)} | {mean_std(base)} | {ratio:.3f} |"
-        )
-        rel_ours = [v for r in entry["ours"] if (v := relation_accuracy(r.get("by_question_type", {}))) is not None]
-        rel_base = [v for r in entry["baseline"] if (v := relation_accuracy(r.get("by_question_type", {}))) is not None]
-        if rel_ours and rel_base:
-            rel_ratio = statistics.mean(rel_ours) / max(statistics.mean(rel_base), 1e-9)
-            lines.append(
-                f"| {entry['name']} | vqa: relations only | accuracy | {mean_std(rel_ours)} | {mean_std(rel_base)} "
-                f"| {rel_ratio:.3f} |"
-            )
+        values = {side: [r["metrics"][f"{entry['task']}/test/{metric}"] for r in entry[side]] for side in SIDES}
+        line, ratio = _line(entry["name"], entry["task"], metric, values["ours"], values["baseline"])
+        lines.append(line)
+        ratios += [ratio] if ratio is not None else []
+        relations = {
+            side: [v for r in entry[side] if (v := relation_accuracy(r.get("by_question_type", {}))) is not None]
+            for side in SIDES
+        }
+        if any(relations.values()):
+            lines.append(_line(entry["name"], "vqa: relations only", "accuracy", *relations.values())[0])
     lines.append(f"| **mean ratio** | | | | | **{statistics.mean(ratios):.3f}** |" if ratios else "")
     return "\n".join(lines) + "\n"
 
@@ -204,6 +230,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="the Markdown table (the raw numbers go to the .json beside it)")
     parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help="wall-clock budget per run")
+    parser.add_argument(
+        "--examples",
+        type=int,
+        default=None,
+        help="a budget of training examples instead of minutes (for comparisons on a shared machine)",
+    )
+    parser.add_argument(
+        "--sides", choices=("both", "ours", "baseline"), default="both", help="run only one side (exploration)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
     parser.add_argument("--rows", nargs="+", default=None, help=f"rows to run: {', '.join(map(row_key, ROWS))}")
     parser.add_argument("--work", default="bench-learning", help="data and run folders (reused between runs)")
@@ -216,10 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.rows or []) - {row_key(r) for r in ROWS}
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}; rows: {', '.join(map(row_key, ROWS))}")
-    return _run(args, rows, args.recipe)
+    budget = Budget(examples=args.examples) if args.examples else Budget(minutes=args.minutes)
+    return _run(args, rows, args.recipe, budget)
 
 
-def _run(args, rows: list[Row], recipe: list[str]) -> int:
+def _run(args, rows: list[Row], recipe: list[str], budget: Budget) -> int:
     import tasks
 
     work = Path(args.work).resolve()
@@ -231,20 +267,26 @@ def _run(args, rows: list[Row], recipe: list[str]) -> int:
         entry = results.setdefault(row_key(row), {"name": row.name, "task": row.task, "ours": [], "baseline": []})
         for seed in args.seeds:
             stem = work / "runs" / f"{row.source}-{row.task}-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-            ours = run_ours(data, row.task, minutes=args.minutes, seed=seed, run_dir=stem, recipe=recipe)
-            base = run_baseline(data, row.task, minutes=args.minutes, seed=seed, out=stem.with_suffix(".baseline.json"))
-            entry["ours"].append({"seed": seed, **ours})
-            entry["baseline"].append({"seed": seed, **{k: base[k] for k in ("metrics", "steps", "by_question_type")}})
             metric = f"{row.task}/test/{tasks.get_task(row.task).primary_metric}"
-            print(
-                f"{row_key(row)} seed {seed}: {metric} ours {ours['metrics'][metric]:.4f}, baseline {base['metrics'][metric]:.4f}"
-            )
-    text = table(results, minutes=args.minutes, seeds=args.seeds)
+            if args.sides in ("both", "ours"):
+                ours = run_ours(data, row.task, budget=budget, seed=seed, run_dir=stem, recipe=recipe)
+                entry["ours"].append({"seed": seed, **ours})
+                print(f"{row_key(row)} seed {seed}: ours {metric} {ours['metrics'][metric]:.4f}", flush=True)
+            if args.sides in ("both", "baseline"):
+                base = run_baseline(data, row.task, budget=budget, seed=seed, out=stem.with_suffix(".baseline.json"))
+                entry["baseline"].append(
+                    {"seed": seed, **{k: base[k] for k in ("metrics", "steps", "by_question_type")}}
+                )
+                print(f"{row_key(row)} seed {seed}: baseline {metric} {base['metrics'][metric]:.4f}", flush=True)
+    text = table(results, budget=budget, seeds=args.seeds)
     print("\n" + text)
     out = Path(args.out)
     out.write_text(text)
     out.with_suffix(".json").write_text(
-        json.dumps({"machine": machine_line(), "minutes": args.minutes, "rows": results}, indent=2) + "\n"
+        json.dumps(
+            {"machine": machine_line(), "budget": budget.describe(), "recipe": recipe, "rows": results}, indent=2
+        )
+        + "\n"
     )
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0

@@ -160,7 +160,7 @@ def test_table_gives_mean_std_and_ratios_with_the_relation_line():
         },
         "digits/vqa": {"name": "digits", "task": "vqa", "ours": runs([0.5]), "baseline": runs([1.0])},
     }
-    text = bench.table(results, minutes=2, seeds=[0, 1])
+    text = bench.table(results, budget=bench.Budget(minutes=2), seeds=[0, 1])
     assert text.splitlines()[0].startswith("machine: ") and "torch" in text.splitlines()[0]
     assert "| world (free) | vqa | accuracy | 0.850 ± 0.071 | 0.500 ± 0.000 | 1.700 |" in text
     assert "| world (free) | vqa: relations only | accuracy | 0.600 ± 0.000 | 0.500 ± 0.000 | 1.200 |" in text
