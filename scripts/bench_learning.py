@@ -37,6 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))  # make_bench_data, beside this file
 
 DEFAULT_MINUTES = 4.0
+# Our side: `unified-vl pretrain` with this config over the main job's settings (`--recipe` with no
+# values runs the main job's settings alone).
+DEFAULT_RECIPE = [str(ROOT / "scripts" / "configs" / "learn_recipe.yaml")]
 DEFAULT_SEEDS = (0, 1, 2)
 # The free layout's relation questions (data_tools.synth): reported on their own as well.
 RELATION_TYPES = ("relation", "relation choice")
@@ -242,7 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
     parser.add_argument("--rows", nargs="+", default=None, help=f"rows to run: {', '.join(map(row_key, ROWS))}")
     parser.add_argument("--work", default="bench-learning", help="data and run folders (reused between runs)")
-    parser.add_argument("--recipe", nargs="*", default=[], help="CONFIG.yaml [KEY=VALUE ...] for our recipe")
+    parser.add_argument(
+        "--recipe",
+        nargs="*",
+        default=DEFAULT_RECIPE,
+        help="[CONFIG.yaml] [KEY=VALUE ...] of our side (default: scripts/configs/learn_recipe.yaml; "
+        "no values: the main job's settings)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny data, 0.2-minute budget, one seed")
     args = parser.parse_args(argv)
     if args.quick:
