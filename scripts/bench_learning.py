@@ -9,7 +9,7 @@ Expect (idle 2-core machine): the data first (the two worlds ~1 min each, the re
 then per row and seed our recipe (`unified-vl pretrain` on one task: two one-thread processes,
 ``train.max_minutes`` = the budget, then evaluation on test) and the baseline (one two-thread process,
 `unified_vl.app.baselines`, the same budget from loading its data to its last validation). With
-the default 4-minute budget, 8 rows and 3 seeds that is about 3.5 hours. Prints a machine line and
+the default 4-minute budget, 8 rows and 3 seeds that is about 4 hours (~10 min per row and seed). Prints a machine line and
 a Markdown table (dataset, task, metric, ours, baseline, ours / baseline) and writes it to ``--out``,
 the per-seed numbers beside it as JSON (``--out`` with ``.json``). ``--quick``: tiny data, a
 12-second budget, one seed (~10 minutes; checks the pipeline, its numbers mean nothing).
