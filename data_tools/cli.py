@@ -1,6 +1,6 @@
 """``unified-vl data ...``: parses the arguments and calls the data layer's functions.
 
-    unified-vl data synth --out data/synth                      # the synthetic world, all tasks
+    unified-vl data synth --out data/synth [--layout free]      # the synthetic world, all tasks
     unified-vl data convert vqav2 --input q.json a.json --images train2014/ --out data/vqav2 [--skip-bad]
     unified-vl data show --data data/synth --n 16 --out grid.png [--task rec] [--split val]
     unified-vl data show --data data/synth --predictions preds.jsonl --worst --out failures.png
@@ -30,6 +30,7 @@ def _synth(args: argparse.Namespace, command: str) -> int:
         image_size=args.image_size,
         seed=args.seed,
         workers=args.workers,
+        layout=args.layout,
         command=command,
     )
     return 0
@@ -101,6 +102,13 @@ def _data_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="same seed, byte-identical records and PNGs (default: %(default)s)"
     )
     p.add_argument("--workers", type=int, default=0, help="processes drawing images (default: 0 = this one)")
+    p.add_argument(
+        "--layout",
+        choices=synth.LAYOUTS,
+        default="grid",
+        help="grid: objects in the cells of a 4 x 4 grid (the main job's world); free: anywhere, any size, "
+        "possibly touching, with relation questions (default: %(default)s)",
+    )
     p.set_defaults(run=_synth)
 
     sources = available_sources()

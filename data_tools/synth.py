@@ -15,7 +15,12 @@ check thousands of scenes without drawing a pixel.
 World rules (all geometry scales with the image side S):
 
 * ``size`` is the scale ``r`` of a shape; each shape's bounding box is exactly ``2r x 2r``, so box
-  area orders objects by size for every shape. "small" is ``r ~ 0.08 S``, "large" ``r ~ 0.125 S``; positions are cells of a 4 x 4 grid.
+  area orders objects by size for every shape. "small" is ``r ~ 0.08 S``, "large" ``r ~ 0.125 S``.
+* Two layouts (:data:`LAYOUTS`). ``grid`` (the default, the main job's): positions are the cells of a
+  4 x 4 grid, one 16-pixel patch of ``uvl-tiny`` each. ``free``: positions anywhere in the image and
+  sizes from wider ranges, aligned to no grid, objects possibly touching (as in Sort-of-CLEVR,
+  Santoro et al. 2017, and CLEVR); its VQA also asks relations between two objects, as a yes/no
+  question and as GQA's choice ("is the red circle left or right of the blue square?").
   One object per scene, the *main object*, is large and at least ~10 % larger in ``r`` (> 20 % in
   box area) than any other, so "the largest object" is well defined: its shape is the image label
   of the ``classification`` task.
@@ -100,6 +105,7 @@ HELDOUT_PAIRS = frozenset(
 )
 
 SPLITS = ("train", "val", "test", "heldout")
+LAYOUTS = ("grid", "free")
 
 # VQA annotator noise (VQAv2 collects 10 answers per question; Goyal et al., 2017). Wrong answers are
 # a synonym when one exists (which the VQA answer normalisation may or may not map back), otherwise
@@ -172,6 +178,15 @@ COLOR_JITTER = 14
 NUM_OBJECTS = (2, 3)
 NUM_OBJECTS_WEIGHTS = (1, 1)
 PLACEMENT_TRIES = 200
+# The free layout (Sort-of-CLEVR-like): centres anywhere the shape fits, radii from wider ranges (in
+# units of SMALL_R / LARGE_R). The classes stay apart (small <= 0.096 S < 0.106 S <= large) and the
+# main object stays > 10 % larger in r than any other (1.16 x 0.125 >= 1.1 x 1.05 x 0.125).
+FREE_MAIN_R = (1.16, 1.36)
+FREE_OTHER_LARGE_R = (0.85, 1.05)
+FREE_SMALL_R_RANGE = (0.8, 1.2)
+# Free-layout position questions ask only about objects whose centre is this far (x S) from the middle
+# line, so "left or right of the image" is never a matter of a pixel (the grid guarantees 0.105 S).
+FREE_SIDE_MARGIN = 0.08
 
 
 @dataclass(frozen=True)
@@ -268,19 +283,47 @@ def _sample_pair(rng: random.Random, *, heldout: bool | None) -> tuple[str, str]
             return pair
 
 
-def sample_scene(seed: str, *, image_size: int, split: str) -> Scene:
+def _radius(rng: random.Random, *, main: bool, layout: str) -> tuple[str, float]:
+    """``(size, r / S)`` of one object: the main object large, the others large or small half the time."""
+    main_r, other_r, small_r = (
+        (MAIN_R, OTHER_LARGE_R, SMALL_R_RANGE)
+        if layout == "grid"
+        else (FREE_MAIN_R, FREE_OTHER_LARGE_R, FREE_SMALL_R_RANGE)
+    )
+    if main:
+        return "large", LARGE_R * rng.uniform(*main_r)
+    if rng.random() < 0.5:
+        return "large", LARGE_R * rng.uniform(*other_r)
+    return "small", SMALL_R * rng.uniform(*small_r)
+
+
+def _centre(rng: random.Random, r: float, s: float, *, layout: str) -> tuple[float, float]:
+    """A centre for a shape of radius ``r``: a jittered grid cell, or anywhere it fits (free)."""
+    if layout == "free":
+        return round(rng.uniform(r, s - r), 2), round(rng.uniform(r, s - r), 2)
+    row, col = rng.randrange(GRID), rng.randrange(GRID)
+    cx = round(min(s - r, max(r, (col + 0.5) * s / GRID + rng.uniform(-JITTER, JITTER) * s)), 2)
+    cy = round(min(s - r, max(r, (row + 0.5) * s / GRID + rng.uniform(-JITTER, JITTER) * s)), 2)
+    return cx, cy
+
+
+def sample_scene(seed: str, *, image_size: int, split: str, layout: str = "grid") -> Scene:
     """Samples a scene's ground truth (no drawing).
 
     Args:
         seed: string seed, e.g. ``"0:train:17"``; same seed and arguments -> same scene.
         image_size: image side S in pixels.
         split: ``train``/``val``/``test`` avoid :data:`HELDOUT_PAIRS`; ``heldout`` has at least one.
+        layout: ``"grid"`` or ``"free"`` (:data:`LAYOUTS`).
     """
     if split not in SPLITS:
         raise ValueError(f"unknown synthetic split {split!r}; splits: {SPLITS}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown synthetic layout {layout!r}; layouts: {LAYOUTS}")
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32 pixels for shapes to stay recognisable, got {image_size}")
-    rng = random.Random(f"scene:{seed}:{image_size}:{split}")
+    # The grid layout keeps its original seed string: its scenes are byte-identical to before layouts.
+    rng = random.Random(f"scene:{seed}:{image_size}:{split}" + ("" if layout == "grid" else f":{layout}"))
     s = float(image_size)
     while True:  # restart the whole scene when placement gets stuck (rare)
         n = rng.choices(NUM_OBJECTS, weights=NUM_OBJECTS_WEIGHTS)[0]
@@ -288,12 +331,7 @@ def sample_scene(seed: str, *, image_size: int, split: str) -> Scene:
         heldout_slot = rng.randrange(n) if split == "heldout" else -1
         placed: list[SceneObject] = []
         for i in range(n):
-            if i == main:
-                size, r = "large", LARGE_R * rng.uniform(*MAIN_R)
-            elif rng.random() < 0.5:
-                size, r = "large", LARGE_R * rng.uniform(*OTHER_LARGE_R)
-            else:
-                size, r = "small", SMALL_R * rng.uniform(*SMALL_R_RANGE)
+            size, r = _radius(rng, main=i == main, layout=layout)
             r = round(r * s, 2)
             if split == "heldout":
                 color, shape = _sample_pair(rng, heldout=True if i == heldout_slot else None)
@@ -302,9 +340,7 @@ def sample_scene(seed: str, *, image_size: int, split: str) -> Scene:
             base = COLORS[color]
             rgb = tuple(min(255, max(0, c + rng.randint(-COLOR_JITTER, COLOR_JITTER))) for c in base)
             for _ in range(PLACEMENT_TRIES):
-                row, col = rng.randrange(GRID), rng.randrange(GRID)
-                cx = round(min(s - r, max(r, (col + 0.5) * s / GRID + rng.uniform(-JITTER, JITTER) * s)), 2)
-                cy = round(min(s - r, max(r, (row + 0.5) * s / GRID + rng.uniform(-JITTER, JITTER) * s)), 2)
+                cx, cy = _centre(rng, r, s, layout=layout)
                 candidate = SceneObject(shape, color, size, cx, cy, r, rgb)
                 if all(
                     relation(candidate, other, image_size=image_size) is not None
@@ -753,28 +789,92 @@ def side(obj: SceneObject, axis: str, *, image_size: int) -> str:
     return SIDES[axis][0] if centre < image_size / 2 else SIDES[axis][1]
 
 
-def position_question(scene: Scene, rng: random.Random) -> dict | None:
+def _clear_of_middle(obj: SceneObject, axis: str, image_size: int) -> bool:
+    centre = obj.cx if axis == "x" else obj.cy
+    return abs(centre - image_size / 2) >= FREE_SIDE_MARGIN * image_size
+
+
+def position_question(scene: Scene, rng: random.Random, *, layout: str = "grid") -> dict | None:
     """A GQA-style position choice about a uniquely described object, or None if there is none.
 
     "is the red circle on the left or right of the image?" or "... at the top or bottom of the
-    image?", the two options in random order.
+    image?", the two options in random order. In the free layout only about an object whose centre
+    is clear of the middle line along the asked axis (:data:`FREE_SIDE_MARGIN`).
     """
     objs = scene.objects
     options = [k for k in range(len(objs)) if unique_descriptions(scene, k)]
-    if not options:
-        return None
-    i = rng.choice(options)
-    d = rng.choice(unique_descriptions(scene, i))
-    axis = rng.choice(sorted(SIDES))
+    if layout == "free":
+        pairs = [(k, a) for k in options for a in sorted(SIDES) if _clear_of_middle(objs[k], a, scene.size)]
+        if not pairs:
+            return None
+        i, axis = rng.choice(pairs)
+        d = rng.choice(unique_descriptions(scene, i))
+    else:
+        if not options:
+            return None
+        i = rng.choice(options)
+        d = rng.choice(unique_descriptions(scene, i))
+        axis = rng.choice(sorted(SIDES))
     first, second = SIDES[axis] if rng.random() < 0.5 else SIDES[axis][::-1]
     where = f"on the {first} or {second} of" if axis == "x" else f"at the {first} or {second} of"
     answer = side(objs[i], axis, image_size=scene.size)
     return _question(f"is the {d.words()} {where} the image?", answer, "other", "is the", SIDES[axis], rng)
 
 
-def scene_questions(scene: Scene, rng: random.Random, *, allow_heldout: bool) -> list[dict]:
+# The other side of each relation, for the yes/no relation questions whose answer is "no".
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+# GQA's choice form names the two sides of the pair's dominant axis ("left or right of", "above or below").
+RELATION_CHOICES = {"x": ("left", "right"), "y": ("above", "below")}
+
+
+def _described_pairs(scene: Scene) -> list[tuple[int, int]]:
+    """Ordered pairs of distinct objects that both have a unique description."""
+    n = len(scene.objects)
+    return [
+        (i, j)
+        for i in range(n)
+        for j in range(n)
+        if i != j and unique_descriptions(scene, i) and unique_descriptions(scene, j)
+    ]
+
+
+def relation_question(scene: Scene, rng: random.Random) -> dict | None:
+    """A yes/no relation between two objects: "is the red circle left of the blue square?".
+
+    The relation asked is the pair's own (yes) or its opposite (no), with even odds: always along the
+    pair's dominant axis, where the answer is crisp (:func:`relation`).
+    """
+    pairs = _described_pairs(scene)
+    if not pairs:
+        return None
+    i, j = rng.choice(pairs)
+    a, b = rng.choice(unique_descriptions(scene, i)), rng.choice(unique_descriptions(scene, j))
+    rel = relation(scene.objects[i], scene.objects[j], image_size=scene.size)
+    asked = rel if rng.random() < 0.5 else OPPOSITE[rel]
+    answer = "yes" if asked == rel else "no"
+    return _question(f"is the {a.words()} {asked} the {b.words()}?", answer, "yes/no", "relation", ("yes", "no"), rng)
+
+
+def relation_choice_question(scene: Scene, rng: random.Random) -> dict | None:
+    """GQA's choice form of a relation: "is the red circle left or right of the blue square?" -> "left"."""
+    pairs = _described_pairs(scene)
+    if not pairs:
+        return None
+    i, j = rng.choice(pairs)
+    a, b = rng.choice(unique_descriptions(scene, i)), rng.choice(unique_descriptions(scene, j))
+    rel = relation(scene.objects[i], scene.objects[j], image_size=scene.size)
+    sides = RELATION_CHOICES["x" if rel in ("left of", "right of") else "y"]
+    answer = rel.split()[0]  # "left", "right", "above", "below"
+    first, second = sides if rng.random() < 0.5 else sides[::-1]
+    of = " of" if sides[0] == "left" else ""  # "left or right of the b" / "above or below the b"
+    question = f"is the {a.words()} {first} or {second}{of} the {b.words()}?"
+    return _question(question, answer, "other", "relation choice", sides, rng)
+
+
+def scene_questions(scene: Scene, rng: random.Random, *, allow_heldout: bool, layout: str = "grid") -> list[dict]:
     """Up to five questions, one per type: colour, shape, count, existence, position (every split;
-    training images get more from :func:`extra_train_questions`).
+    training images get more from :func:`extra_train_questions`); the free layout adds a relation
+    question in each of its two forms.
 
     Returns:
         dicts with ``question``, ``answer`` (canonical), ``answers`` (10), ``answer_type``,
@@ -814,20 +914,32 @@ def scene_questions(scene: Scene, rng: random.Random, *, allow_heldout: bool) ->
     # every run, as a yes/no question (0.47-0.57) and as GQA's choice "left or right of the b"
     # (0.41-0.48), also with three of them per training image and with 30k more VQA-heavy samples
     # on top, while rec, captions and region descriptions, which also name relations, were learnt.
-    question = position_question(scene, rng)
+    question = position_question(scene, rng, layout=layout)
     if question is not None:
         out.append(question)
+    if layout == "free":  # relations: at chance in the grid world's main job (see above), asked here
+        for make in (relation_question, relation_choice_question):
+            question = make(scene, rng)
+            if question is not None:
+                out.append(question)
     return out
 
 
-def extra_train_questions(scene: Scene, rng: random.Random) -> list[dict]:
-    """More count and position questions for a training image (:data:`TRAIN_EXTRA_QUESTIONS`).
+def extra_train_questions(scene: Scene, rng: random.Random, *, layout: str = "grid") -> list[dict]:
+    """More questions of some types for a training image (:data:`TRAIN_EXTRA_QUESTIONS`, and
+    :data:`FREE_TRAIN_EXTRA_QUESTIONS` in the free layout).
 
     They may repeat an earlier question; :func:`scene_records` drops repeats.
     """
-    makers = {"how many": count_question, "is the": position_question}
+    makers = {
+        "how many": count_question,
+        "is the": functools.partial(position_question, layout=layout),
+        "relation": relation_question,
+        "relation choice": relation_choice_question,
+    }
+    extras = TRAIN_EXTRA_QUESTIONS if layout == "grid" else {**TRAIN_EXTRA_QUESTIONS, **FREE_TRAIN_EXTRA_QUESTIONS}
     out = []
-    for question_type, n in TRAIN_EXTRA_QUESTIONS.items():
+    for question_type, n in extras.items():
         for _ in range(n):
             question = makers[question_type](scene, rng)
             if question is not None:
@@ -848,6 +960,9 @@ REC_PER_IMAGE = 2  # referring expressions per image (distinct targets)
 # per type left counts at 0.76 while colour, shape and existence reached 0.97-0.99; one extra
 # count question lifted them to 0.82; with two (and the final weights) they were at 0.79-0.85.
 TRAIN_EXTRA_QUESTIONS = {"how many": 2, "is the": 1}
+# The free layout's training images also carry more relation questions: relations are what this
+# layout is for (measured with scripts/bench_vs_baseline.py; see docs/learning.md).
+FREE_TRAIN_EXTRA_QUESTIONS = {"relation": 1, "relation choice": 1}
 
 
 def image_seed(seed: int, split: str, index: int) -> str:
@@ -860,7 +975,9 @@ def classification_label(scene: Scene) -> str:
     return scene.objects[scene.main].shape
 
 
-def scene_records(scene: Scene, *, record_id: str, split: str, image: object, seed: str) -> dict[str, list[dict]]:
+def scene_records(
+    scene: Scene, *, record_id: str, split: str, image: object, seed: str, layout: str = "grid"
+) -> dict[str, list[dict]]:
     """The records of every task for one scene.
 
     Args:
@@ -870,6 +987,7 @@ def scene_records(scene: Scene, *, record_id: str, split: str, image: object, se
         image: what to store in ``image`` (PNG bytes as ``{"bytes": ..., "path": None}``, a PIL
             image, or None when only the texts are wanted).
         seed: string seed of this image (texts use their own stream, independent of drawing).
+        layout: the scene's layout (the free one adds relation questions).
     """
     rng = random.Random(f"text:{seed}")
     allow_heldout = split == "heldout"
@@ -882,7 +1000,7 @@ def scene_records(scene: Scene, *, record_id: str, split: str, image: object, se
 
     records["captioning"] = [{"id": record_id, **common, "captions": [c.text() for c in captions]}]
 
-    questions = scene_questions(scene, rng, allow_heldout=allow_heldout)
+    questions = scene_questions(scene, rng, allow_heldout=allow_heldout, layout=layout)
     records["vqa"] = [_vqa_record(f"{record_id}-q{k}", common, q) for k, q in enumerate(questions)]
 
     rec = []
@@ -941,7 +1059,7 @@ def scene_records(scene: Scene, *, record_id: str, split: str, image: object, se
 
     if split == "train":  # drawn last, so that every other record is the same as without them
         asked = {q["question"] for q in questions}
-        for q in extra_train_questions(scene, rng):
+        for q in extra_train_questions(scene, rng, layout=layout):
             if q["question"] not in asked:
                 asked.add(q["question"])
                 records["vqa"].append(_vqa_record(f"{record_id}-q{len(records['vqa'])}", common, q))
@@ -957,24 +1075,33 @@ TASKS_WRITTEN = ("captioning", "vqa", "rec", "grounding", "classification", "itm
 
 
 def make_image(
-    seed: int, split: str, index: int, image_size: int, *, render: bool = True
+    seed: int, split: str, index: int, image_size: int, *, render: bool = True, layout: str = "grid"
 ) -> tuple[Scene, dict[str, list[dict]]]:
     """Scene and records of image ``index`` of ``split`` (``render=False``: ``image`` is None)."""
     key = image_seed(seed, split, index)
-    scene = sample_scene(key, image_size=image_size, split=split)
+    scene = sample_scene(key, image_size=image_size, split=split, layout=layout)
     image = {"bytes": png_bytes(render_scene(scene)), "path": None} if render else None
-    return scene, scene_records(scene, record_id=f"{split}-{index:06d}", split=split, image=image, seed=key)
+    record_id = f"{split}-{index:06d}"
+    return scene, scene_records(scene, record_id=record_id, split=split, image=image, seed=key, layout=layout)
 
 
-def _make_image_star(args: tuple[int, str, int, int]) -> dict[str, list[dict]]:
-    return make_image(*args)[1]
+def _make_image_star(args: tuple[int, str, int, int, str]) -> dict[str, list[dict]]:
+    seed, split, index, image_size, layout = args
+    return make_image(seed, split, index, image_size, layout=layout)[1]
 
 
 def iter_split(
-    seed: int, split: str, num_images: int, image_size: int, *, workers: int = 0, render: bool = True
+    seed: int,
+    split: str,
+    num_images: int,
+    image_size: int,
+    *,
+    workers: int = 0,
+    render: bool = True,
+    layout: str = "grid",
 ) -> Iterator[dict[str, list[dict]]]:
     """Records of images ``0..num_images-1`` of ``split``, in order, optionally drawn by a process pool."""
-    jobs = ((seed, split, i, image_size) for i in range(num_images))
+    jobs = ((seed, split, i, image_size, layout) for i in range(num_images))
     if workers > 1 and render:
         import multiprocessing
 
@@ -982,7 +1109,7 @@ def iter_split(
             yield from pool.imap(_make_image_star, jobs, chunksize=64)
     else:
         for job in jobs:
-            yield make_image(*job[:4], render=render)[1]
+            yield make_image(*job[:4], render=render, layout=layout)[1]
 
 
 def split_sizes(num_images: int, num_eval_images: int | None) -> dict[str, int]:
@@ -1031,6 +1158,7 @@ def generate(
     image_size: int = DEFAULT_IMAGE_SIZE,
     seed: int = 0,
     workers: int = 0,
+    layout: str = "grid",
     command: str = "",
     log=print,
 ) -> dict:
@@ -1043,6 +1171,7 @@ def generate(
         image_size: image side S in pixels.
         seed: master seed; the same seed gives byte-identical records and PNGs.
         workers: processes that draw images (0 or 1: this process).
+        layout: ``"grid"`` (the default world) or ``"free"`` (:data:`LAYOUTS`).
         command: the command line, for the manifest.
         log: where progress lines go (``print``; a no-op to stay quiet).
 
@@ -1054,6 +1183,8 @@ def generate(
 
     from data_tools import baselines, storage
 
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown synthetic layout {layout!r}; layouts: {LAYOUTS}")
     sizes = split_sizes(num_images, num_eval_images)
     stats = baselines.BaselineStats()
     test_records: dict[str, list[dict]] = {}
@@ -1061,7 +1192,7 @@ def generate(
 
     def stream():
         for split, n in sizes.items():
-            for per_task in iter_split(seed, split, n, image_size, workers=workers):
+            for per_task in iter_split(seed, split, n, image_size, workers=workers, layout=layout):
                 for task, records in per_task.items():
                     for record in records:
                         if split == "train":
@@ -1075,6 +1206,7 @@ def generate(
             "synth": {
                 "seed": seed,
                 "image_size": image_size,
+                "layout": layout,
                 "images": sizes,
                 "heldout_pairs": sorted(f"{c} {s}" for c, s in HELDOUT_PAIRS),
                 "classification_label": "shape of the largest object (largest bounding box)",

@@ -86,8 +86,9 @@ def resolve(expression: str, scene) -> list[int]:
     return candidates
 
 
-def answer_question(question: str, scene) -> str:
-    """The true answer of a generated question, computed from the scene."""
+def answer_question(question: str, scene, *, margin: float = 0.1) -> str:
+    """The true answer of a generated question, computed from the scene (``margin``: the least
+    distance, x S, of an object asked about from the middle line)."""
     objects = scene.objects
     desc = DESC.format(p="")
     if m := re.fullmatch(rf"what color is the {desc}\?", question):
@@ -109,14 +110,37 @@ def answer_question(question: str, scene) -> str:
             [m.group("first"), m.group("second")], key=["left", "right", "top", "bottom"].index
         )
         centre = objects[i].cx if first_half == "left" else objects[i].cy
-        assert abs(centre - scene.size / 2) > 0.1 * scene.size  # never on the middle line
+        assert abs(centre - scene.size / 2) >= margin * scene.size  # never on the middle line
         return first_half if centre < scene.size / 2 else second_half
+    a, b = DESC.format(p="a"), DESC.format(p="b")
+    if m := re.fullmatch(rf"is the {a} (?P<rel>{REL_RE}) the {b}\?", question):
+        ((i,), (j,)) = group(m, "a", objects), group(m, "b", objects)
+        return "yes" if holds(m.group("rel"), objects[i], objects[j]) else "no"
+    if m := re.fullmatch(rf"is the {a} (?P<first>\w+) or (?P<second>\w+)(?: of)? the {b}\?", question):
+        ((i,), (j,)) = group(m, "a", objects), group(m, "b", objects)
+        options = {m.group("first"), m.group("second")}
+        assert options in ({"left", "right"}, {"above", "below"}), question
+        true = [o for o in options if holds(o if o in ("above", "below") else f"{o} of", objects[i], objects[j])]
+        assert len(true) == 1, question  # exactly one option holds: asked along the dominant axis
+        return true[0]
     raise AssertionError(f"question outside the grammar: {question!r}")
 
 
-def _scenes(split: str, n: int = N_SCENES):
+def scene_layout(scene) -> str:
+    """The layout a scene was drawn in: grid scenes have every centre near a cell centre."""
+    cell = scene.size / synth.GRID
+    near = all(
+        min(abs(c - (k + 0.5) * cell) for k in range(synth.GRID)) <= synth.JITTER * scene.size + 1e-6
+        or o.r >= cell / 2  # a large shape pulled inwards at the border
+        for o in scene.objects
+        for c in (o.cx, o.cy)
+    )
+    return "grid" if near else "free"
+
+
+def _scenes(split: str, n: int = N_SCENES, *, layout: str = "grid"):
     for i in range(n):
-        scene, records = synth.make_image(7, split, i, 64, render=False)
+        scene, records = synth.make_image(7, split, i, 64, render=False, layout=layout)
         yield scene, records
 
 
@@ -389,3 +413,78 @@ def test_objects_stay_visible(world):
             limit = 0.0 if a.color == b.color else synth.MAX_IOU
             assert iou(a.box, b.box) <= limit + 1e-9
             assert 0 <= min(a.box) and max(a.box) <= scene.size
+
+
+# ---------------------------------------------------------------------------------------------
+# The free layout: objects anywhere, relation questions back
+# ---------------------------------------------------------------------------------------------
+
+GRID_TRAIN_3_DIGEST = "9896bf4dd30fd9182c38f473af951ab3c6e66d7c624bf8a36f3a774004967399"
+
+
+def test_the_grid_layout_is_byte_identical_to_before_layouts_existed():
+    # The digest of the world as the main job's models were trained on it (before --layout).
+    records = [r for rs in synth.make_image(5, "train", 3, 64)[1].values() for r in rs]
+    assert synth.records_digest(records) == GRID_TRAIN_3_DIGEST
+    assert synth.make_image(5, "train", 3, 64, layout="grid")[1] == synth.make_image(5, "train", 3, 64)[1]
+
+
+@pytest.fixture(scope="module")
+def free_world():
+    return {split: list(_scenes(split, 600, layout="free")) for split in ("train", "test", "heldout")}
+
+
+def test_free_layout_places_objects_off_the_grid_at_many_sizes(free_world):
+    scenes = [scene for scene, _ in free_world["train"]]
+    assert sum(scene_layout(scene) == "free" for scene in scenes) > 0.9 * len(scenes)
+    radii = sorted(o.r / 64 for scene in scenes for o in scene.objects)
+    assert radii[0] < synth.SMALL_R * 0.85 and radii[-1] > synth.LARGE_R * 1.3
+    gaps = [
+        max(b.box[0] - a.box[2], a.box[0] - b.box[2], b.box[1] - a.box[3], a.box[1] - b.box[3])
+        for scene in scenes
+        for a, b in itertools.combinations(scene.objects, 2)
+    ]
+    assert sum(g <= 1.0 for g in gaps) > 0.05 * len(gaps)  # touching (or overlapping) pairs are common
+    for scene in scenes:
+        assert synth.all_pairs_crisp(scene)
+        for a, b in itertools.combinations(scene.objects, 2):
+            from tasks.boxes import iou
+
+            assert iou(a.box, b.box) <= (0.0 if a.color == b.color else synth.MAX_IOU) + 1e-9
+        largest, second = sorted((o.r for o in scene.objects), reverse=True)[:2]
+        assert largest >= 1.1 * second - 0.02
+
+
+def test_free_layout_asks_true_relation_questions_in_both_forms(free_world):
+    types = Counter()
+    answers = Counter()
+    for split, scenes in free_world.items():
+        for scene, records in scenes:
+            for record in records["vqa"]:
+                truth = answer_question(record["question"], scene, margin=synth.FREE_SIDE_MARGIN)
+                assert Counter(record["answers"]).most_common(1)[0][0] == truth, record["question"]
+                types[record["question_type"]] += 1
+                if record["question_type"] in ("relation", "relation choice"):
+                    answers[truth] += 1
+            for record in records["rec"]:
+                assert len(resolve(record["expression"], scene)) == 1
+            for task, task_records in records.items():
+                for record in task_records:
+                    tasks.get_task(task).validate(record)
+            if split != "heldout":
+                assert not any(_mentions_heldout(t) for t in _texts(records))
+    n = sum(len(scenes) for scenes in free_world.values())
+    assert types["relation"] > n and types["relation choice"] > n  # one per image, more on train images
+    assert 0.4 < answers["yes"] / (answers["yes"] + answers["no"]) < 0.6
+    assert {"left", "right", "above", "below"} <= set(answers)
+
+
+def test_generate_free_layout_records_its_layout(tmp_path):
+    manifest = synth.generate(
+        str(tmp_path / "free"), num_images=6, num_eval_images=2, image_size=48, layout="free", log=lambda *_: None
+    )
+    assert manifest["synth"]["layout"] == "free"
+    questions = storage.load_split(tmp_path / "free", "vqa", "test", decode_images=False)["question_type"]
+    assert "relation" in questions and "relation choice" in questions
+    with pytest.raises(ValueError, match="unknown synthetic layout 'diagonal'; layouts: \\('grid', 'free'\\)"):
+        synth.generate(str(tmp_path / "x"), num_images=2, layout="diagonal", log=lambda *_: None)

@@ -251,6 +251,67 @@ def test_unknown_visual_mode_is_an_error():
         UnifiedVLConfig(visual_mode="sideways")
 
 
+def test_conv_stem_replaces_the_patchify_convolution_with_the_same_grid(tokenizer, tmp_path):
+    from torch import nn
+
+    from unified_vl.modeling import ConvStem
+
+    vit = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
+    text = {
+        "vocab_size": len(tokenizer),
+        "d_model": 32,
+        "d_kv": 8,
+        "d_ff": 64,
+        "num_layers": 1,
+        "num_decoder_layers": 1,
+    }
+    config = UnifiedVLConfig.from_preset("uvl-tiny", vision_kwargs=vit, image_size=32, text_config=text)
+    patch = build_model(config, tokenizer)
+    conv = build_model(
+        UnifiedVLConfig.from_preset("uvl-tiny", vision_kwargs=vit, image_size=32, text_config=text, vision_stem="conv"),
+        tokenizer,
+    )
+    stem = conv.visual.backbone.patch_embed.proj
+    assert isinstance(stem, ConvStem)
+    # log2(8) = 3 stride-2 convolutions, channels doubling up to the width (Xiao et al. 2021), then 1x1.
+    convs = [m for m in stem.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.out_channels, c.stride[0], c.kernel_size[0]) for c in convs] == [
+        (8, 2, 3),
+        (16, 2, 3),
+        (32, 2, 3),
+        (32, 1, 1),
+    ]
+    assert (conv.visual.grid_h, conv.visual.grid_w) == (patch.visual.grid_h, patch.visual.grid_w) == (4, 4)
+    pixels = torch.randn(2, 3, 32, 32)
+    assert conv.visual(pixels).shape == patch.visual(pixels).shape == (2, 16, 32)
+    conv.eval()
+    processor = UnifiedVLProcessor.from_config(conv.config, tokenizer)
+    save_pretrained(conv, processor, tmp_path / "m")
+    loaded, _ = load_pretrained(tmp_path / "m")
+    assert loaded.config.vision_stem == "conv"
+    ids = torch.tensor([[5, 6, 1], [7, 1, 0]])
+    with torch.no_grad():
+        logits = conv(pixels, ids, ids.ne(0).long(), decoder_input_ids=ids).logits
+        again = loaded(pixels, ids, ids.ne(0).long(), decoder_input_ids=ids).logits
+    torch.testing.assert_close(again, logits)
+
+
+def test_conv_stem_errors_name_the_problem():
+    with pytest.raises(ValueError, match=r"vision_stem must be one of \('patch', 'conv'\), got 'hexagon'"):
+        UnifiedVLConfig(vision_stem="hexagon")
+    with pytest.raises(ValueError, match="needs a ViT backbone with patch_embed.proj; 'resnet18' has none"):
+        build_model(UnifiedVLConfig(vision_model="resnet18", vision_stem="conv", image_size=32))
+    with pytest.raises(ValueError, match="needs a power-of-two patch size, got 12"):
+        build_model(
+            UnifiedVLConfig.from_preset(
+                "uvl-tiny",
+                vision_kwargs={"patch_size": 12, "embed_dim": 24, "depth": 1, "num_heads": 2},
+                image_size=48,
+                vision_stem="conv",
+            )
+        )
+
+
 def test_processor_batch_names_and_label_padding(processor):
     batch = processor(
         images=random_images(2),

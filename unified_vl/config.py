@@ -19,6 +19,10 @@ from transformers import PretrainedConfig, T5Config
 from tasks.boxes import DEFAULT_NUM_BINS
 
 VISUAL_MODES = ("fused",)
+# How a ViT backbone turns pixels into patch tokens: "patch" is timm's own (one strided conv, the
+# patchify stem); "conv" is a stack of 3x3 stride-2 convolutions (Xiao et al. 2021, "Early
+# Convolutions Help Transformers See Better"), which learns from far fewer examples.
+VISION_STEMS = ("patch", "conv")
 T5_SPECIAL_IDS = {"pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}
 
 # OFA's widths and heads, with T5 blocks (relative position bias, no biases) and a T5-sized
@@ -106,6 +110,8 @@ class UnifiedVLConfig(PretrainedConfig):
         vision_weights_path: a local timm weight file (safetensors or a torch state dict).
         vision_out_index: stage of a ``features_only`` pyramid to use as the patch grid, or None
             to use ``forward_features``.
+        vision_stem: ``"patch"`` (timm's patchify stem) or ``"conv"`` (a convolutional stem in its
+            place, Xiao et al. 2021; ViT backbones only, see :data:`VISION_STEMS`).
         image_size: square input size in pixels; images are resized to it without cropping, so a
             box normalised by the original size stays valid.
         num_bins: number of location tokens (DESIGN.md §3; OFA uses 1000).
@@ -126,6 +132,7 @@ class UnifiedVLConfig(PretrainedConfig):
         vision_kwargs: dict | None = None,
         vision_weights_path: str | None = None,
         vision_out_index: int | None = None,
+        vision_stem: str = "patch",
         image_size: int = 64,
         num_bins: int = DEFAULT_NUM_BINS,
         visual_mode: str = "fused",
@@ -135,6 +142,8 @@ class UnifiedVLConfig(PretrainedConfig):
     ):
         if visual_mode not in VISUAL_MODES:
             raise ValueError(f"visual_mode must be one of {VISUAL_MODES}, got {visual_mode!r}")
+        if vision_stem not in VISION_STEMS:
+            raise ValueError(f"vision_stem must be one of {VISION_STEMS}, got {vision_stem!r}")
         if not isinstance(num_bins, int) or num_bins < 2:
             raise ValueError(f"num_bins must be an integer >= 2, got {num_bins!r}")
         if isinstance(text_config, T5Config):
@@ -153,6 +162,7 @@ class UnifiedVLConfig(PretrainedConfig):
         self.vision_kwargs = dict(vision_kwargs or {})
         self.vision_weights_path = os.fspath(vision_weights_path) if vision_weights_path is not None else None
         self.vision_out_index = vision_out_index
+        self.vision_stem = vision_stem
         self.image_size = image_size
         self.num_bins = num_bins
         self.visual_mode = visual_mode

@@ -14,6 +14,7 @@ the text never reaches a real token (batched and one-at-a-time generation agree)
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -27,6 +28,38 @@ from unified_vl.config import UnifiedVLConfig
 from unified_vl.tokenizer import loc_token_ids
 
 POSITION_INIT_STD = 0.5
+
+
+class ConvStem(nn.Module):
+    """A convolutional stem in place of ViT's patchify convolution (Xiao et al. 2021, §3).
+
+    ``log2(patch)`` 3x3 convolutions of stride 2, each followed by BatchNorm and ReLU, with the
+    channels doubling up to ``dim`` (the paper's ViT-1GF stem for 16-pixel patches and 192 channels is
+    24, 48, 96, 192), then one 1x1 convolution to ``dim``. (B, 3, S, S) -> (B, dim, S / patch, S / patch),
+    the shape of the convolution it replaces.
+    """
+
+    def __init__(self, patch_size: int, dim: int):
+        super().__init__()
+        n = int(math.log2(patch_size))
+        if 2**n != patch_size:
+            raise ValueError(f"vision_stem='conv' needs a power-of-two patch size, got {patch_size}")
+        channels = [3] + [max(8, dim // 2 ** (n - 1 - i)) for i in range(n)]
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(channels[:-1], channels[1:], strict=True):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+        self.layers = nn.Sequential(*layers, nn.Conv2d(channels[-1], dim, 1))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.layers(pixel_values)  # (B, dim, S / patch, S / patch)
+
+
+def _use_conv_stem(backbone: nn.Module, name: str) -> None:
+    """Swaps a timm ViT's patchify convolution (``patch_embed.proj``) for a `ConvStem` of the same output."""
+    proj = getattr(getattr(backbone, "patch_embed", None), "proj", None)
+    if not isinstance(proj, nn.Conv2d):
+        raise ValueError(f"vision_stem='conv' needs a ViT backbone with patch_embed.proj; {name!r} has none")
+    backbone.patch_embed.proj = ConvStem(proj.kernel_size[0], proj.out_channels)
 
 
 class VisualEmbedding(nn.Module):
@@ -51,6 +84,8 @@ class VisualEmbedding(nn.Module):
                 )
             except TypeError:
                 self.backbone = timm.create_model(config.vision_model, pretrained=False, num_classes=0, **kwargs)
+        if config.vision_stem == "conv":
+            _use_conv_stem(self.backbone, config.vision_model)
         self.out_index = config.vision_out_index
         # One dummy pass fixes the grid size and channel count for this image size.
         with torch.no_grad():

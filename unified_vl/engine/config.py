@@ -55,6 +55,9 @@ class SynthConfig:
     num_images: int | None = None  # train images; None: data_tools.synth.DEFAULT_NUM_IMAGES (the main job's world)
     image_size: int | None = None  # None: data_tools.synth.DEFAULT_IMAGE_SIZE
     seed: int = 0
+    # grid: objects in the cells of a 4 x 4 grid (the main job's world); free: anywhere, any size,
+    # with relation questions (data_tools.synth.LAYOUTS)
+    layout: Literal["grid", "free"] = "grid"
 
 
 @dataclass

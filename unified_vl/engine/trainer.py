@@ -32,7 +32,15 @@ from unified_vl.prompting import get_method
 from unified_vl.tokenizer import loc_token_ids
 
 # Architecture fields that must agree between a checkpoint and the model built to resume it.
-ARCH_FIELDS = ("vision_model", "vision_kwargs", "vision_out_index", "image_size", "num_bins", "visual_mode")
+ARCH_FIELDS = (
+    "vision_model",
+    "vision_kwargs",
+    "vision_out_index",
+    "vision_stem",
+    "image_size",
+    "num_bins",
+    "visual_mode",
+)
 ARCH_TEXT_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads")
 
 

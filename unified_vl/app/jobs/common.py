@@ -63,8 +63,8 @@ def _digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def synth_settings(config: RunConfig) -> tuple[int, int, int]:
-    """``(num_images, image_size, seed)`` of the configured synthetic world, data_tools' defaults filled in."""
+def synth_settings(config: RunConfig) -> tuple[int, int, int, str]:
+    """``(num_images, image_size, seed, layout)`` of the configured synthetic world, data_tools' defaults filled in."""
     from data_tools import synth
 
     s = config.data.synth
@@ -72,6 +72,7 @@ def synth_settings(config: RunConfig) -> tuple[int, int, int]:
         s.num_images if s.num_images is not None else synth.DEFAULT_NUM_IMAGES,
         s.image_size if s.image_size is not None else synth.DEFAULT_IMAGE_SIZE,
         s.seed,
+        s.layout,
     )
 
 
@@ -97,14 +98,16 @@ def prepare_data(config: RunConfig, dist: distributed.DistInfo) -> RunConfig:
         if dist.is_main and not (folder / storage.MANIFEST_NAME).is_file():
             from data_tools import synth
 
-            num_images, image_size, seed = synth_settings(config)
+            num_images, image_size, seed, layout = synth_settings(config)
             print(f"generating the synthetic world into {folder} (cached for later runs)", flush=True)
             synth.generate(
                 str(folder),
                 num_images=num_images,
                 image_size=image_size,
                 seed=seed,
-                command=f"unified-vl data synth --out {folder} --num-images {num_images} --image-size {image_size} --seed {seed}",
+                layout=layout,
+                command=f"unified-vl data synth --out {folder} --num-images {num_images} --image-size {image_size} "
+                f"--seed {seed} --layout {layout}",
             )
         config.data.path = str(folder)
     distributed.barrier()

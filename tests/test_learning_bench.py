@@ -1,0 +1,182 @@
+"""The learning benchmark's parts: the real datasets in official layouts (through our converters), the
+plain baselines, and the table (scripts/bench_vs_baseline.py; docs/learning.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_tools import storage, synth
+from unified_vl.app import baselines
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    make_bench_data = _script("make_bench_data")
+    out = tmp_path_factory.mktemp("digits")
+    folders = make_bench_data.make("digits", out, limit=100, log=lambda *_: None)
+    return out, folders
+
+
+def test_real_digits_are_written_in_official_layouts_and_converted(digits):
+    out, folders = digits
+    raw = out / "raw"
+    # VQAv2's file names and COCO's image names, which `data convert vqav2` finds by themselves.
+    for subtype in ("train2014", "val2014", "test2015"):
+        questions = json.loads((raw / "vqav2" / f"v2_OpenEnded_mscoco_{subtype}_questions.json").read_text())
+        annotations = json.loads((raw / "vqav2" / f"v2_mscoco_{subtype}_annotations.json").read_text())
+        assert questions["data_subtype"] == annotations["data_subtype"] == subtype
+        first = questions["questions"][0]
+        assert (raw / "vqav2" / f"COCO_{subtype}_{first['image_id']:012d}.jpg").is_file()
+        assert all(len(a["answers"]) == 10 for a in annotations["annotations"])
+    counts = storage.read_manifest(folders["classification"])["tasks"]["classification"]
+    assert sum(counts.values()) == 100 and set(counts) == {"train", "val", "test"}
+    # No single-digit image is in two splits (ImageFolder file names are the source's indices).
+    names = {s: {p.name for p in (raw / "imagefolder" / s).rglob("*.png")} for s in ("train", "val", "test")}
+    assert not (names["train"] & names["test"]) and not (names["train"] & names["val"])
+    records = storage.load_split(folders["classification"], "classification", "test")
+    assert {r["label"] for r in records} <= set("0123456789") and records[0]["image"].size == (8, 8)
+    assert storage.read_manifest(folders["vqa"])["tasks"]["vqa"]["train"] == 4 * round(2.5 * counts["train"])
+
+
+def test_real_digit_questions_agree_with_each_other(digits):
+    _, folders = digits
+    by_image = defaultdict(dict)
+    for record in storage.load_split(folders["vqa"], "vqa", "train", decode_images=False):
+        by_image[record["image"]["path"]][record["question"]] = record["answers"][0]
+    checked = 0
+    for answers in by_image.values():
+        left, right = int(answers["what is the left digit?"]), int(answers["what is the right digit?"])
+        assert left != right
+        for question, answer in answers.items():
+            if m := re.fullmatch(r"is the left digit (larger|smaller) than the right digit\?", question):
+                assert answer == ("yes" if (left > right) == (m.group(1) == "larger") else "no")
+                checked += 1
+            if m := re.fullmatch(r"is there a (\d) in the image\?", question):
+                assert answer == ("yes" if int(m.group(1)) in (left, right) else "no")
+    assert checked == len(by_image) > 100
+
+
+def _colour_folder(root: Path, n: int = 24) -> Path:
+    """ImageFolder of noisy red and blue images: a task any classifier learns in a few steps."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", n), ("val", 8), ("test", 8)):
+        for label, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 30, (12, 12, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def test_baseline_classifier_learns_and_is_scored_by_the_task_metric(tmp_path):
+    from data_tools.converters import convert
+
+    raw = _colour_folder(tmp_path / "raw")
+    convert("imagefolder", inputs=[raw], out=tmp_path / "data", log=lambda *_: None)
+    config = baselines.BaselineConfig(width=4, batch_size=16, evals=2, warmup_steps=2, lr=1e-2)
+    result = baselines.train_baseline(
+        str(tmp_path / "data"), "classification", config=config, max_steps=30, log=lambda *_: None
+    )
+    assert result.steps == 30 and [step for step, _ in result.history] == [15, 30]
+    assert result.metrics == {"classification/test/top1": 1.0}
+    assert result.val_metric == 1.0
+
+
+@pytest.fixture(scope="module")
+def free_world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("free")
+    synth.generate(str(out), num_images=16, num_eval_images=4, image_size=32, layout="free", log=lambda *_: None)
+    return out
+
+
+def test_baseline_vqa_answers_from_the_training_answers_and_reports_question_types(free_world):
+    config = baselines.BaselineConfig(width=4, hidden=16, word_dim=8, batch_size=8, evals=1)
+    result = baselines.train_baseline(str(free_world), "vqa", config=config, max_steps=3, log=lambda *_: None)
+    assert result.steps == 3 and set(result.metrics) >= {"vqa/test/accuracy", "vqa/test/accuracy_yes/no"}
+    assert {"relation", "relation choice", "how many"} <= set(result.by_question_type)
+    assert all(0.0 <= v <= 1.0 for v in result.by_question_type.values())
+    assert result.parameters > 0
+
+
+def test_baseline_refuses_unknown_tasks_and_two_budgets(free_world):
+    with pytest.raises(ValueError, match="no baseline for task 'rec'; baselines exist for classification, vqa"):
+        baselines.train_baseline(str(free_world), "rec", max_steps=1)
+    with pytest.raises(ValueError, match="exactly one budget"):
+        baselines.train_baseline(str(free_world), "vqa", max_steps=1, minutes=1.0)
+
+
+def test_question_words_and_accuracy_by_type():
+    assert baselines.words("Is the LEFT digit larger than the right-digit?") == [
+        "is", "the", "left", "digit", "larger", "than", "the", "right", "digit",
+    ]  # fmt: skip
+    common = {"image": None, "width": 8, "height": 8, "question": "q?"}
+    records = [
+        {"id": "a", **common, "question_type": "relation", "answers": ["yes"] * 10, "answer_type": "yes/no"},
+        {"id": "b", **common, "question_type": "relation", "answers": ["no"] * 10, "answer_type": "yes/no"},
+        {"id": "c", **common, "question_type": "how many", "answers": ["2"] * 10, "answer_type": "number"},
+    ]
+    assert baselines.accuracy_by_question_type(["yes", "yes", "2"], records) == {"how many": 1.0, "relation": 0.5}
+
+
+def test_table_gives_mean_std_and_ratios_with_the_relation_line():
+    bench = _script("bench_vs_baseline")
+
+    def runs(values, relation=None):
+        return [
+            {
+                "metrics": {"vqa/test/accuracy": v},
+                "by_question_type": {"relation": relation, "relation choice": relation} if relation else {},
+            }
+            for v in values
+        ]
+
+    results = {
+        "synth-free/vqa": {
+            "name": "world (free)",
+            "task": "vqa",
+            "ours": runs([0.9, 0.8], 0.6),
+            "baseline": runs([0.5, 0.5], 0.5),
+        },
+        "digits/vqa": {"name": "digits", "task": "vqa", "ours": runs([0.5]), "baseline": runs([1.0])},
+    }
+    text = bench.table(results, budget=bench.Budget(minutes=2), seeds=[0, 1])
+    assert text.splitlines()[0].startswith("machine: ") and "torch" in text.splitlines()[0]
+    assert "| world (free) | vqa | accuracy | 0.850 ± 0.071 | 0.500 ± 0.000 | 1.700 |" in text
+    assert "| world (free) | vqa: relations only | accuracy | 0.600 ± 0.000 | 0.500 ± 0.000 | 1.200 |" in text
+    assert "| digits | vqa | accuracy | 0.500 ± 0.000 | 1.000 ± 0.000 | 0.500 |" in text
+    assert "**1.100**" in text  # the mean of the per-row ratios (relations are part of their row)
+
+
+@pytest.mark.slow
+def test_bench_vs_baseline_quick_runs_both_sides_end_to_end(tmp_path):
+    out = tmp_path / "table.md"
+    command = [sys.executable, str(ROOT / "scripts" / "bench_vs_baseline.py"), "--quick", f"--out={out}"]
+    command += ["--rows", "digits/classification", f"--work={tmp_path / 'work'}"]
+    subprocess.run(command, check=True, cwd=ROOT, timeout=900)
+    raw = json.loads(out.with_suffix(".json").read_text())
+    entry = raw["rows"]["digits/classification"]
+    assert len(entry["ours"]) == len(entry["baseline"]) == 1
+    for side in ("ours", "baseline"):
+        assert 0.0 <= entry[side][0]["metrics"]["classification/test/top1"] <= 1.0
+    assert "| digits | classification | top1 |" in out.read_text()
