@@ -345,7 +345,10 @@ def _build(config: RunConfig, data: TrainData, job: str) -> _Run:
     options = method.resolve_options(config.method.options)
     adapter = _adapter_spec(config, method, options, model, dist)
     if method.attach is not None:  # the method's own parameters, and what it freezes
-        method.attach(model, options)
+        try:
+            method.attach(model, options)
+        except ValueError as exc:  # an option that does not fit this model (a LoRA target, VPT on a CNN)
+            raise ConfigError(f"method {method.name!r}: {exc}") from None
     adapter_keys = tuple(sorted(method_weights(model))) if adapter is not None else ()
     if config.resume:
         check_architecture(architecture(UnifiedVLConfig.from_pretrained(run_dir / SPEC)), model.config, run_dir)

@@ -48,6 +48,7 @@ def generate_texts(
     num_beams: int = 1,
     max_new_tokens: int | None = None,
     batch_size: int = 32,
+    adapter_names: Sequence[str] | None = None,
     **generation_kwargs,
 ) -> list[str]:
     """Generates one text per (image, prompt), optionally constrained; what evaluation and serving call.
@@ -67,6 +68,8 @@ def generate_texts(
         max_new_tokens: the longest output in tokens. None: the model's default for ``"open"``,
             exactly enough for ``"loc4"`` and for the longest candidate.
         batch_size: inputs per ``generate`` call.
+        adapter_names: one per input, the adapter its row runs with in a model holding several
+            that mix in one batch (LoRA; ``model.rows``); None: the model as it is.
         **generation_kwargs: passed to ``generate`` (e.g. ``length_penalty``, ``logits_processor``).
 
     Returns:
@@ -77,6 +80,8 @@ def generate_texts(
             another decoding; ``max_new_tokens`` too short for the constraint; mismatched lengths.
     """
     _check_arguments(images, prompts, decoding, candidates, batch_size, generation_kwargs)
+    if adapter_names is not None and len(adapter_names) != len(prompts):
+        raise ValueError(f"got {len(adapter_names)} adapter names for {len(prompts)} prompts; give one per prompt")
 
     tries = None
     needed = None  # the fewest new tokens that can complete the constrained output
@@ -107,6 +112,8 @@ def generate_texts(
         if tries is not None:
             # generate's batch_id counts rows of this chunk, not of all inputs.
             generation_kwargs["prefix_allowed_tokens_fn"] = trie_prefix_fn(tries[start:stop], shared=False)
+        if adapter_names is not None:
+            generation_kwargs["adapter_names"] = list(adapter_names[start:stop])
         sequences = model.generate(**batch, num_beams=num_beams, **generation_kwargs)  # (b, 1 + t)
         texts.extend(processor.decode(sequences))
     return texts

@@ -41,7 +41,8 @@ def _patterns(model, options) -> list[str]:
     families = [(TEXT_TARGETS, list(options["targets"]), "T5 self-attention")]
     if options["vision"]:
         families.append((VISION_TARGETS, list(options["vision_targets"]), "ViT attention"))
-    names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    # Linear layers, also those already wrapped by peft for another adapter (a model serving several).
+    names = [n for n, m in model.named_modules() if isinstance(getattr(m, "base_layer", m), torch.nn.Linear)]
     patterns = []
     for template, targets, what in families:
         if not targets or not all(isinstance(t, str) and t for t in targets):

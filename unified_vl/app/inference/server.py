@@ -9,7 +9,8 @@ Endpoints:
   or a ``data:`` URI) or multipart (``image`` a file part). Task fields are the task's input
   fields (``question`` for vqa, ``expression`` for rec, ``caption`` for grounding, ``prompt``
   for ``generate``; ``GET /v1/models`` lists them); options are ``candidates``, ``labels``,
-  ``top_k``, ``num_beams`` and ``max_new_tokens``. Answers ``{"task", "model", "prediction"}``.
+  ``top_k``, ``num_beams`` and ``max_new_tokens``; ``model`` picks an adapter (below). Answers
+  ``{"task", "model", "prediction"}``.
 * ``POST /v1/chat/completions``: the OpenAI Chat Completions API (API reference,
   https://platform.openai.com/docs/api-reference/chat/create). The last user message's ``text``
   parts, joined, are the instruction, used as written (no task template); its ``image_url``
@@ -22,12 +23,18 @@ Endpoints:
   run: outputs are batched, not produced token by token.
 * ``GET /health``, ``GET /v1/models``, ``GET /metrics`` (Prometheus text format).
 
+Adapters (``unified-vl serve --adapter name=path``): the ``model`` field of a request picks one by
+name, the base model by its own name or by leaving ``model`` out (vLLM's convention for LoRA
+adapters); ``/v1/models`` lists the base, then each adapter with ``parent`` (the base) and
+``root`` (its folder). One dynamic batch may mix adapters (``Predictor.run``). An unknown name
+answers 404 and the server goes on serving.
+
 Concurrent requests are gathered into batches by :class:`~unified_vl.app.inference.batcher.DynamicBatcher`;
 a full queue answers 429. Errors are ``{"error": {"message", "type", "param"}}`` (OpenAI's error
 shape): an undecodable, corrupt or decompression-bomb image -> 400; an image or body over its size
 limit -> 413; unknown task, missing or wrong-typed field -> 422; a missing or wrong API key, when
 one is set -> 401 (``Authorization: Bearer KEY``; ``/health`` and ``/metrics`` stay open for
-probes and scrapers).
+probes and scrapers); an unknown ``model`` -> 404.
 """
 
 from __future__ import annotations
@@ -293,6 +300,27 @@ class Service:
         if not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):  # constant time
             raise ApiError(401, "incorrect API key", type="authentication_error", headers=headers)
 
+    def adapter_of(self, body: Mapping[str, Any]) -> str | None:
+        """The adapter a request's ``model`` field names: None for the base (its name, or no field).
+
+        Raises:
+            ApiError: 404 for a name this server does not serve (the message lists those it does).
+        """
+        model = body.get("model")
+        if model is None or model == self.predictor.name:
+            return None
+        if not isinstance(model, str):
+            raise _invalid(f"model must be a string, got {type(model).__name__}", "model")
+        if model in self.predictor.adapter_names:
+            return model
+        served = ", ".join([self.predictor.name, *self.predictor.adapter_names])
+        raise ApiError(
+            404,
+            f"model {model!r:.60} does not exist; this server serves: {served}",
+            type="not_found_error",
+            param="model",
+        )
+
     def make_query(self, task: str, image: bytes | str, inputs: dict, options: dict, param: str = "image") -> Any:
         """Decodes the image and validates the request into a `Query`; runs in a worker thread."""
         limits = self.limits
@@ -353,14 +381,16 @@ async def prometheus_metrics(request: Request):
 async def models(request: Request):
     service = _service(request)
     service.check_key(request)
-    card = {
-        "id": service.predictor.name,
-        "object": "model",
-        "created": 0,
-        "owned_by": "unified-vl",
-        "tasks": {name: input_fields(name) for name in known_tasks()},
-    }
-    return {"object": "list", "data": [card]}
+    predictor = service.predictor
+    tasks = {name: input_fields(name) for name in known_tasks()}
+    card = {"id": predictor.name, "object": "model", "created": 0, "owned_by": "unified-vl", "tasks": tasks}
+    cards = [card]
+    for name in predictor.adapter_names:  # vLLM's LoRA cards: root = the adapter's folder, parent = the base
+        adapter = predictor.adapters.adapters[name]
+        cards.append(
+            {**card, "id": name, "root": str(adapter.path), "parent": predictor.name, "method": adapter.method}
+        )
+    return {"object": "list", "data": cards}
 
 
 @router.post("/v1/predict")
@@ -372,11 +402,12 @@ async def predict(request: Request):
     else:
         body, image_source = await _json_body(request), None
     task, inputs, options = _predict_fields(body)
+    options["adapter"] = service.adapter_of(body)
     if image_source is None:
         image_source = _image_field(body)  # base64 or a data: URI, decoded in make_query's thread
     query = await asyncio.to_thread(service.make_query, task, image_source, inputs, options)
     result = await service.run_query(query)
-    return {"task": task, "model": service.predictor.name, "prediction": result.to_dict()}
+    return {"task": task, "model": options["adapter"] or service.predictor.name, "prediction": result.to_dict()}
 
 
 def _predict_fields(body: Mapping[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -387,7 +418,7 @@ def _predict_fields(body: Mapping[str, Any]) -> tuple[str, dict[str, Any], dict[
     if not isinstance(task, str) or task not in known_tasks():
         raise _invalid(f"unknown task {task!r:.60}; known tasks: {', '.join(known_tasks())}", "task")
     fields = input_fields(task)
-    allowed = {"task", "image", *RANKING_OPTIONS, *GENERATION_OPTIONS, *fields}
+    allowed = {"task", "image", "model", *RANKING_OPTIONS, *GENERATION_OPTIONS, *fields}
     for name in body:
         if name not in allowed:
             raise _invalid(f"unknown field {name!r:.60} for task {task!r}; allowed: {', '.join(sorted(allowed))}", name)
@@ -454,6 +485,7 @@ async def chat_completions(request: Request):
     body = await _json_body(request)
     prompt, image_text, param = _chat_input(body)
     options = _chat_options(body)
+    options["adapter"] = service.adapter_of(body)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _invalid(f"stream must be a boolean, got {stream!r:.60}", "stream")
@@ -488,7 +520,7 @@ class _Completion:
     """One chat completion's answer, as a JSON body or as OpenAI's stream of Server-Sent Events."""
 
     def __init__(self, predictor: Predictor, prompt: str, text: str, options: Mapping[str, Any]):
-        self.model, self.text = predictor.name, text
+        self.model, self.text = options.get("adapter") or predictor.name, text
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         max_new_tokens = options.get("max_new_tokens", predictor.model.config.max_target_length)
         tokenizer = predictor.processor.tokenizer
