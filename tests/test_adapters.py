@@ -339,3 +339,15 @@ def test_predict_cli_answers_with_an_adapter(served_model_dir, adapters, tmp_pat
     assert parse_adapters(["a=/x/y", "/runs/ft/adapter"]) == {"a": "/x/y", "adapter": "/runs/ft/adapter"}
     with pytest.raises(ValueError, match="the name 'a' is given twice"):
         parse_adapters(["a=/x", "a=/y"])
+
+
+def test_any_checkpoint_of_an_adapter_run_exports_offline_as_an_adapter(train_run, tmp_path):
+    from unified_vl.engine.export import main as export_main
+
+    run = train_run("lora")
+    assert export_main([str(run), "--tag", "step_00000001", "--out", str(tmp_path / "first")]) == 0
+    first, final = read_adapter(tmp_path / "first"), read_adapter(run / "adapter")
+    assert first.base == final.base and first.options == final.options and set(first.state) == set(final.state)
+    step_one = _module_state(run, 1)
+    for key, value in first.state.items():
+        assert torch.equal(value, step_one[key].float())
