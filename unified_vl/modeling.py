@@ -164,7 +164,7 @@ class UnifiedVLForConditionalGeneration(PreTrainedModel):
         *,
         adapter_names: Sequence[str] | None = None,
     ) -> tuple[BaseModelOutput, torch.Tensor]:
-        """Runs the T5 encoder; returns its output (B, N + T, D) and the matching mask (B, N + T).
+        """Runs the T5 encoder; returns its output (B, [P +] N + T, D) and the matching mask.
 
         ``adapter_names`` (one per row) pick each row's LoRA adapter (see :meth:`rows`).
         """
