@@ -48,6 +48,36 @@ TASK_TITLES = {"vqa": "VQA", "classification": "classification", "rec": "REC"}
 B2N = "base_to_new"
 
 
+REQUIRED = ("steps", "batch_size", "warmup_steps", "seeds", "shots", "tasks", "eval_examples", "methods")
+
+
+def load_settings(path: str | Path) -> dict:
+    """The settings file, checked: every key there, every method registered with options it has.
+
+    Raises:
+        ValueError: a missing key, an unknown task or method, or a bad option (the message names it).
+    """
+    import tasks
+    from unified_vl.prompting import MethodError, get_method
+
+    settings = yaml.safe_load(Path(path).read_text())
+    missing = [key for key in REQUIRED if key not in (settings or {})]
+    if missing:
+        raise ValueError(f"{path}: missing settings {missing}; a settings file has {', '.join(REQUIRED)}")
+    unknown = [t for t in settings["tasks"] if t not in tasks.TASKS]
+    if unknown:
+        raise ValueError(f"{path}: unknown tasks {unknown}")
+    b2n = settings.get("base_to_new") or {}
+    for row, spec in [*settings["methods"].items(), *b2n.get("methods", {}).items()]:
+        try:
+            get_method(spec.get("method", row)).resolve_options(spec.get("options"))
+        except MethodError as exc:
+            raise ValueError(f"{path}: method row {row!r}: {exc}") from None
+        if not isinstance(spec.get("lr"), (int, float)):
+            raise ValueError(f"{path}: method row {row!r} needs a number 'lr', got {spec.get('lr')!r}")
+    return settings
+
+
 # -- data for base-to-new ----------------------------------------------------------------------
 def _largest_object(objects: list[dict]) -> str:
     """The label (colour and shape) of the largest box: the synthetic world's image label, with its colour."""
@@ -325,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="one-thread worker processes (default 2)")
     parser.add_argument("--quick", action="store_true", help="a few steps, one seed, 8 examples: checks the pipeline")
     args = parser.parse_args(argv)
-    settings = yaml.safe_load(Path(args.config).read_text())
+    settings = load_settings(args.config)
     if args.quick:
         settings.update(QUICK)
         if settings.get("base_to_new"):

@@ -351,3 +351,21 @@ def test_any_checkpoint_of_an_adapter_run_exports_offline_as_an_adapter(train_ru
     step_one = _module_state(run, 1)
     for key, value in first.state.items():
         assert torch.equal(value, step_one[key].float())
+
+
+def test_the_methods_benchmark_settings_load(tmp_path):
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_methods", root / "scripts" / "bench_methods.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    files = sorted((root / "scripts" / "configs").glob("bench_methods*.yaml"))
+    assert len(files) == 2
+    for path in files:
+        settings = bench.load_settings(path)
+        assert {spec.get("method", row) for row, spec in settings["methods"].items()} == {"full", *METHODS}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(path.read_text().replace("rank: 8", "rnk: 8"))
+    with pytest.raises(ValueError, match=r"method row '.*lora.*': method 'lora' has no option 'rnk'"):
+        bench.load_settings(bad)
