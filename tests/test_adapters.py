@@ -173,6 +173,7 @@ def test_one_batch_mixes_adapters_and_each_row_gets_its_adapters_answer(served_m
             for image in images[:2]
             for task, fields, options in (
                 ("vqa", {"question": QUESTION}, {}),
+                ("captioning", {}, {"num_beams": 2}),  # beams: the decoder's rows repeat each input's adapter
                 ("rec", {"expression": "the shape"}, {}),
                 ("classification", {}, {"labels": ["circle", "square", "star"]}),
             )
