@@ -240,7 +240,7 @@ def test_chat_completions_with_the_openai_client(server, predictor, images, pngs
 
 def test_stream_is_server_sent_events_ending_in_done(client, pngs):
     body = {
-        "model": "any",
+        "model": "served-model",
         "stream": True,
         "messages": [
             {

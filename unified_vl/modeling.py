@@ -10,12 +10,20 @@ Read top to bottom (VL-T5, Cho et al. 2021; OFA, Wang et al. 2022)::
 
 The attention mask is ``[1] * N`` for the patch tokens followed by the text mask, so padding of
 the text never reaches a real token (batched and one-at-a-time generation agree).
+
+Three insertion points for the learned-prompt methods (``unified_vl.prompting``), each None unless a
+method sets it: ``visual.vision_prompt`` (VPT: tokens inside the ViT), ``encoder_prompt`` (prompt
+tuning, CoCoOp: vectors in front of the encoder input) and ``adapter_rows`` (LoRA: which adapter each
+row of a batch uses). Prefix tuning reaches T5's self-attention through ``transformers``' attention
+interface, LoRA through ``peft``; neither needs a line here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import timm
@@ -87,6 +95,9 @@ class VisualEmbedding(nn.Module):
         if config.vision_stem == "conv":
             _use_conv_stem(self.backbone, config.vision_model)
         self.out_index = config.vision_out_index
+        # VPT (unified_vl.prompting.vpt): ``vision_prompt(backbone, pixel_values)`` runs the ViT with
+        # trained tokens among its patch tokens and returns forward_features' output without them.
+        self.vision_prompt: nn.Module | None = None
         # One dummy pass fixes the grid size and channel count for this image size.
         with torch.no_grad():
             was_training = self.backbone.training
@@ -111,7 +122,10 @@ class VisualEmbedding(nn.Module):
         """Backbone features as a (B, C, H, W) grid, whatever the backbone's output layout."""
         if self.out_index is not None:
             return self.backbone(pixel_values)[0]  # (B, C, H, W)
-        feats = self.backbone.forward_features(pixel_values)
+        if self.vision_prompt is not None:
+            feats = self.vision_prompt(self.backbone, pixel_values)  # (B, prefix + H*W, C)
+        else:
+            feats = self.backbone.forward_features(pixel_values)
         if feats.ndim == 4:
             return feats  # CNN: (B, C, H, W)
         # Transformer: (B, prefix + H*W, C); drop class/register tokens.
@@ -144,6 +158,12 @@ class UnifiedVLForConditionalGeneration(PreTrainedModel):
         # Type embeddings tell image tokens from text tokens (VL-T5 §3.1); zero-initialised so
         # that a pretrained T5's text path starts unchanged.
         self.type_embed = nn.Parameter(torch.zeros(2, d))  # (2, D): 0 = image, 1 = text
+        # Prompt tuning / CoCoOp (unified_vl.prompting): ``encoder_prompt(image_tokens) -> (B, P, D)``
+        # vectors put in front of the encoder input.
+        self.encoder_prompt: nn.Module | None = None
+        # LoRA mixed batches (unified_vl.prompting.lora): ``adapter_rows(model, names)`` is a context in
+        # which each row runs with its own adapter (``adapter_names=`` of encode / forward / generate).
+        self.adapter_rows: Callable[..., contextlib.AbstractContextManager] | None = None
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -155,23 +175,53 @@ class UnifiedVLForConditionalGeneration(PreTrainedModel):
     def embed_inputs(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder input embeddings and mask for [patch tokens ; text tokens]."""
+        """Encoder input embeddings and mask for [prompt vectors ;] [patch tokens ; text tokens]."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        image = self.visual(pixel_values.to(self.dtype)) + self.type_embed[0]  # (B, N, D)
+        visual = self.visual(pixel_values.to(self.dtype))  # (B, N, D)
+        image = visual + self.type_embed[0]  # (B, N, D)
         text = self.language_model.shared(input_ids) + self.type_embed[1]  # (B, T, D)
-        embeds = torch.cat([image, text], dim=1)  # (B, N + T, D)
-        image_mask = attention_mask.new_ones(image.shape[:2])  # (B, N)
-        mask = torch.cat([image_mask, attention_mask], dim=1)  # (B, N + T)
+        parts = [image, text]
+        if self.encoder_prompt is not None:
+            # In front of everything: the distances between patch and text tokens, which T5's relative
+            # position bias reads, stay those the pretrained model knows.
+            parts.insert(0, self.encoder_prompt(visual))  # (B, P, D)
+        embeds = torch.cat(parts, dim=1)  # (B, [P +] N + T, D)
+        always = attention_mask.new_ones(embeds.shape[0], embeds.shape[1] - text.shape[1])  # (B, [P +] N)
+        mask = torch.cat([always, attention_mask], dim=1)  # (B, [P +] N + T)
         return embeds, mask
 
     def encode(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        adapter_names: Sequence[str] | None = None,
     ) -> tuple[BaseModelOutput, torch.Tensor]:
-        """Runs the T5 encoder; returns its output (B, N + T, D) and the matching mask (B, N + T)."""
-        embeds, mask = self.embed_inputs(pixel_values, input_ids, attention_mask)
-        encoder_outputs = self.language_model.encoder(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
+        """Runs the T5 encoder; returns its output (B, [P +] N + T, D) and the matching mask.
+
+        ``adapter_names`` (one per row) pick each row's LoRA adapter (see :meth:`rows`).
+        """
+        with self.rows(adapter_names):
+            embeds, mask = self.embed_inputs(pixel_values, input_ids, attention_mask)
+            encoder_outputs = self.language_model.encoder(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
         return encoder_outputs, mask
+
+    def rows(self, adapter_names: Sequence[str] | None) -> contextlib.AbstractContextManager:
+        """A context in which row ``i`` of every batch runs with adapter ``adapter_names[i]``.
+
+        Only adapters that mix in one batch (LoRA, through ``peft``'s ``adapter_names``) set
+        ``adapter_rows``; ``"__base__"`` is a row without adapter. None: nothing changes.
+
+        Raises:
+            ValueError: names given to a model that holds no such adapters.
+        """
+        if adapter_names is None:
+            return contextlib.nullcontext()
+        if self.adapter_rows is None:
+            raise ValueError("adapter_names needs adapters that mix rows in one batch (LoRA); this model holds none")
+        return self.adapter_rows(self, list(adapter_names))
 
     # -- training / scoring -------------------------------------------------------------------
     def forward(
@@ -184,26 +234,31 @@ class UnifiedVLForConditionalGeneration(PreTrainedModel):
         decoder_attention_mask: torch.Tensor | None = None,
         encoder_outputs: BaseModelOutput | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        adapter_names: Sequence[str] | None = None,
         **kwargs,
     ) -> Seq2SeqLMOutput:
         """Teacher-forced pass; with ``labels`` (B, L), -100 outside the target, returns the loss.
 
         ``encoder_outputs`` with ``encoder_attention_mask`` (both from :meth:`encode`) skip the
-        encoder, e.g. to score several candidates against one encoded input.
+        encoder, e.g. to score several candidates against one encoded input. ``adapter_names``:
+        each row's LoRA adapter (:meth:`rows`).
         """
         if encoder_outputs is None:
             if pixel_values is None or input_ids is None:
                 raise ValueError("forward needs pixel_values and input_ids (or encoder_outputs from encode())")
-            encoder_outputs, encoder_attention_mask = self.encode(pixel_values, input_ids, attention_mask)
-        return self.language_model(
-            encoder_outputs=encoder_outputs,
-            attention_mask=encoder_attention_mask,
-            labels=labels,
-            decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_attention_mask,
-            return_dict=True,
-            **kwargs,
-        )
+            encoder_outputs, encoder_attention_mask = self.encode(
+                pixel_values, input_ids, attention_mask, adapter_names=adapter_names
+            )
+        with self.rows(adapter_names):
+            return self.language_model(
+                encoder_outputs=encoder_outputs,
+                attention_mask=encoder_attention_mask,
+                labels=labels,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+                return_dict=True,
+                **kwargs,
+            )
 
     # -- generation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -212,17 +267,26 @@ class UnifiedVLForConditionalGeneration(PreTrainedModel):
         pixel_values: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        *,
+        adapter_names: Sequence[str] | None = None,
         **generation_kwargs,
     ):
         """Greedy or beam search with the KV cache (T5's ``generate`` over our encoder output).
 
         Any ``transformers`` generation argument passes through (``num_beams``,
         ``max_new_tokens``, ``logits_processor``, ``prefix_allowed_tokens_fn``, ...).
+        ``adapter_names``: each row's LoRA adapter (:meth:`rows`).
         """
-        encoder_outputs, mask = self.encode(pixel_values, input_ids, attention_mask)
+        encoder_outputs, mask = self.encode(pixel_values, input_ids, attention_mask, adapter_names=adapter_names)
         if "max_length" not in generation_kwargs and "max_new_tokens" not in generation_kwargs:
             generation_kwargs["max_new_tokens"] = self.config.max_target_length
-        return self.language_model.generate(encoder_outputs=encoder_outputs, attention_mask=mask, **generation_kwargs)
+        beams = generation_kwargs.get("num_beams") or 1
+        # The decoder runs each input's beams as consecutive rows (generate's repeat_interleave).
+        decoder_names = None if adapter_names is None else [n for n in adapter_names for _ in range(beams)]
+        with self.rows(decoder_names):
+            return self.language_model.generate(
+                encoder_outputs=encoder_outputs, attention_mask=mask, **generation_kwargs
+            )
 
     # -- embeddings ---------------------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Module:

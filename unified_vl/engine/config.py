@@ -554,9 +554,14 @@ def _validate_method(config: RunConfig) -> None:
     from unified_vl.prompting import MethodError, get_method
 
     try:
-        get_method(config.method.name).resolve_options(config.method.options)
+        method = get_method(config.method.name)
+        method.resolve_options(config.method.options)
     except MethodError as exc:
         raise ConfigError(f"method: {exc}") from None
+    if method.saves_adapter and config.model.init is None:
+        raise ConfigError(
+            f"method {method.name!r} saves an adapter for a base model folder: give one with model.init (--init MODEL)"
+        )
 
 
 def dump_yaml(config: RunConfig, derived: Derived | None = None) -> str:

@@ -20,12 +20,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from unified_vl.adapters import base_identity, method_weights
 from unified_vl.checkpoint import CheckpointError, atomic_write_text
 from unified_vl.config import UnifiedVLConfig
 from unified_vl.engine import distributed
 from unified_vl.engine.checkpoints import CheckpointManager
 from unified_vl.engine.config import ConfigError, Derived, RunConfig, deepspeed_config, derive, dump_yaml
-from unified_vl.engine.export import SPEC, export_checkpoint, export_model
+from unified_vl.engine.export import SPEC, AdapterSpec, export_adapter, export_checkpoint, export_model
 from unified_vl.engine.mixture import MixtureSampler, few_shot_indices, mixture_probabilities, shard
 from unified_vl.engine.monitor import Monitor
 from unified_vl.prompting import get_method
@@ -98,7 +99,7 @@ class TrainResult:
     """What a finished (or time-bounded) run produced."""
 
     run_dir: Path
-    model_dir: Path | None  # the exported Hugging Face folder
+    model_dir: Path | None  # the exported Hugging Face folder (the adapter folder, for adapter methods)
     steps: int
     losses: list[float] = field(default_factory=list)  # mean training loss of each step of this process's run
     metrics: dict[str, float] = field(default_factory=dict)  # final evaluation
@@ -323,6 +324,8 @@ class _Run:
     data: TrainData
     sampler: MixtureSampler
     mixture: dict[str, float]
+    adapter: AdapterSpec | None = None  # what an adapter-saving method exports, with ...
+    adapter_keys: tuple[str, ...] = ()  # ... the names of its weights
 
 
 def _few_shot(config: RunConfig, data: TrainData) -> TrainData:
@@ -358,8 +361,14 @@ def _build(config: RunConfig, data: TrainData, job: str) -> _Run:
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model, processor = build_model_and_processor(config)
     method = get_method(config.method.name)
+    options = method.resolve_options(config.method.options)
+    adapter = _adapter_spec(config, method, options, model, dist)
     if method.attach is not None:  # the method's own parameters, and what it freezes
-        method.attach(model, method.resolve_options(config.method.options))
+        try:
+            method.attach(model, options)
+        except ValueError as exc:  # an option that does not fit this model (a LoRA target, VPT on a CNN)
+            raise ConfigError(f"method {method.name!r}: {exc}") from None
+    adapter_keys = tuple(sorted(method_weights(model))) if adapter is not None else ()
     if config.resume:
         check_architecture(architecture(UnifiedVLConfig.from_pretrained(run_dir / SPEC)), model.config, run_dir)
     freeze(model, t.freeze)
@@ -368,7 +377,7 @@ def _build(config: RunConfig, data: TrainData, job: str) -> _Run:
     d = config.data
     mixture = mixture_probabilities(sizes, d.tasks, weighting=d.weighting, temperature=d.temperature)
     sampler = MixtureSampler(sizes, mixture, seed=t.seed, global_batch_size=t.global_batch_size)
-    run = _Run(config, dist, derived, run_dir, model, processor, data, sampler, mixture)
+    run = _Run(config, dist, derived, run_dir, model, processor, data, sampler, mixture, adapter, adapter_keys)
     if dist.is_main:
         suffix = "" if not config.resume else f"-resume-{time.strftime('%Y%m%d-%H%M%S')}"
         atomic_write_text(run_dir / f"config{suffix}.yaml", dump_yaml(config, derived))
@@ -376,7 +385,17 @@ def _build(config: RunConfig, data: TrainData, job: str) -> _Run:
         if not config.resume:  # everything but the weights, for offline export (engine/export.py)
             model.config.save_pretrained(run_dir / SPEC)
             processor.save_pretrained(run_dir / SPEC)
+            if adapter is not None:
+                adapter.save(run_dir / SPEC)
     return run
+
+
+def _adapter_spec(config: RunConfig, method, options: dict, model, dist: distributed.DistInfo) -> AdapterSpec | None:
+    """For a method that saves adapters: its spec, with the base model (``model.init``) identified on rank 0."""
+    if not method.saves_adapter:
+        return None
+    base = base_identity(config.model.init, model.config) if dist.is_main else {}
+    return AdapterSpec(method=method.name, options=dict(options), base=base)
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
@@ -536,13 +555,19 @@ def _finish(
     if not c.export:
         monitor.close()
         return None
-    check_weights_finite(engine.module, step, what="the model folder")  # never export a NaN model
-    model_dir = export_model(engine, run.processor, run.run_dir / "model", dist=dist, zero_stage=t.zero_stage)
+    kind = "adapter" if run.adapter is not None else "model"
+    check_weights_finite(engine.module, step, what=f"the {kind} folder")  # never export a NaN model
+    if run.adapter is not None:  # only the method's own weights, and the base they belong to
+        model_dir = export_adapter(
+            engine, run.adapter, run.adapter_keys, run.run_dir / kind, dist=dist, zero_stage=t.zero_stage
+        )
+    else:
+        model_dir = export_model(engine, run.processor, run.run_dir / kind, dist=dist, zero_stage=t.zero_stage)
     best = checkpoints.index().get("best")
     if dist.is_main and best and best["tag"] != checkpoints.latest_tag():
-        export_checkpoint(run.run_dir, run.run_dir / "model-best", tag=best["tag"])
+        export_checkpoint(run.run_dir, run.run_dir / f"{kind}-best", tag=best["tag"])
         monitor.write(
-            f"best checkpoint {best['tag']} ({best['metric']} = {best['value']:.4f}) -> {run.run_dir / 'model-best'}"
+            f"best checkpoint {best['tag']} ({best['metric']} = {best['value']:.4f}) -> {run.run_dir / f'{kind}-best'}"
         )
     monitor.close()
     return model_dir

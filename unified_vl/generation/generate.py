@@ -50,6 +50,7 @@ def generate_texts(
     max_new_tokens: int | None = None,
     batch_size: int = 32,
     return_scores: bool = False,
+    adapter_names: Sequence[str] | None = None,
     **generation_kwargs,
 ) -> list[str] | tuple[list[str], list[float]]:
     """Generates one text per (image, prompt), optionally constrained; what evaluation and serving call.
@@ -71,6 +72,8 @@ def generate_texts(
         batch_size: inputs per ``generate`` call.
         return_scores: also return each output's score, taken from the generation pass itself (no
             second pass): see :func:`sequence_scores`.
+        adapter_names: one per input, the adapter its row runs with in a model holding several
+            that mix in one batch (LoRA; ``model.rows``); None: the model as it is.
         **generation_kwargs: passed to ``generate`` (e.g. ``length_penalty``, ``logits_processor``).
 
     Returns:
@@ -82,6 +85,8 @@ def generate_texts(
             another decoding; ``max_new_tokens`` too short for the constraint; mismatched lengths.
     """
     _check_arguments(images, prompts, decoding, candidates, batch_size, generation_kwargs)
+    if adapter_names is not None and len(adapter_names) != len(prompts):
+        raise ValueError(f"got {len(adapter_names)} adapter names for {len(prompts)} prompts; give one per prompt")
 
     tries = None
     needed = None  # the fewest new tokens that can complete the constrained output
@@ -115,6 +120,8 @@ def generate_texts(
         if tries is not None:
             # generate's batch_id counts rows of this chunk, not of all inputs.
             generation_kwargs["prefix_allowed_tokens_fn"] = trie_prefix_fn(tries[start:stop], shared=False)
+        if adapter_names is not None:
+            generation_kwargs["adapter_names"] = list(adapter_names[start:stop])
         out = model.generate(**batch, num_beams=num_beams, **generation_kwargs)
         sequences = out.sequences if return_scores else out  # (b, 1 + t)
         texts.extend(processor.decode(sequences))

@@ -34,6 +34,7 @@ def score_candidates(
     *,
     length_normalize: bool = True,
     batch_size: int = 32,
+    adapter_names: Sequence[str] | None = None,
 ) -> torch.Tensor:
     """Log-likelihood of every candidate text given each (image, prompt).
 
@@ -50,6 +51,8 @@ def score_candidates(
         length_normalize: the mean log-probability per target token (eos included) instead of
             the sum, so that longer candidates are not penalised for their length.
         batch_size: inputs per encoder pass, and (input, candidate) pairs per decoder pass.
+        adapter_names: one per input, the adapter its rows run with (LoRA mixed batches,
+            ``model.rows``); None: the model as it is.
 
     Returns:
         A float32 tensor (B, K) on the CPU; ``scores.argmax(1)`` is the rank classification.
@@ -61,6 +64,8 @@ def score_candidates(
         raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; give one prompt per image")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if adapter_names is not None and len(adapter_names) != len(prompts):
+        raise ValueError(f"got {len(adapter_names)} adapter names for {len(prompts)} prompts; give one per prompt")
     rows = candidate_rows(candidates, len(prompts))
     num_candidates = len(rows[0]) if rows else len(candidates)
     for i, row in enumerate(rows):
@@ -76,7 +81,8 @@ def score_candidates(
         stop = start + batch_size
         batch = processor(images=list(images[start:stop]), text=list(prompts[start:stop]))
         batch = {k: v.to(model.device) for k, v in batch.items()}
-        encoder_outputs, encoder_mask = model.encode(**batch)  # (b, N + T, D), (b, N + T)
+        names = None if adapter_names is None else list(adapter_names[start:stop])
+        encoder_outputs, encoder_mask = model.encode(**batch, adapter_names=names)  # (b, N + T, D), (b, N + T)
         hidden = encoder_outputs.last_hidden_state
         b = hidden.shape[0]
         if shared:
@@ -96,6 +102,7 @@ def score_candidates(
                 encoder_outputs=BaseModelOutput(last_hidden_state=hidden[idx]),  # (p, N + T, D)
                 encoder_attention_mask=encoder_mask[idx],  # (p, N + T)
                 labels=pair_labels,
+                adapter_names=None if names is None else [names[i] for i in idx.tolist()],  # each pair's input's
             )
             pair_scores.append(_sequence_log_likelihood(out.logits, pair_labels, length_normalize=length_normalize))
         scores.append(torch.cat(pair_scores).view(b, num_candidates).cpu())  # (b, K)

@@ -12,7 +12,15 @@ A module of this package that defines ``METHOD`` (a `Method`) is registered unde
   `Example`; None: the task's own templates and target (``tasks``);
 * how the answer is read back: ``generate(model, processor, task, records, options, ...)`` -> one
   text per record, which the task parses and scores as if the model had written it; None: the
-  task's own decoding (``generate_texts``).
+  task's own decoding (``generate_texts``);
+* what a run saves: ``saves_adapter``: the parameters ``attach`` left trainable (the method's own)
+  as an adapter file naming its base model (``unified_vl.adapters``), instead of the whole model
+  folder; ``add_adapter(model, name, options, weights)`` loads one more trained adapter into a model
+  that may hold others of the method, so that the rows of one batch can each use their own
+  (``model.rows``; LoRA). Without it, each adapter is served from its own view of the base model.
+
+The learned methods (prompt tuning / CoOp, CoCoOp, VPT, prefix tuning, LoRA) save adapters;
+``full`` and the methods that only change inputs save the model folder.
 
 Everything else — the trainer, evaluation, export, the predictor, the server — is method-agnostic:
 it calls these hooks and never branches on a method's name. ``options`` are the method's settings
@@ -46,6 +54,9 @@ class Method:
         attach: ``attach(model, options)``: add the method's parameters, freeze the rest.
         make_example: ``make_example(task_name, record, rng, options) -> Example``.
         generate: ``generate(model, processor, task_name, records, options, *, batch_size, num_beams) -> texts``.
+        saves_adapter: a run exports an adapter file of the method's own (trainable) parameters.
+        add_adapter: ``add_adapter(model, name, options, weights)``: load a trained adapter under
+            ``name`` next to others in one model (rows of a batch pick theirs by name).
     """
 
     name: str
@@ -54,10 +65,14 @@ class Method:
     attach: Callable[[Any, Mapping[str, Any]], None] | None = None
     make_example: Callable[..., Any] | None = None
     generate: Callable[..., list[str]] | None = None
+    saves_adapter: bool = False
+    add_adapter: Callable[..., None] | None = None
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
             raise ValueError(f"method name must be a Python identifier (it is a module name), got {self.name!r}")
+        if self.saves_adapter and self.attach is None:
+            raise ValueError(f"method {self.name!r} saves an adapter: it needs attach() to add its parameters")
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
 
     def resolve_options(self, given: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -407,6 +407,7 @@ def batch_main(args, inputs: Mapping[str, Any], options: dict[str, Any]) -> int:
     from data_tools.formats import check_inputs, load_categories
     from data_tools.predictions import PredictionsError, PredictionsWriter, check_new_output
     from data_tools.storage import StorageError
+    from unified_vl.app.inference.cli import parse_adapters
     from unified_vl.app.inference.predictor import Predictor
     from unified_vl.checkpoint import CheckpointError
 
@@ -422,9 +423,11 @@ def batch_main(args, inputs: Mapping[str, Any], options: dict[str, Any]) -> int:
             check_inputs(args.format, stubs, categories=categories, source=_source(args))
         with PredictionsWriter.open(args.predictions, resume=args.resume, overwrite=args.overwrite) as writer:
             check_resumable(writer.done, items, task=args.task, path=writer.path)
+            adapters = parse_adapters([args.adapter] if args.adapter else None)
             predictor = Predictor.from_pretrained(
-                args.model, device=args.device, dtype=args.dtype, adapters=args.adapters, batch_size=args.batch_size
+                args.model, device=args.device, dtype=args.dtype, adapters=adapters, batch_size=args.batch_size
             )
+            options = {**options, "adapter": next(iter(adapters), None)}  # the adapter answers every input
             report = predict_batch(predictor, args.task, items, writer, options=options)
         print(
             f"{report.written} predictions in {report.seconds:.2f} s ({report.images_per_s:.1f} images/s), "

@@ -2,12 +2,15 @@
 
     unified-vl predict --model runs/main/model --task rec --image scene.png --text "the red circle" --out vis.png
     unified-vl predict --model runs/main/model --data DIR --task vqa --split val --predictions preds.jsonl
+    unified-vl predict --model runs/main/model --adapter runs/finetune-vqa-.../adapter --task vqa --image scene.png --text "..."
     unified-vl serve --model runs/main/model --port 8000 --max-batch 16 --max-wait-ms 10
+    unified-vl serve --model runs/main/model --adapter vqa=runs/ft-vqa/adapter --adapter rec=runs/ft-rec/adapter
 
 ``predict`` prints the prediction as JSON; with ``--out`` it also draws the predicted boxes and
-text on the image. With ``--data``, ``--images`` or ``--requests`` it predicts many inputs into a
-predictions file (:mod:`unified_vl.app.inference.batch`). ``serve`` runs the HTTP server (:mod:`unified_vl.app.inference.server`) with
-uvicorn; it binds loopback unless ``--host`` says otherwise.
+text on the image; with ``--adapter`` the adapter answers. With ``--data``, ``--images`` or ``--requests``
+it predicts many inputs into a predictions file (:mod:`unified_vl.app.inference.batch`). ``serve`` runs
+the HTTP server (:mod:`unified_vl.app.inference.server`) with uvicorn; it binds loopback unless
+``--host`` says otherwise; each ``--adapter NAME=PATH`` is served under NAME (a request's ``model`` field).
 """
 
 from __future__ import annotations
@@ -34,7 +37,25 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a model folder (config.json, model.safetensors, ...)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="default: float32")
-    parser.add_argument("--adapters", default=None, help="a PEFT adapter folder for the language model")
+
+
+def parse_adapters(items: list[str] | None) -> dict[str, str]:
+    """``NAME=PATH`` (or ``PATH``, named after its folder) items -> ``{name: path}``.
+
+    Raises:
+        ValueError: an empty name or path, or a name given twice.
+    """
+    adapters: dict[str, str] = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = Path(item.rstrip("/")).name, item
+        if not name.strip() or not path.strip():
+            raise ValueError(f"--adapter {item!r}: expected NAME=PATH (or an adapter folder)")
+        if name in adapters:
+            raise ValueError(f"--adapter: the name {name!r} is given twice")
+        adapters[name] = path
+    return adapters
 
 
 def build_predict_parser() -> argparse.ArgumentParser:
@@ -48,6 +69,7 @@ def build_predict_parser() -> argparse.ArgumentParser:
         "predictions file, one JSON line per input.",
     )
     _model_arguments(parser)
+    parser.add_argument("--adapter", default=None, help="an adapter folder trained on --model; it answers")
     parser.add_argument("--task", required=True, choices=known_tasks(), help="a task, or 'generate' for a free prompt")
     inputs = parser.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--image", help="the image file (one prediction, printed)")
@@ -109,16 +131,15 @@ def predict_main(argv: list[str] | None = None) -> int:
         return batch_main(args, inputs, options)
     try:
         image = load_image(args.image)
-        predictor = Predictor.from_pretrained(args.model, device=args.device, dtype=args.dtype, adapters=args.adapters)
-        prediction = predictor.predict(args.task, image, inputs, **options)[0].to_dict()
-    except (CheckpointError, ImageLoadError, InputError, FileNotFoundError) as exc:
+        adapters = parse_adapters([args.adapter] if args.adapter else None)
+        predictor = Predictor.from_pretrained(args.model, device=args.device, dtype=args.dtype, adapters=adapters)
+        adapter = next(iter(adapters), None)
+        prediction = predictor.predict(args.task, image, inputs, adapter=adapter, **options)[0].to_dict()
+    except (CheckpointError, ImageLoadError, InputError, FileNotFoundError, ValueError) as exc:
         print(f"unified-vl predict: error: {exc}", file=sys.stderr)
         return 2
-    print(
-        json.dumps(
-            {"task": args.task, "model": predictor.name, "image": args.image, "prediction": prediction}, indent=2
-        )
-    )
+    model = adapter or predictor.name
+    print(json.dumps({"task": args.task, "model": model, "image": args.image, "prediction": prediction}, indent=2))
     if args.out is not None:
         draw_prediction(image, prediction).save(args.out)
         print(f"drew the prediction into {args.out}", file=sys.stderr)
@@ -167,6 +188,13 @@ def build_serve_parser() -> argparse.ArgumentParser:
     """The arguments of ``unified-vl serve``."""
     parser = argparse.ArgumentParser(prog="unified-vl serve", description="HTTP server with dynamic batching.")
     _model_arguments(parser)
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="serve an adapter trained on --model under NAME, which a request's 'model' field picks (repeatable)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch", type=int, default=16, help="the most requests run in one forward pass")
@@ -203,6 +231,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     from unified_vl.app.inference.predictor import Predictor
     from unified_vl.app.inference.schema import Limits, MiB
     from unified_vl.app.inference.server import create_app
+    from unified_vl.checkpoint import CheckpointError
 
     args = build_serve_parser().parse_args(argv)
     limits = {f.name: getattr(args, f.name) for f in dataclasses.fields(Limits) if hasattr(args, f.name)}
@@ -218,9 +247,17 @@ def serve_main(argv: list[str] | None = None) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         logging.warning("serving on %s without an API key: anyone who can reach it can use the model", args.host)
     # One gathered batch is one forward pass: the predictor's batch size follows --max-batch.
-    predictor = Predictor.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, adapters=args.adapters, batch_size=args.max_batch
-    )
+    try:
+        predictor = Predictor.from_pretrained(
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            adapters=parse_adapters(args.adapter),
+            batch_size=args.max_batch,
+        )
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"unified-vl serve: error: {exc}", file=sys.stderr)
+        return 2
     app = create_app(
         predictor,
         max_batch=args.max_batch,
@@ -230,5 +267,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         limits=limits,
     )
     logging.info("serving %s (%s) on http://%s:%d", predictor.name, Path(args.model), args.host, args.port)
+    for name in predictor.adapter_names:
+        logging.info("  adapter %s (%s)", name, predictor.adapters.adapters[name].path)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -21,6 +21,12 @@ holds all its images or activations at once. Batched and one-at-a-time results a
 The HTTP server queues :class:`Query` objects and runs many at once with :meth:`Predictor.run`,
 which groups queries that can share a forward pass (same decoding, candidates and options),
 whatever their tasks.
+
+Adapters (``unified_vl.adapters``): ``Predictor.from_pretrained(base, adapters={"name": path})``
+serves the base model and each adapter; every call takes ``adapter="name"`` (None: the base). One
+batch may mix adapters: LoRA rows (and base rows) share a forward pass with each row's adapter
+named, prompt-method rows run as one group per adapter; each row's answer is the one its adapter
+gives alone.
 """
 
 from __future__ import annotations
@@ -38,9 +44,10 @@ import torch
 from PIL import Image
 
 import tasks
+from unified_vl.adapters import AdapterSet
 from unified_vl.app.inference.results import Result
 from unified_vl.checkpoint import load_pretrained
-from unified_vl.generation import CandidateTrie, generate_texts, score_candidates, score_texts
+from unified_vl.generation import CandidateTrie, generate_texts, score_candidates
 from unified_vl.processor import ImageInput, load_image
 
 logger = logging.getLogger(__name__)
@@ -116,6 +123,7 @@ class Query:
         top_k: how many ranked labels to return.
         with_score: whether to score the generated text.
         generation: keyword arguments for ``generate_texts`` (``num_beams``, ``max_new_tokens``, ...).
+        adapter: the adapter that answers (None: the base model).
     """
 
     task: str
@@ -129,9 +137,10 @@ class Query:
     with_score: bool = True
     generation: Mapping[str, Any] = field(default_factory=dict)
     prompt_tokens: int = 0  # tokens of the prompt the encoder reads, after truncation to max_text_length
+    adapter: str | None = None
 
     def group_key(self) -> tuple:
-        """Queries with equal keys run in one forward pass."""
+        """Queries with equal keys run in one forward pass (per model: see ``AdapterSet.plan``)."""
         return (self.decoding, self.candidates, self.label_words, self.with_score, _freeze(dict(self.generation)))
 
 
@@ -143,15 +152,32 @@ class Predictor:
         processor: its :class:`~unified_vl.processor.UnifiedVLProcessor`.
         batch_size: inputs per forward pass.
         name: the model's name (the HTTP server reports it).
+        adapters: the adapters served besides the base (an ``AdapterSet`` over ``model``).
     """
 
-    def __init__(self, model, processor, *, batch_size: int = DEFAULT_BATCH_SIZE, name: str = "unified-vl"):
+    def __init__(
+        self,
+        model,
+        processor,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        name: str = "unified-vl",
+        adapters: AdapterSet | None = None,
+    ):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if adapters is not None and adapters.base is not model:
+            raise ValueError("adapters must be an AdapterSet over this predictor's model")
         self.model = model.eval()
         self.processor = processor
         self.batch_size = batch_size
         self.name = name
+        self.adapters = adapters
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """The names of the adapters served besides the base, in the order they were loaded."""
+        return list(self.adapters.adapters) if self.adapters is not None else []
 
     @classmethod
     def from_pretrained(
@@ -160,36 +186,41 @@ class Predictor:
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
-        adapters: str | os.PathLike | None = None,
+        adapters: Mapping[str, str | os.PathLike] | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> Predictor:
-        """Loads a model folder (``unified_vl.checkpoint.save_pretrained``).
+        """Loads a model folder (``unified_vl.checkpoint.save_pretrained``) and adapters trained on it.
 
         Args:
             path: the model folder.
             device: where to run; None picks ``"cuda"`` when available, else ``"cpu"``.
             dtype: ``"float32"``, ``"float16"``, ``"bfloat16"`` or a ``torch.dtype``; None keeps float32.
-            adapters: a PEFT adapter folder (``peft``'s ``save_pretrained``) for the language model;
-                LoRA-style adapters are merged into the weights, prompt-learning ones stay wrapped.
+            adapters: name -> adapter folder (a run's ``adapter/``, ``unified_vl.adapters``); calls
+                pick one with ``adapter="name"``.
             batch_size: inputs per forward pass.
 
         Raises:
             CheckpointError: ``path`` is not a unified-vl model folder.
-            ValueError: an unknown dtype.
+            AdapterError: an adapter folder that cannot be read, or one trained on another base
+                model (the message names both).
+            ValueError: an unknown dtype, or a bad adapter name.
         """
         if isinstance(dtype, str):
             if dtype not in _DTYPES:
                 raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(_DTYPES)}")
             dtype = _DTYPES[dtype]
         model, processor = load_pretrained(path, **({"dtype": dtype} if dtype is not None else {}))
-        if adapters is not None:
-            from peft import PeftModel
-
-            wrapped = PeftModel.from_pretrained(model.language_model, str(adapters))
-            prompt_learning = wrapped.peft_config[wrapped.active_adapter].is_prompt_learning
-            model.language_model = wrapped if prompt_learning else wrapped.merge_and_unload()
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        return cls(model.to(device), processor, batch_size=batch_size, name=Path(path).resolve().name)
+        model = model.to(device).eval()
+        adapter_set = None
+        if adapters:
+            if not isinstance(adapters, Mapping):
+                raise ValueError(f"adapters must map names to adapter folders, got {type(adapters).__name__}")
+            adapter_set = AdapterSet(model, path)
+            for name, adapter_path in adapters.items():
+                adapter_set.add(name, adapter_path)
+        name = Path(path).resolve().name
+        return cls(model, processor, batch_size=batch_size, name=name, adapters=adapter_set)
 
     # -- queries ------------------------------------------------------------------------------
     def query(
@@ -202,6 +233,7 @@ class Predictor:
         labels: Sequence[str] | None = None,
         top_k: int = 1,
         with_score: bool = True,
+        adapter: str | None = None,
         **generation_kwargs,
     ) -> Query:
         """Validates one input and builds its :class:`Query`.
@@ -216,13 +248,15 @@ class Predictor:
             top_k: how many ranked labels to return (needs ``labels``).
             with_score: compute the result's score (one teacher-forced pass more); without it
                 the score is NaN. The chat endpoint, which returns no score, skips it.
+            adapter: the adapter that answers (``from_pretrained(adapters=...)``); None: the base.
             **generation_kwargs: passed to ``generate_texts``.
 
         Raises:
-            InputError: unknown task, unknown/missing/wrong-typed field, or an option that does
-                not fit the task.
+            InputError: unknown task, unknown/missing/wrong-typed field, an unknown adapter, or an
+                option that does not fit the task.
             ImageLoadError: the image cannot be read.
         """
+        self.check_adapter(adapter)
         task_obj = None if task == GENERATE else _get_task(task)
         inputs = _checked_inputs(task, inputs)
         original = load_image(image)
@@ -252,6 +286,16 @@ class Predictor:
             with_score=with_score,
             generation=dict(generation_kwargs),
             prompt_tokens=min(len(prompt_ids), self.processor.max_text_length),
+            adapter=adapter,
+        )
+
+    def check_adapter(self, adapter: str | None) -> None:
+        """Raises `InputError` (param ``adapter``) unless ``adapter`` is None or a served adapter's name."""
+        if adapter is None or adapter in self.adapter_names:
+            return
+        served = ", ".join(self.adapter_names) or "none"
+        raise InputError(
+            f"unknown adapter {adapter!r:.60}; this model ({self.name}) serves the adapters: {served}", param="adapter"
         )
 
     def _check_outputs(self, decoding: str, candidates, label_words, generation: Mapping[str, Any]) -> None:
@@ -329,27 +373,38 @@ class Predictor:
             return exc
 
     def _run_group(self, group: Sequence[Query]) -> list[Result]:
+        """One forward pass per model the group's adapters need (one, without adapters)."""
+        if self.adapters is None:
+            return self._run_on(self.model, group, None)
+        out: list[Any] = [None] * len(group)
+        for model, rows, names in self.adapters.plan([q.adapter for q in group]):
+            for i, result in zip(rows, self._run_on(model, [group[i] for i in rows], names), strict=True):
+                out[i] = result
+        return out
+
+    def _run_on(self, model, group: Sequence[Query], adapter_names: list[str] | None) -> list[Result]:
         first = group[0]
         images = [q.image for q in group]
         prompts = [q.prompt for q in group]
+        common = {"batch_size": self.batch_size, "adapter_names": adapter_names}
         if first.decoding == "rank":
             words = [w for _, ws in first.label_words for w in ws]
-            scores = score_candidates(self.model, self.processor, images, prompts, words, batch_size=self.batch_size)
+            scores = score_candidates(model, self.processor, images, prompts, words, **common)
             return [_ranked(q, row.tolist(), words) for q, row in zip(group, scores, strict=True)]
-        texts = generate_texts(
-            self.model,
+        # The score comes from the generation pass itself (one encoder pass per image, no second
+        # teacher-forced pass): the same mean token log-probability score_candidates gives (tested).
+        out = generate_texts(
+            model,
             self.processor,
             images,
             prompts,
             decoding=first.decoding,
             candidates=list(first.candidates) if first.decoding == "candidates" else None,
-            batch_size=self.batch_size,
+            return_scores=first.with_score,
+            **common,
             **first.generation,
         )
-        if first.with_score:
-            scores = score_texts(self.model, self.processor, images, prompts, texts, batch_size=self.batch_size)
-        else:
-            scores = [math.nan] * len(texts)
+        texts, scores = out if first.with_score else (out, [math.nan] * len(out))
         return [_result(q, text, score) for q, text, score in zip(group, texts, scores, strict=True)]
 
     def predict(
@@ -361,6 +416,7 @@ class Predictor:
         candidates: Sequence[str] | None = None,
         labels: Sequence[str] | None = None,
         top_k: int = 1,
+        adapter: str | None = None,
         **generation_kwargs,
     ) -> list[Any]:
         """Any task: one result per image, ``batch_size`` images at a time.
@@ -372,6 +428,7 @@ class Predictor:
             candidates: constrain outputs to these texts.
             labels: rank classification over these labels.
             top_k: ranked labels to return.
+            adapter: the adapter that answers (None: the base model).
             **generation_kwargs: passed to ``generate_texts``.
 
         Returns:
@@ -386,7 +443,16 @@ class Predictor:
         for start in range(0, len(images), self.batch_size):
             stop = start + self.batch_size
             queries = [
-                self.query(task, image, fields, candidates=candidates, labels=labels, top_k=top_k, **generation_kwargs)
+                self.query(
+                    task,
+                    image,
+                    fields,
+                    candidates=candidates,
+                    labels=labels,
+                    top_k=top_k,
+                    adapter=adapter,
+                    **generation_kwargs,
+                )
                 for image, fields in zip(images[start:stop], inputs[start:stop], strict=True)
             ]
             for result in self.run(queries):

@@ -159,6 +159,7 @@ def _task_model(name: str, limits: Limits) -> type[BaseModel]:
     from unified_vl.app.inference.predictor import GENERATE, input_fields
 
     fields: dict[str, Any] = {"task": (Literal[name], ...), "image": (ImageField, ...)}
+    fields["model"] = (_text(limits) | None, None)  # an adapter's name; the base by its name or when left out
     if name == GENERATE:
         fields["prompt"] = (_text(limits), ...)
     else:
@@ -267,6 +268,7 @@ class PredictRequest:
     image: str | bytes
     inputs: dict[str, Any]
     options: dict[str, Any]
+    model: str | None = None
 
 
 class RequestSchema:
@@ -304,11 +306,11 @@ class RequestSchema:
         except ValidationError as exc:
             raise self._error(exc, body) from None
         values = model.model_dump()
-        values = {k: v for k, v in values.items() if k not in ("task", "image")}
+        values = {k: v for k, v in values.items() if k not in ("task", "image", "model")}
         options = {k: values.pop(k) for k in OPTION_NAMES}
         options = {k: v for k, v in options.items() if v is not None or k in ("candidates", "labels")}
         inputs = {k: v for k, v in values.items() if v is not None}
-        return PredictRequest(model.task, model.image, inputs, options)
+        return PredictRequest(model.task, model.image, inputs, options, model.model)
 
     def chat(self, body: Mapping[str, Any]) -> BaseModel:
         """A /v1/chat/completions body as a ``ChatRequest``.
@@ -482,6 +484,7 @@ ERROR_SCHEMA = {
 ERROR_STATUSES = {
     400: "the body is not JSON, or the image cannot be decoded",
     401: "a missing or wrong API key",
+    404: "the model field names neither the served model nor one of its adapters",
     413: "the body or the image is over its size limit",
     422: "a field the schema refuses",
     429: "the request queue is full; retry later",

@@ -9,7 +9,8 @@ Endpoints:
   or a ``data:`` URI) or multipart (``image`` a file part). Task fields are the task's input
   fields (``question`` for vqa, ``expression`` for rec, ``caption`` for grounding, ``prompt``
   for ``generate``; ``GET /v1/models`` lists them); options are ``candidates``, ``labels``,
-  ``top_k``, ``num_beams`` and ``max_new_tokens``. Answers ``{"task", "model", "prediction"}``.
+  ``top_k``, ``num_beams`` and ``max_new_tokens``; ``model`` picks an adapter (below). Answers
+  ``{"task", "model", "prediction"}``.
 * ``POST /v1/chat/completions``: the OpenAI Chat Completions API (API reference,
   https://platform.openai.com/docs/api-reference/chat/create). The last user message's ``text``
   parts, joined, are the instruction, used as written (no task template); its ``image_url``
@@ -27,12 +28,18 @@ Every field of both POST bodies, JSON or multipart, is validated by one schema l
 each request's image is decoded and its text tokenized in its own thread before it joins a batch:
 one bad request never fails another. What a request may cost is the server's `Limits`.
 
+Adapters (``unified-vl serve --adapter name=path``): the ``model`` field of a request picks one by
+name, the base model by its own name or by leaving ``model`` out (vLLM's convention for LoRA
+adapters); ``/v1/models`` lists the base, then each adapter with ``parent`` (the base) and
+``root`` (its folder). One dynamic batch may mix adapters (``Predictor.run``). An unknown name
+answers 404 and the server goes on serving.
+
 Concurrent requests are gathered into batches by :class:`~unified_vl.app.inference.batcher.DynamicBatcher`;
 a full queue answers 429. Errors are ``{"error": {"message", "type", "param"}}`` (OpenAI's error
 shape): an undecodable, corrupt or decompression-bomb image -> 400; an image or body over its size
 limit -> 413; unknown task, missing or wrong-typed field -> 422; a missing or wrong API key, when
 one is set -> 401 (``Authorization: Bearer KEY``; ``/health`` and ``/metrics`` stay open for
-probes and scrapers).
+probes and scrapers); an unknown ``model`` -> 404.
 """
 
 from __future__ import annotations
@@ -268,6 +275,24 @@ class Service:
         if not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):  # constant time
             raise ApiError(401, "incorrect API key", type="authentication_error", headers=headers)
 
+    def adapter_of(self, model: str | None) -> str | None:
+        """The adapter a request's (validated) ``model`` field names: None for the base (its name, or no field).
+
+        Raises:
+            ApiError: 404 for a name this server does not serve (the message lists those it does).
+        """
+        if model is None or model == self.predictor.name:
+            return None
+        if model in self.predictor.adapter_names:
+            return model
+        served = ", ".join([self.predictor.name, *self.predictor.adapter_names])
+        raise ApiError(
+            404,
+            f"model {model!r:.60} does not exist; this server serves: {served}",
+            type="not_found_error",
+            param="model",
+        )
+
     def make_query(self, task: str, image: bytes | str, inputs: dict, options: dict, param: str = "image") -> Any:
         """Decodes the image and validates the request into a `Query`; runs in a worker thread."""
         limits = self.limits
@@ -330,14 +355,16 @@ async def prometheus_metrics(request: Request):
 async def models(request: Request):
     service = _service(request)
     service.check_key(request)
-    card = {
-        "id": service.predictor.name,
-        "object": "model",
-        "created": 0,
-        "owned_by": "unified-vl",
-        "tasks": {name: input_fields(name) for name in known_tasks()},
-    }
-    return {"object": "list", "data": [card]}
+    predictor = service.predictor
+    tasks = {name: input_fields(name) for name in known_tasks()}
+    card = {"id": predictor.name, "object": "model", "created": 0, "owned_by": "unified-vl", "tasks": tasks}
+    cards = [card]
+    for name in predictor.adapter_names:  # vLLM's LoRA cards: root = the adapter's folder, parent = the base
+        adapter = predictor.adapters.adapters[name]
+        cards.append(
+            {**card, "id": name, "root": str(adapter.path), "parent": predictor.name, "method": adapter.method}
+        )
+    return {"object": "list", "data": cards}
 
 
 @router.post("/v1/predict")
@@ -354,9 +381,10 @@ async def predict(request: Request):
         raise _invalid(exc.message, exc.param) from None
     # The image is decoded, and the query's text tokenized, in a thread of this request: whatever
     # fails on this request's input fails here, before it joins a batch.
-    query = await asyncio.to_thread(service.make_query, parsed.task, parsed.image, parsed.inputs, parsed.options)
+    options = {**parsed.options, "adapter": service.adapter_of(parsed.model)}
+    query = await asyncio.to_thread(service.make_query, parsed.task, parsed.image, parsed.inputs, options)
     result = await service.run_query(query)
-    return {"task": parsed.task, "model": service.predictor.name, "prediction": result.to_dict()}
+    return {"task": parsed.task, "model": options["adapter"] or service.predictor.name, "prediction": result.to_dict()}
 
 
 class _Form(dict):
@@ -417,6 +445,7 @@ async def chat_completions(request: Request):
     options: dict[str, Any] = {"with_score": False}
     if max_new_tokens is not None:
         options["max_new_tokens"] = max_new_tokens
+    options["adapter"] = service.adapter_of(chat.model)
     query = await asyncio.to_thread(service.make_query, GENERATE, image_text, {"prompt": prompt}, options, param)
     result = await service.run_query(query)
     completion = _Completion(service.predictor, query, result.text)
@@ -434,7 +463,7 @@ class _Completion:
     """One chat completion's answer, as a JSON body or as OpenAI's stream of Server-Sent Events."""
 
     def __init__(self, predictor: Predictor, query: Any, text: str):
-        self.model, self.text = predictor.name, text
+        self.model, self.text = query.adapter or predictor.name, text
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         max_new_tokens = query.generation.get("max_new_tokens", predictor.model.config.max_target_length)
         tokenizer = predictor.processor.tokenizer

@@ -3,6 +3,7 @@
     unified-vl eval --model runs/pretrain-tiny/model --data ~/.cache/unified-vl/synth-... --split test
     # prints {task}/{split}/{metric} for every task of the data folder and writes them as JSON
     unified-vl eval --model M --data DIR --task vqa --split val --predictions preds.jsonl [--format vqav2]
+    unified-vl eval --model runs/pretrain-tiny/model --adapter runs/finetune-vqa-.../adapter --data ... --task vqa
     # also keeps every record's prediction, its score and the gold (data_tools.predictions)
 
 The same `TaskEvaluator` runs the periodic and final evaluation during training; the final one
@@ -252,7 +253,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-examples", type=int, default=None, help="first N records per (task, split)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-beams", type=int, default=1)
-    parser.add_argument("--method", default="full", help="how answers are read (unified_vl.prompting; default: full)")
+    parser.add_argument(
+        "--adapter", default=None, help="an adapter folder trained on --model: evaluate the model with it"
+    )
+    parser.add_argument(
+        "--method",
+        default=None,
+        help="how answers are read (unified_vl.prompting; default: the adapter's method, else full)",
+    )
     parser.add_argument(
         "--method-option",
         action="append",
@@ -260,7 +268,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a method option (repeatable; the value is YAML, e.g. alpha=0.5)",
     )
-    parser.add_argument("--out", default=None, help="JSON file to write (default: <model>/eval_results.json)")
+    parser.add_argument(
+        "--out", default=None, help="JSON file to write (default: eval_results.json in the adapter or model folder)"
+    )
     parser.add_argument(
         "--predictions", default=None, help="also write every record's prediction, score and gold (JSON Lines)"
     )
@@ -352,11 +362,17 @@ def _keep_predictions(args, lines: list[dict], results: Path | None) -> None:
 def _body(argv: Sequence[str]) -> int:
     from data_tools import storage
     from data_tools.predictions import PredictionsError
+    from unified_vl.adapters import apply_adapter, base_identity, check_base, read_adapter
     from unified_vl.checkpoint import load_pretrained
     from unified_vl.engine.config import ConfigError
 
     args = _parser().parse_args(argv)
-    method_options = _method_options(args.method, args.method_option)
+    adapter = read_adapter(args.adapter) if args.adapter else None
+    method = args.method or (adapter.method if adapter else "full")
+    if adapter is not None and method == adapter.method and not args.method_option:
+        method_options = adapter.options  # read answers as the adapter was trained to
+    else:
+        method_options = _method_options(method, args.method_option)
     try:
         results = _output_paths(args)
     except PredictionsError as exc:
@@ -376,19 +392,23 @@ def _body(argv: Sequence[str]) -> int:
     if args.format is not None:
         _check_format_inputs(args, names)
     model, processor = load_pretrained(args.model)
+    if adapter is not None:
+        check_base(adapter, base_identity(args.model, model.config))
+        apply_adapter(model, adapter)
     evaluator = TaskEvaluator(
         args.data,
         names,
         batch_size=args.batch_size,
         num_beams=args.num_beams,
-        method=args.method,
+        method=method,
         method_options=method_options,
     )
     metrics, lines = _evaluate_splits(evaluator, model, processor, args)
     print(format_metrics(metrics))
-    out = Path(args.out) if args.out else Path(args.model) / "eval_results.json"
+    out = Path(args.out) if args.out else Path(args.adapter or args.model) / "eval_results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": str(args.model), "data": str(args.data), "metrics": metrics}, indent=2) + "\n")
+    result = {"model": str(args.model), "adapter": args.adapter, "data": str(args.data), "metrics": metrics}
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     try:
         _keep_predictions(args, lines, results)
