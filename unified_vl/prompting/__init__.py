@@ -12,7 +12,10 @@ A module of this package that defines ``METHOD`` (a `Method`) is registered unde
   `Example`; None: the task's own templates and target (``tasks``);
 * how the answer is read back: ``generate(model, processor, task, records, options, ...)`` -> one
   text per record, which the task parses and scores as if the model had written it; None: the
-  task's own decoding (``generate_texts``).
+  task's own decoding (``generate_texts``). A method that reads answers its own way may also offer
+  ``predict`` (the same, as `Answer` objects with a score and details for users: the `Predictor`
+  and the server use it) and ``check(task, record, options)`` (refuses a record it cannot answer
+  before it joins a batch, so that one bad request does not fail the others).
 
 Everything else — the trainer, evaluation, export, the predictor, the server — is method-agnostic:
 it calls these hooks and never branches on a method's name. ``options`` are the method's settings
@@ -31,7 +34,22 @@ from typing import Any
 
 
 class MethodError(ValueError):
-    """An unknown method or a bad option; the message lists what is allowed."""
+    """An unknown method, a bad option, or a record the method cannot answer; the message says which."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One answer a method read its own way (``Method.predict``).
+
+    Attributes:
+        text: what the task parses, as if the model had written it.
+        score: the method's confidence (a log-likelihood; NaN when it has none).
+        details: what users may want besides the task's prediction (JSON-ready values).
+    """
+
+    text: str
+    score: float = float("nan")
+    details: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,6 +64,9 @@ class Method:
         attach: ``attach(model, options)``: add the method's parameters, freeze the rest.
         make_example: ``make_example(task_name, record, rng, options) -> Example``.
         generate: ``generate(model, processor, task_name, records, options, *, batch_size, num_beams) -> texts``.
+        predict: ``predict(model, processor, task_name, records, options, *, batch_size) -> [Answer]``.
+        check: ``check(task_name, record, options)``: raises `MethodError` for a record the method
+            cannot answer (the message names the record).
     """
 
     name: str
@@ -54,6 +75,8 @@ class Method:
     attach: Callable[[Any, Mapping[str, Any]], None] | None = None
     make_example: Callable[..., Any] | None = None
     generate: Callable[..., list[str]] | None = None
+    predict: Callable[..., list[Answer]] | None = None
+    check: Callable[[str, Mapping[str, Any], Mapping[str, Any]], None] | None = None
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
