@@ -21,6 +21,11 @@ holds all its images or activations at once. Batched and one-at-a-time results a
 The HTTP server queues :class:`Query` objects and runs many at once with :meth:`Predictor.run`,
 which groups queries that can share a forward pass (same decoding, candidates and options),
 whatever their tasks.
+
+A method that reads answers its own way (``unified_vl.prompting``; ``method="cpt"`` paints
+candidate boxes and scores colour words) answers through its ``predict`` hook, the same one
+evaluation uses (``generate``), so that a served answer still equals an evaluated one:
+``predictor.locate(images, expressions, method="cpt", candidates=boxes)``.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from unified_vl.app.inference.results import Result
 from unified_vl.checkpoint import load_pretrained
 from unified_vl.generation import generate_texts, score_candidates
 from unified_vl.processor import ImageInput, load_image
+from unified_vl.prompting import Answer, MethodError, get_method
 
 GENERATE = "generate"  # the pseudo-task of a free instruction (Predictor.generate)
 DEFAULT_BATCH_SIZE = 16  # inputs per forward pass; uvl-base at 384 px fits a 16 GB GPU in fp16 with it
@@ -112,6 +118,8 @@ class Query:
         top_k: how many ranked labels to return.
         with_score: whether to score the generated text.
         generation: keyword arguments for ``generate_texts`` (``num_beams``, ``max_new_tokens``, ...).
+        method: the method that reads the answer its own way (``unified_vl.prompting``), or None.
+        method_options: its resolved options.
     """
 
     task: str
@@ -124,10 +132,13 @@ class Query:
     top_k: int = 1
     with_score: bool = True
     generation: Mapping[str, Any] = field(default_factory=dict)
+    method: str | None = None
+    method_options: Mapping[str, Any] = field(default_factory=dict)
 
     def group_key(self) -> tuple:
         """Queries with equal keys run in one forward pass."""
-        return (self.decoding, self.candidates, self.label_words, self.with_score, _freeze(dict(self.generation)))
+        key = (self.decoding, self.candidates, self.label_words, self.with_score, _freeze(dict(self.generation)))
+        return (*key, self.method, _freeze(dict(self.method_options)))
 
 
 class Predictor:
@@ -197,6 +208,8 @@ class Predictor:
         labels: Sequence[str] | None = None,
         top_k: int = 1,
         with_score: bool = True,
+        method: str | None = None,
+        method_options: Mapping[str, Any] | None = None,
         **generation_kwargs,
     ) -> Query:
         """Validates one input and builds its :class:`Query`.
@@ -211,11 +224,14 @@ class Predictor:
             top_k: how many ranked labels to return (needs ``labels``).
             with_score: compute the result's score (one teacher-forced pass more); without it
                 the score is NaN. The chat endpoint, which returns no score, skips it.
+            method: a method that reads answers its own way (``"cpt"``); None or one without
+                such hooks (``"full"``): the task's decoding.
+            method_options: the method's options (``Method.resolve_options``).
             **generation_kwargs: passed to ``generate_texts``.
 
         Raises:
-            InputError: unknown task, unknown/missing/wrong-typed field, or an option that does
-                not fit the task.
+            InputError: unknown task, unknown/missing/wrong-typed field, an option that does
+                not fit the task, or an input the method cannot answer.
             ImageLoadError: the image cannot be read.
         """
         task_obj = None if task == GENERATE else _get_task(task)
@@ -229,6 +245,10 @@ class Predictor:
         if top_k > 1 and labels is None:
             raise InputError("top_k > 1 ranks labels; give labels to rank", param="top_k")
         decoding, candidates, label_words = _decoding(task, task_obj, record, candidates=candidates, labels=labels)
+        reader, options = _method(method, method_options, task, record, candidates=candidates, labels=labels)
+        if reader is not None:
+            # The method reads the original image (CPT paints boxes given in its pixels).
+            record = {**record, "image": original}
         return Query(
             task=task,
             image=self._resize(original),
@@ -240,6 +260,8 @@ class Predictor:
             top_k=top_k,
             with_score=with_score,
             generation=dict(generation_kwargs),
+            method=reader,
+            method_options=options,
         )
 
     def _resize(self, image: Image.Image) -> Image.Image:
@@ -273,6 +295,8 @@ class Predictor:
 
     def _run_group(self, group: Sequence[Query]) -> list[Result]:
         first = group[0]
+        if first.method is not None:
+            return self._run_method(group)
         images = [q.image for q in group]
         prompts = [q.prompt for q in group]
         if first.decoding == "rank":
@@ -298,6 +322,30 @@ class Predictor:
             scores = [math.nan] * len(texts)
         return [_result(q, text, score) for q, text, score in zip(group, texts, scores, strict=True)]
 
+    def _run_method(self, group: Sequence[Query]) -> list[Result]:
+        """Answers read by the queries' method: its ``predict`` (with scores), else its ``generate``."""
+        first = group[0]
+        method = get_method(first.method)
+        records = [dict(q.record) for q in group]
+        options = dict(first.method_options)
+        if method.predict is not None:
+            answers = method.predict(
+                self.model, self.processor, first.task, records, options, batch_size=self.batch_size
+            )
+        else:
+            num_beams = first.generation.get("num_beams", 1)
+            texts = method.generate(
+                self.model,
+                self.processor,
+                first.task,
+                records,
+                options,
+                batch_size=self.batch_size,
+                num_beams=num_beams,
+            )
+            answers = [Answer(text) for text in texts]
+        return [_result(q, a.text, a.score, details=a.details) for q, a in zip(group, answers, strict=True)]
+
     def predict(
         self,
         task: str,
@@ -307,6 +355,8 @@ class Predictor:
         candidates: Sequence[str] | None = None,
         labels: Sequence[str] | None = None,
         top_k: int = 1,
+        method: str | None = None,
+        method_options: Mapping[str, Any] | None = None,
         **generation_kwargs,
     ) -> list[Any]:
         """Any task: one result per image, ``batch_size`` images at a time.
@@ -318,6 +368,8 @@ class Predictor:
             candidates: constrain outputs to these texts.
             labels: rank classification over these labels.
             top_k: ranked labels to return.
+            method: a method that reads answers its own way (``"cpt"``); see :meth:`query`.
+            method_options: its options.
             **generation_kwargs: passed to ``generate_texts``.
 
         Returns:
@@ -332,7 +384,17 @@ class Predictor:
         for start in range(0, len(images), self.batch_size):
             stop = start + self.batch_size
             queries = [
-                self.query(task, image, fields, candidates=candidates, labels=labels, top_k=top_k, **generation_kwargs)
+                self.query(
+                    task,
+                    image,
+                    fields,
+                    candidates=candidates,
+                    labels=labels,
+                    top_k=top_k,
+                    method=method,
+                    method_options=method_options,
+                    **generation_kwargs,
+                )
                 for image, fields in zip(images[start:stop], inputs[start:stop], strict=True)
             ]
             for result in self.run(queries):
@@ -365,10 +427,37 @@ class Predictor:
         return self.predict("vqa", images, _each("question", questions), candidates=candidates, **generation_kwargs)
 
     def locate(
-        self, images: Sequence[ImageInput] | ImageInput, expressions: Sequence[str] | str, **generation_kwargs
+        self,
+        images: Sequence[ImageInput] | ImageInput,
+        expressions: Sequence[str] | str,
+        *,
+        method: str | None = None,
+        candidates: Sequence | None = None,
+        method_options: Mapping[str, Any] | None = None,
+        **generation_kwargs,
     ) -> list[Result]:
-        """The box each expression refers to, in pixels of its original image (task ``rec``)."""
-        return self.predict("rec", images, _each("expression", expressions), **generation_kwargs)
+        """The box each expression refers to, in pixels of its original image (task ``rec``).
+
+        Args:
+            images: the images.
+            expressions: one referring expression per image.
+            method: None writes the box in location tokens; ``"cpt"`` chooses among ``candidates``
+                by colour prompts (the result adds ``candidate``, ``color`` and ``painted_copy``).
+            candidates: candidate boxes ``[x1, y1, x2, y2]`` in pixels: one list shared by every
+                image, or one list per image (the rec field ``candidate_boxes``).
+            method_options: the method's options (``{"templates": ["sentinel", "instruction"]}``).
+            **generation_kwargs: passed to ``generate_texts`` (no method only).
+        """
+        inputs = _each("expression", expressions)
+        if candidates is not None:
+            if method is None:
+                raise InputError(
+                    "candidates (boxes) are chosen among by a method, e.g. method='cpt'; "
+                    "without one the model writes the box",
+                    param="candidates",
+                )
+            inputs = _with_candidate_boxes(inputs, candidates)
+        return self.predict("rec", images, inputs, method=method, method_options=method_options, **generation_kwargs)
 
     def ground(
         self, images: Sequence[ImageInput] | ImageInput, captions: Sequence[str] | str, **generation_kwargs
@@ -525,9 +614,67 @@ def _ranked(query: Query, scores: list[float], words: list[str]) -> Result:
     return Result(task=query.task, fields=fields, score=best_score, text=best_word, prediction=best_label)
 
 
-def _result(query: Query, text: str, score: float) -> Result:
+def _result(query: Query, text: str, score: float, *, details: Mapping[str, Any] | None = None) -> Result:
     if query.task == GENERATE:
         return Result(task=GENERATE, fields={}, score=score, text=text, prediction=text)
     task = tasks.get_task(query.task)
     parsed = task.parse(text, query.record)
-    return Result(task=query.task, fields=task.presentation(parsed, score), score=score, text=text, prediction=parsed)
+    fields = {**task.presentation(parsed, score), **(details or {})}
+    return Result(task=query.task, fields=fields, score=score, text=text, prediction=parsed)
+
+
+def _method(name, options, task: str, record: Mapping[str, Any], *, candidates, labels):
+    """``(method name, resolved options)`` of a query whose method reads answers, else ``(None, {})``.
+
+    Raises:
+        InputError: an unknown method or option, options it cannot combine with, or a record the
+            method refuses (its ``check``), so that the query fails alone before it joins a batch.
+    """
+    if name is None:
+        if options:
+            raise InputError("method_options need a method", param="method_options")
+        return None, {}
+    if not isinstance(name, str):
+        raise InputError(f"method must be a method's name, got {type(name).__name__}", param="method")
+    try:
+        method = get_method(name)
+    except MethodError as exc:
+        raise InputError(str(exc), param="method") from None
+    try:
+        resolved = method.resolve_options(options)
+    except MethodError as exc:
+        raise InputError(str(exc), param="method_options") from None
+    if method.predict is None and method.generate is None:
+        return None, {}  # the task's own decoding (full fine-tuning's way)
+    if candidates is not None or labels is not None:
+        raise InputError(f"method {name!r} reads answers its own way; drop candidates and labels", param="method")
+    if method.check is not None:
+        try:
+            method.check(task, record, resolved)
+        except MethodError as exc:
+            raise InputError(str(exc), param=_field_named_in(str(exc), input_fields(task)) or "method") from None
+    return method.name, resolved
+
+
+def _with_candidate_boxes(inputs, candidates: Sequence) -> list[dict[str, Any]] | dict[str, Any]:
+    """Adds ``candidate_boxes`` to each input: one shared list of boxes, or one list per image."""
+    shared = isinstance(candidates, Sequence) and (
+        not candidates
+        or (isinstance(candidates[0], Sequence) and _is_number(candidates[0][0] if candidates[0] else None))
+    )
+    if isinstance(inputs, Mapping):
+        if shared:
+            return {**inputs, "candidate_boxes": list(candidates)}
+        inputs = [dict(inputs)] * len(candidates)
+    per_image = [list(candidates)] * len(inputs) if shared else list(candidates)
+    if len(per_image) != len(inputs):
+        raise InputError(
+            f"candidates: got {len(per_image)} lists of boxes for {len(inputs)} inputs; give one list per image "
+            "or one list for all",
+            param="candidates",
+        )
+    return [{**fields, "candidate_boxes": list(boxes)} for fields, boxes in zip(inputs, per_image, strict=True)]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

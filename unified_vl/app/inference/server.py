@@ -9,7 +9,10 @@ Endpoints:
   or a ``data:`` URI) or multipart (``image`` a file part). Task fields are the task's input
   fields (``question`` for vqa, ``expression`` for rec, ``caption`` for grounding, ``prompt``
   for ``generate``; ``GET /v1/models`` lists them); options are ``candidates``, ``labels``,
-  ``top_k``, ``num_beams`` and ``max_new_tokens``. Answers ``{"task", "model", "prediction"}``.
+  ``top_k``, ``num_beams`` and ``max_new_tokens``, and ``method`` with ``method_options`` for a
+  method that reads answers its own way (``{"task": "rec", "method": "cpt", "expression": ...,
+  "candidate_boxes": [[x1, y1, x2, y2], ...]}``: CPT colour prompts choose a candidate). Answers
+  ``{"task", "model", "prediction"}``.
 * ``POST /v1/chat/completions``: the OpenAI Chat Completions API (API reference,
   https://platform.openai.com/docs/api-reference/chat/create). The last user message's ``text``
   parts, joined, are the instruction, used as written (no task template); its ``image_url``
@@ -64,6 +67,7 @@ MiB = 1024 * 1024
 # one request from holding the model for long (beams and length multiply the decoding work).
 GENERATION_OPTIONS: dict[str, tuple[type, int, int]] = {"num_beams": (int, 1, 8), "max_new_tokens": (int, 1, 256)}
 RANKING_OPTIONS = ("candidates", "labels", "top_k")
+METHOD_OPTIONS = ("method", "method_options")  # Predictor.query's method and its options (unified_vl.prompting)
 ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/predict", "/v1/chat/completions")
 
 
@@ -387,7 +391,7 @@ def _predict_fields(body: Mapping[str, Any]) -> tuple[str, dict[str, Any], dict[
     if not isinstance(task, str) or task not in known_tasks():
         raise _invalid(f"unknown task {task!r:.60}; known tasks: {', '.join(known_tasks())}", "task")
     fields = input_fields(task)
-    allowed = {"task", "image", *RANKING_OPTIONS, *GENERATION_OPTIONS, *fields}
+    allowed = {"task", "image", *RANKING_OPTIONS, *GENERATION_OPTIONS, *METHOD_OPTIONS, *fields}
     for name in body:
         if name not in allowed:
             raise _invalid(f"unknown field {name!r:.60} for task {task!r}; allowed: {', '.join(sorted(allowed))}", name)
@@ -399,7 +403,23 @@ def _predict_fields(body: Mapping[str, Any]) -> tuple[str, dict[str, Any], dict[
         value = _int_option(body, name, low, high)
         if value is not None:
             options[name] = value
+    options.update(_method_options(body))
     return task, {name: body[name] for name in fields if name in body}, options
+
+
+def _method_options(body: Mapping[str, Any]) -> dict[str, Any]:
+    """``method`` (a name) and ``method_options`` (an object; JSON text in a form) of a request."""
+    method, options = body.get("method"), body.get("method_options")
+    if method is not None and not isinstance(method, str):
+        raise _invalid(f"method must be a method's name (a string), got {method!r:.60}", "method")
+    if isinstance(options, str):  # a multipart field
+        try:
+            options = json.loads(options)
+        except json.JSONDecodeError:
+            raise _invalid("method_options must be a JSON object", "method_options") from None
+    if options is not None and not isinstance(options, dict):
+        raise _invalid(f"method_options must be an object, got {options!r:.60}", "method_options")
+    return {"method": method, "method_options": options} if method is not None or options is not None else {}
 
 
 def _image_field(body: Mapping[str, Any]) -> str:

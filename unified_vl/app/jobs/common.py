@@ -223,13 +223,14 @@ def run_main(body, argv: Sequence[str]) -> int:
     """Runs a job body, turning configuration and data errors into one clear line and exit status 2/1."""
     from data_tools.storage import StorageError
     from unified_vl.checkpoint import CheckpointError
+    from unified_vl.prompting import MethodError
 
     try:
         return body(strip_launcher_args(argv))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (CheckpointError, StorageError, FileNotFoundError) as exc:
+    except (CheckpointError, StorageError, FileNotFoundError, MethodError) as exc:  # MethodError: a record it refuses
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
