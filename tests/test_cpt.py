@@ -76,6 +76,29 @@ def test_painting_a_mask_paints_the_mask_not_the_box():
     assert np.abs(painted[mask] - blended(before[mask], (0, 255, 0), ALPHA)).max() <= 1
 
 
+def test_a_record_with_candidate_masks_is_painted_on_them():
+    triangle = [[2.0, 3.0, 10.0, 3.0, 2.0, 9.0]]  # the lower-right half of the gold box stays unpainted
+    record = rec_record(candidate_masks=[triangle, []])
+    tasks.get_task("rec").validate(record)
+    example = CPT.make_example("rec", record, random.Random(0), CPT.resolve_options({}))
+    before, after = np.asarray(record["image"]).astype(int), np.asarray(example.image).astype(int)
+    changed = (after != before).any(axis=-1)
+    assert changed[3, 2] and not changed[8, 9]  # inside the triangle / inside the box only
+    assert changed[10:30, 20:40].all()  # the second candidate has no mask: its box
+    with pytest.raises(tasks.RecordError, match="one entry per candidate box"):
+        tasks.get_task("rec").validate(rec_record(candidate_masks=[triangle]))
+
+
+def test_candidate_masks_are_stored_with_the_record(tmp_path):
+    from data_tools import storage
+
+    masked = rec_record(id="m", image=None, candidate_masks=[[[2.0, 3.0, 10.0, 3.0, 2.0, 9.0]], []])
+    plain = rec_record(id="p", image=None)
+    storage.write_dataset(tmp_path, {("rec", "test"): [masked, plain]}, source="test", command="test")
+    rows = list(storage.load_split(tmp_path, "rec", "test"))
+    assert rows[0]["candidate_masks"] == masked["candidate_masks"] and rows[1]["candidate_masks"] is None
+
+
 def test_the_palette_and_alpha_are_options_and_each_colour_is_given_once():
     palette = palette_from(CPT.resolve_options({"palette": [["cyan", 0, 255, 255], ["black", 0, 0, 0]], "alpha": 64}))
     assert palette.names == ("cyan", "black") and palette.rgb[0] == (0, 255, 255) and palette.alpha == 64

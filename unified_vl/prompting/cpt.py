@@ -28,9 +28,10 @@ candidates kC .. kC + C - 1 with the first colours of the palette; every (copy, 
 scored and the argmax over all of them wins (the released code's ``val`` in
 ``Oscar/oscar/zeroshot/refcoco_cpt.py`` concatenates the copies' colour scores and takes one
 argmax). Copies are painted and scored ``batch_size`` at a time, so any N fits in memory.
-A record may carry ``candidate_masks`` (one per candidate: COCO polygons ``[[x1, y1, x2, y2, ...],
-...]`` in pixels, a boolean H x W array, or None): such a candidate is painted on its mask instead
-of its box (CPT-Seg).
+A record may carry ``candidate_masks`` (the rec field: per candidate box its COCO polygons
+``[[x1, y1, x2, y2, ...], ...]`` in pixels, ``[]`` for none; in Python also a boolean H x W array):
+such a candidate is painted on its mask instead of its box (CPT-Seg). Masks belong to the record's
+own candidates, so a proposals file paints boxes.
 
 The answer is written as the chosen candidate's box in location tokens, so that the ``rec`` task
 parses and scores it like a generated box (within half a bin of the candidate, ``tasks.boxes``).
@@ -266,17 +267,22 @@ def candidates_of(record: Mapping[str, Any], *, proposals_file: str = "") -> lis
     return checked
 
 
-def masks_of(record: Mapping[str, Any], num_candidates: int) -> list | None:
-    """The record's ``candidate_masks`` (one per candidate, None where a candidate has none), or None."""
+def masks_of(record: Mapping[str, Any], num_candidates: int, *, proposals_file: str = "") -> list | None:
+    """The record's ``candidate_masks`` (one per candidate, None where a candidate has none), or None.
+
+    None with a proposals file: the masks belong to the record's own ``candidate_boxes``.
+    """
     masks = record.get("candidate_masks")
-    if masks is None:
+    if masks is None or proposals_file:
         return None
     if not isinstance(masks, (list, tuple)) or len(masks) != num_candidates:
         got = len(masks) if isinstance(masks, (list, tuple)) else type(masks).__name__
         raise CPTError(
             f"{_record_name(record)}: 'candidate_masks' needs one entry per candidate ({num_candidates}), got {got}"
         )
-    return list(masks)
+    # [] (a candidate without a mask, as stored) and None both mean: paint the box.
+    out = [None if m is None or (not isinstance(m, np.ndarray) and len(m) == 0) else m for m in masks]
+    return out if any(m is not None for m in out) else None
 
 
 def copies(num_candidates: int, num_colors: int) -> list[range]:
@@ -384,7 +390,7 @@ def _make_example(task_name: str, record: Mapping[str, Any], rng: random.Random,
     _check_task(task_name)
     palette, templates = palette_from(options), templates_from(options)
     candidate_boxes = candidates_of(record, proposals_file=options.get("proposals", ""))
-    masks = masks_of(record, len(candidate_boxes))
+    masks = masks_of(record, len(candidate_boxes), proposals_file=options.get("proposals", ""))
     if iou(candidate_boxes[gold_index(record, candidate_boxes)], record["box"]) < 0.5:
         # No candidate is the referent (detected proposals missed it): the gold box joins them, so
         # that the target names a region that is right (RefCOCO's IoU >= 0.5, tasks/rec.py).
@@ -494,7 +500,8 @@ def _inputs(task_name: str, records: Sequence[Mapping[str, Any]], options: Mappi
     _check_task(task_name)
     candidate_lists = [candidates_of(r, proposals_file=options.get("proposals", "")) for r in records]
     expressions = [expression_of(r) for r in records]
-    masks = [masks_of(r, len(c)) for r, c in zip(records, candidate_lists, strict=True)]
+    proposals_file = options.get("proposals", "")
+    masks = [masks_of(r, len(c), proposals_file=proposals_file) for r, c in zip(records, candidate_lists, strict=True)]
     images = [load_image(r["image"], what=f"{_record_name(r)} image") for r in records]
     return images, expressions, candidate_lists, (masks if any(m is not None for m in masks) else None)
 
@@ -533,7 +540,7 @@ def _check(task_name: str, record: Mapping[str, Any], options: Mapping[str, Any]
     palette_from(options)
     templates_from(options)
     candidate_boxes = candidates_of(record, proposals_file=options.get("proposals", ""))
-    masks_of(record, len(candidate_boxes))
+    masks_of(record, len(candidate_boxes), proposals_file=options.get("proposals", ""))
     expression_of(record)
 
 
