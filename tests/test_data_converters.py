@@ -331,6 +331,7 @@ def test_refcoco(tmp_path):
             "expression": "man on left",
             "box": [2.5, 3.0, 12.5, 15.0],
             "candidate_boxes": candidates,
+            "candidate_masks": None,  # COCO instances carry segmentations; the converter keeps boxes only
         },
         {
             "id": "1-8",
@@ -340,6 +341,7 @@ def test_refcoco(tmp_path):
             "expression": "left guy",
             "box": [2.5, 3.0, 12.5, 15.0],
             "candidate_boxes": candidates,
+            "candidate_masks": None,  # COCO instances carry segmentations; the converter keeps boxes only
         },
     ]
     grounding = _load(tmp_path / "out", "grounding", "testA")

@@ -389,6 +389,7 @@ def _make_example(task_name: str, record: Mapping[str, Any], rng: random.Random,
 
     _check_task(task_name)
     palette, templates = palette_from(options), templates_from(options)
+    expression = expression_of(record)
     candidate_boxes = candidates_of(record, proposals_file=options.get("proposals", ""))
     masks = masks_of(record, len(candidate_boxes), proposals_file=options.get("proposals", ""))
     if iou(candidate_boxes[gold_index(record, candidate_boxes)], record["box"]) < 0.5:
@@ -400,7 +401,6 @@ def _make_example(task_name: str, record: Mapping[str, Any], rng: random.Random,
     copy, color = divmod(gold, len(palette))
     template = templates[rng.randrange(len(templates))]
     image = paint_copy(load_image(record["image"]), candidate_boxes, palette, copy, masks=masks)
-    expression = expression_of(record)
     return Example(
         image, template.prompt.format(expression=expression), template.target.format(color=palette.names[color])
     )
