@@ -6,8 +6,8 @@
 
 Expect: a pretraining run without rec and grounding (the main job's mixture minus those two, step
 bounded; ~10 min; skipped when --work already holds it), then every (starting point, setting, K,
-seed) fine-tuning run of scripts/configs/cpt_table.yaml, two at a time (~190 runs of ~10 s of CPU
-each), each evaluated on the test expressions; K = 0 is the starting model evaluated as it is
+seed) fine-tuning run of `Protocol` (scripts/configs/cpt_pretrain_norec.yaml and
+cpt_finetune_fewshot.yaml hold the runs' settings), two at a time (~190 runs of ~10 s of CPU each), each evaluated on the test expressions; K = 0 is the starting model evaluated as it is
 (deterministic: one run), "all" a one-seed reference on every training example. Prints
 and writes the Markdown table of test Acc@0.5 (x100, mean +- sample std over the seeds) to --out
 and the raw per-seed numbers to the same name with .json. Finished runs are kept in --work and
@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
@@ -42,21 +43,85 @@ STARTS = {"norec": "pretrained without rec and grounding", "main": "the main job
 
 
 # -- the protocol --------------------------------------------------------------------------------
-def load_protocol(path: Path, *, quick: bool) -> dict:
-    """The YAML protocol; with ``quick`` its ``quick`` section replaces the sizes."""
-    protocol = yaml.safe_load(path.read_text())
-    if quick:
-        q = protocol["quick"]
-        protocol["pretrain"]["overrides"] = [
-            *[o for o in protocol["pretrain"]["overrides"] if not o.startswith("train.max_steps=")],
-            f"train.max_steps={q['pretrain_steps']}",
+PRETRAIN_CONFIG = ROOT / "scripts/configs/cpt_pretrain_norec.yaml"  # the norec start
+FINETUNE_CONFIG = ROOT / "scripts/configs/cpt_finetune_fewshot.yaml"  # every fine-tuning run, any method
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A method configuration: one row of the table (two with ``snapped_row``).
+
+    Attributes:
+        name: the row's name.
+        method: ``full`` (location tokens, the rec task's templates) or ``cpt``.
+        options: the method's options.
+        starts: the starting points it runs from.
+        snapped_row: also a row where each written box is replaced by the candidate it overlaps most.
+        distractors: >0: candidates are the record's objects plus random boxes up to this many, from a
+            proposals file the script writes (the multi-copy path: 8 candidates, 5 colours, 2 copies).
+    """
+
+    name: str
+    method: str
+    options: dict = field(default_factory=dict)
+    starts: tuple[str, ...] = tuple(STARTS)
+    snapped_row: bool = False
+    distractors: int = 0
+
+
+SETTINGS = (
+    Setting("location tokens (fine-tuning)", "full", snapped_row=True),
+    Setting("CPT colours, sentinel template", "cpt", {"templates": ["sentinel"]}),
+    Setting("CPT colours, instruction template", "cpt", {"templates": ["instruction"]}, starts=("norec",)),
+    Setting(
+        "CPT colours, both templates ensembled", "cpt", {"templates": ["sentinel", "instruction"]}, starts=("norec",)
+    ),
+    Setting(
+        "CPT colours, sentinel, 8 candidates (objects + distractor boxes)",
+        "cpt",
+        {"templates": ["sentinel"]},
+        starts=("norec",),
+        distractors=8,
+    ),
+)
+
+
+@dataclass
+class Protocol:
+    """Everything that decides the table's numbers (written into its JSON)."""
+
+    shots: list = field(default_factory=lambda: [0, 1, 2, 4, 8, 16])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # a seed draws the K examples and the order
+    pretrain_overrides: list[str] = field(default_factory=list)  # KEY=VALUE after PRETRAIN_CONFIG
+    finetune_overrides: list[str] = field(default_factory=list)  # KEY=VALUE after FINETUNE_CONFIG
+    split: str = "test"
+    max_examples: int = 1200  # every test expression (600 images)
+    settings: tuple[Setting, ...] = SETTINGS
+    # A one-seed column on every training example, 400 steps of 16: can the method learn rec from this
+    # start at all when data is plentiful? For these settings (indices).
+    reference_label: str = "every training example, 400 steps of 16, seed 0"
+    reference_settings: tuple[int, ...] = (0, 1)
+    reference_overrides: list[str] = field(
+        default_factory=lambda: [
+            "train.max_steps=400",
+            "train.global_batch_size=16",
+            "train.micro_batch_size=16",
+            "optim.warmup_steps=20",
         ]
-        protocol["shots"], protocol["seeds"] = q["shots"], q["seeds"]
-        keys = {o.split("=", 1)[0] for o in q["finetune"]}
-        protocol["finetune"] = [o for o in protocol["finetune"] if o.split("=", 1)[0] not in keys] + q["finetune"]
-        protocol["eval"]["max_examples"] = q["max_examples"]
-        if protocol.get("reference"):
-            protocol["reference"]["overrides"] = q["finetune"]
+    )
+    workers: int = 2  # fine-tuning runs at a time, one thread each
+
+
+def protocol_for(*, quick: bool = False, shots: list[int] | None = None, seeds: list[int] | None = None) -> Protocol:
+    """The table's protocol; ``quick``: the whole pipeline in minutes with tiny sizes (numbers meaningless)."""
+    protocol = Protocol()
+    if quick:
+        protocol.shots, protocol.seeds, protocol.max_examples = [0, 2], [0, 1], 24
+        protocol.pretrain_overrides = ["train.max_steps=20", "eval.max_examples=24"]
+        protocol.finetune_overrides = ["train.max_steps=3", "optim.warmup_steps=1"]
+        protocol.reference_overrides = list(protocol.finetune_overrides)
+    protocol.shots = list(shots or protocol.shots)
+    protocol.seeds = list(seeds or protocol.seeds)
     return protocol
 
 
@@ -76,13 +141,14 @@ def _write_text(path: Path, text: str) -> None:
 
 
 # -- the starting point without rec ---------------------------------------------------------------
-def pretrain_norec(protocol: dict, work: Path, data: str | None) -> tuple[Path, str, dict]:
+def pretrain_norec(protocol: Protocol, work: Path, data: str | None) -> tuple[Path, str, dict]:
     """(model folder, data folder, final metrics) of the pretraining without rec and grounding."""
     run = work / "norec"
     if not (run / "eval_final.json").is_file():
         if run.exists():
             shutil.rmtree(run)  # an interrupted pretraining starts again (it is step bounded)
-        command = [sys.executable, "-m", "unified_vl.app.cli", "pretrain", *protocol["pretrain"]["overrides"]]
+        command = [sys.executable, "-m", "unified_vl.app.cli", "pretrain", str(PRETRAIN_CONFIG)]
+        command += protocol.pretrain_overrides
         command += [f"data.path={data}"] if data else []
         command += [f"output_dir={run}"]
         print("pretraining without rec and grounding:", " ".join(command[1:]), flush=True)
@@ -135,26 +201,24 @@ def chance(data: str, split: str, max_examples: int, proposals: Path | None) -> 
 
 
 # -- the runs ------------------------------------------------------------------------------------
-def plan(protocol: dict, models: dict[str, Path], data: str, work: Path, proposals: dict[int, Path]) -> list[dict]:
+def plan(protocol: Protocol, models: dict[str, Path], data: str, work: Path, proposals: dict[int, Path]) -> list[dict]:
     """One spec per run: (start, setting, K, seed); K = 0 once per (start, setting); K = "all": the reference."""
-    split, max_examples = protocol["eval"]["split"], protocol["eval"]["max_examples"]
-    reference = protocol.get("reference") or {}
     specs = []
     for start, model in models.items():
-        for index, setting in enumerate(protocol["settings"]):
-            if start not in setting.get("starts", list(STARTS)):
+        for index, setting in enumerate(protocol.settings):
+            if start not in setting.starts:
                 continue
-            options = dict(setting.get("options") or {})
-            if setting.get("distractors"):
-                options["proposals"] = str(proposals[setting["distractors"]])
+            options = dict(setting.options)
+            if setting.distractors:
+                options["proposals"] = str(proposals[setting.distractors])
             runs = [
-                (k, seed, protocol["finetune"])
-                for k in protocol["shots"]
-                for seed in protocol["seeds"][: 1 if k == 0 else None]
+                (k, seed, protocol.finetune_overrides)
+                for k in protocol.shots
+                for seed in protocol.seeds[: 1 if k == 0 else None]
             ]
-            if index in reference.get("settings", []):
-                runs.append(("all", protocol["seeds"][0], [*protocol["finetune"], *reference["overrides"]]))
-            for k, seed, finetune in runs:
+            if index in protocol.reference_settings:
+                runs.append(("all", protocol.seeds[0], [*protocol.finetune_overrides, *protocol.reference_overrides]))
+            for k, seed, overrides in runs:
                 specs.append(
                     {
                         "start": start,
@@ -163,11 +227,11 @@ def plan(protocol: dict, models: dict[str, Path], data: str, work: Path, proposa
                         "seed": seed,
                         "model": str(model),
                         "data": data,
-                        "method": setting["method"],
+                        "method": setting.method,
                         "options": options,
-                        "finetune": finetune,
-                        "split": split,
-                        "max_examples": max_examples,
+                        "finetune": list(overrides),
+                        "split": protocol.split,
+                        "max_examples": protocol.max_examples,
                         "dir": str(work / "runs" / start / f"setting{index}" / f"k{k}-s{seed}"),
                     }
                 )
@@ -178,7 +242,7 @@ def _finetune_argv(spec: dict, out: Path) -> list[str]:
     """``unified-vl finetune`` for one run; it exports the model and evaluates nothing (`evaluate_rec` does)."""
     argv = ["--task", "rec", "--data", spec["data"], "--init", spec["model"], "--method", spec["method"]]
     argv += ["--shots", str(spec["shots"])] if spec["shots"] != "all" else []
-    argv += ["--seed", str(spec["seed"]), *spec["finetune"]]
+    argv += ["--seed", str(spec["seed"]), str(FINETUNE_CONFIG), *spec["finetune"]]
     argv += [f"method.options.{k}={json.dumps(v)}" for k, v in spec["options"].items()]
     return [*argv, "eval.final_splits=[]", "checkpoint.export=true", f"output_dir={out}"]
 
@@ -274,17 +338,17 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
-def table(protocol: dict, results: list[dict]) -> str:
+def table(protocol: Protocol, results: list[dict]) -> str:
     """Markdown: one row per (start, setting), one column per K."""
-    shots = protocol["shots"] + (["all"] if protocol.get("reference") else [])
-    names = {"all": f"all ({protocol.get('reference', {}).get('label', '')})"}
+    shots = protocol.shots + (["all"] if protocol.reference_settings else [])
+    names = {"all": f"all ({protocol.reference_label})"}
     header = "| start | method | " + " | ".join(names.get(k, f"K={k}") for k in shots) + " |"
     lines = [header, "|" + "---|" * (2 + len(shots))]
     for start in STARTS:
-        for index, setting in enumerate(protocol["settings"]):
-            rows = [(setting["name"], "acc")]
-            if setting.get("snapped_row"):
-                rows.append((f"{setting['name']}, snapped to the nearest candidate", "snapped"))
+        for index, setting in enumerate(protocol.settings):
+            rows = [(setting.name, "acc")]
+            if setting.snapped_row:
+                rows.append((f"{setting.name}, snapped to the nearest candidate", "snapped"))
             for name, key in rows:
                 cells = []
                 for k in shots:
@@ -305,7 +369,6 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--main-model", required=True, help="the main job's model folder (unified-vl pretrain)")
     parser.add_argument("--out", required=True, help="the Markdown file to write (and .json beside it)")
-    parser.add_argument("--config", default=str(ROOT / "scripts/configs/cpt_table.yaml"))
     parser.add_argument("--data", default=None, help="the synthetic world (default: the main job's, cached)")
     parser.add_argument("--work", default=None, help="where runs are kept (default: runs/cpt-table[-quick])")
     parser.add_argument("--workers", type=int, default=None, help="runs at a time (default: the config's)")
@@ -315,20 +378,18 @@ def main() -> int:
     args = parser.parse_args()
     if not (Path(args.main_model) / "config.json").is_file():
         parser.error(f"--main-model {args.main_model} is not a model folder; run `unified-vl pretrain` first")
-    protocol = load_protocol(Path(args.config), quick=args.quick)
-    protocol["shots"] = args.shots or protocol["shots"]
-    protocol["seeds"] = args.seeds or protocol["seeds"]
+    protocol = protocol_for(quick=args.quick, shots=args.shots, seeds=args.seeds)
     work = Path(args.work or ROOT / ("runs/cpt-table-quick" if args.quick else "runs/cpt-table"))
     work.mkdir(parents=True, exist_ok=True)
     start_time = time.perf_counter()
 
     norec, data, norec_metrics = pretrain_norec(protocol, work, args.data)
-    split, max_examples = protocol["eval"]["split"], protocol["eval"]["max_examples"]
-    totals = sorted({s["distractors"] for s in protocol["settings"] if s.get("distractors")})
+    split, max_examples = protocol.split, protocol.max_examples
+    totals = sorted({s.distractors for s in protocol.settings if s.distractors})
     proposals = {n: write_distractors(data, ["train", split], n, work / f"proposals-{n}.json") for n in totals}
     specs = plan(protocol, {"norec": norec, "main": Path(args.main_model)}, data, work, proposals)
     pretrain_s = time.perf_counter() - start_time
-    results = run_all(specs, args.workers or protocol["workers"])
+    results = run_all(specs, args.workers or protocol.workers)
     elapsed = time.perf_counter() - start_time
 
     baselines = {"candidates of the record": chance(data, split, max_examples, None)}
@@ -343,7 +404,7 @@ def main() -> int:
             table(protocol, results),
             "",
             f"Test Acc@0.5 x100 on the first {max_examples} `{split}` expressions; mean ± sample std over seeds "
-            f"{protocol['seeds']} (K=0: the starting model as it is, one deterministic run).",
+            f"{protocol.seeds} (K=0: the starting model as it is, one deterministic run).",
             "Chance (a candidate drawn uniformly): "
             + "; ".join(f"{name} {100 * value:.1f}" for name, value in baselines.items())
             + ".",
@@ -362,7 +423,8 @@ def main() -> int:
     _write_text(out, text + "\n")
     raw = {
         "command": command,
-        "protocol": protocol,
+        "protocol": asdict(protocol)
+        | {"pretrain_config": str(PRETRAIN_CONFIG), "finetune_config": str(FINETUNE_CONFIG)},
         "baselines": baselines,
         "norec_metrics": norec_metrics,
         "runs": results,

@@ -346,7 +346,7 @@ def test_predictor_locate_with_cpt_equals_the_evaluation_path(predictor):
         predictor.locate(images[0], "the shape", method="cpt", candidates=[[3, 3, 3, 9]])
     with pytest.raises(InputError, match="rec request: no candidates"):
         predictor.locate(images[0], "the shape", method="cpt")
-    with pytest.raises(InputError, match="candidates \\(boxes\\) are chosen among by a method"):
+    with pytest.raises(InputError, match="unless a method chooses among candidate boxes"):
         predictor.locate(images[0], "the shape", candidates=[[0, 0, 5, 5]])
     with pytest.raises(InputError, match="unknown method 'cptt'"):
         predictor.locate(images[0], "the shape", method="cptt", candidates=[[0, 0, 5, 5]])

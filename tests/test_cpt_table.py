@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,30 +17,41 @@ from test_jobs import synth_data  # noqa: F401  (a fixture)
 from tasks.boxes import iou, validate_box
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "scripts/configs/cpt_table.yaml"
 
 
 @pytest.fixture(scope="module")
 def script():
     spec = importlib.util.spec_from_file_location("cpt_table", ROOT / "scripts/cpt_table.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["cpt_table"] = module  # dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
-    return module
+    yield module
+    sys.modules.pop("cpt_table")
 
 
 def test_the_protocol_is_the_issues(script):
-    protocol = script.load_protocol(CONFIG, quick=False)
-    assert protocol["shots"] == [0, 1, 2, 4, 8, 16] and len(protocol["seeds"]) == 5
-    assert [s["method"] for s in protocol["settings"]][:2] == ["full", "cpt"]
-    assert "data.tasks={captioning: 0.5, vqa: 3.5, classification: 0.75}" in protocol["pretrain"]["overrides"]
-    quick = script.load_protocol(CONFIG, quick=True)
-    assert quick["shots"] == [0, 2] and "train.max_steps=3" in quick["finetune"]
-    assert not [o for o in quick["finetune"] if o == "train.max_steps=60"]  # replaced, not doubled
-    assert "train.max_steps=20" in quick["pretrain"]["overrides"]
+    from unified_vl.engine.config import load_config
+
+    protocol = script.protocol_for()
+    assert protocol.shots == [0, 1, 2, 4, 8, 16] and len(protocol.seeds) == 5
+    assert [s.method for s in protocol.settings][:2] == ["full", "cpt"]
+    norec = load_config(script.PRETRAIN_CONFIG)
+    assert set(norec.data.tasks) == {"captioning", "vqa", "classification"}
+    assert norec.train.max_minutes is None and norec.train.max_steps == 4000  # step bounded, not time bounded
+    few = load_config(script.FINETUNE_CONFIG, ["data.tasks={rec: 1}"])
+    assert (few.train.max_steps, few.train.global_batch_size, few.optim.lr, few.train.freeze) == (
+        60,
+        8,
+        1e-4,
+        ["visual"],
+    )
+    quick = script.protocol_for(quick=True)
+    assert quick.shots == [0, 2] and quick.finetune_overrides == ["train.max_steps=3", "optim.warmup_steps=1"]
+    assert script.protocol_for(shots=[0, 4], seeds=[3]).shots == [0, 4]
 
 
 def test_the_plan_has_one_run_per_start_setting_shot_and_seed(script, tmp_path):
-    protocol = script.load_protocol(CONFIG, quick=False)
+    protocol = script.protocol_for()
     models = {"norec": tmp_path / "norec", "main": tmp_path / "main"}
     specs = script.plan(protocol, models, "DATA", tmp_path, {8: tmp_path / "p8.json"})
     per = {}
@@ -56,9 +68,13 @@ def test_the_plan_has_one_run_per_start_setting_shot_and_seed(script, tmp_path):
     assert len({tuple(s["finetune"]) for s in same}) == 1  # every method the same steps and optimiser
     reference = next(s for s in specs if s["shots"] == "all")
     argv = script._finetune_argv(reference, tmp_path / "r")
-    assert "--shots" not in argv and argv.index("train.max_steps=400") > argv.index("train.max_steps=60")
+    assert "--shots" not in argv and argv.index("train.max_steps=400") > argv.index(str(script.FINETUNE_CONFIG))
     few = script._finetune_argv(same[1], tmp_path / "f")
     assert few[few.index("--shots") + 1] == "4" and 'method.options.templates=["sentinel"]' in few
+    from unified_vl.app.jobs.common import split_config_args
+
+    path, overrides = split_config_args(few[few.index(str(script.FINETUNE_CONFIG)) :])  # what finetune parses
+    assert path == str(script.FINETUNE_CONFIG) and overrides[-1] == f"output_dir={tmp_path / 'f'}"
 
 
 def test_distractor_proposals_keep_the_objects_and_add_boxes_inside_the_image(script, synth_data, tmp_path):  # noqa: F811
@@ -85,8 +101,7 @@ def test_distractor_proposals_keep_the_objects_and_add_boxes_inside_the_image(sc
 
 
 def test_the_table_is_mean_and_sample_std_over_seeds(script):
-    protocol = script.load_protocol(CONFIG, quick=False)
-    protocol["shots"] = [0, 4]
+    protocol = script.protocol_for(shots=[0, 4])
     results = [
         {"start": "norec", "setting": 0, "shots": 0, "seed": 0, "acc": 0.0, "snapped": 0.25},
         {"start": "norec", "setting": 0, "shots": 4, "seed": 0, "acc": 0.10, "snapped": 0.3},

@@ -452,8 +452,8 @@ class Predictor:
         if candidates is not None:
             if method is None:
                 raise InputError(
-                    "candidates (boxes) are chosen among by a method, e.g. method='cpt'; "
-                    "without one the model writes the box",
+                    "rec: candidates do not apply to a task that writes a box, unless a method chooses among "
+                    "candidate boxes (method='cpt', candidates=[[x1, y1, x2, y2], ...])",
                     param="candidates",
                 )
             inputs = _with_candidate_boxes(inputs, candidates)
