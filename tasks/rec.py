@@ -13,8 +13,10 @@ from collections.abc import Sequence
 
 from tasks import boxes
 from tasks._common import (
+    FieldSpec,
     Record,
     Task,
+    _describe,
     box_field,
     box_list_field,
     decode_box,
@@ -41,6 +43,26 @@ def _parse(text: str, record: Record) -> list[float] | None:
     return decode_box(text, record["width"], record["height"])
 
 
+def _check_masks(value, record: Record) -> None:
+    """One entry per candidate box: its COCO polygons ``[[x1, y1, x2, y2, ...], ...]`` in pixels, [] for none."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"must be a list with one list of polygons per candidate box, got {_describe(value)}")
+    candidates = record.get("candidate_boxes")
+    if candidates is not None and len(value) != len(candidates):
+        raise ValueError(f"must have one entry per candidate box ({len(candidates)}), got {len(value)}")
+    for i, polygons in enumerate(value):
+        if not isinstance(polygons, (list, tuple)):
+            raise ValueError(f"item {i} must be a list of polygons ([] for none), got {_describe(polygons)}")
+        for polygon in polygons:
+            numbers = isinstance(polygon, (list, tuple)) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in polygon
+            )
+            if not numbers or len(polygon) < 6 or len(polygon) % 2:
+                raise ValueError(
+                    f"item {i}: a polygon is [x1, y1, x2, y2, ...] with three points or more, got {polygon!r:.80}"
+                )
+
+
 def _is_box(prediction) -> bool:
     return isinstance(prediction, (list, tuple)) and len(prediction) == 4
 
@@ -62,6 +84,7 @@ EXAMPLES = [
         "id": "rec-1", "image": None, "width": 640, "height": 480,
         "expression": "the blue square on the right", "box": [400.0, 250.0, 600.0, 470.0],
         "candidate_boxes": [[32.0, 40.0, 200.0, 210.0], [400.0, 250.0, 600.0, 470.0]],
+        "candidate_masks": [[[32.0, 40.0, 200.0, 40.0, 116.0, 210.0]], []],
     },
     {
         "id": "rec-2", "image": None, "width": 300, "height": 300,
@@ -76,11 +99,20 @@ TASK = Task(
         "height": size_field("height"),
         "expression": string_field("expression", role="input"),
         "box": box_field("box"),
-        # For CPT colour prompts (unified_vl.prompting); includes the gold box. Not read here.
+        # For CPT colour prompts (unified_vl.prompting.cpt); includes the gold box. Not read here.
         "candidate_boxes": box_list_field("candidate_boxes", role="input", required=False),
         # RefCOCO's ids of the referred object and the sentence (data_tools.converters.refcoco).
         "ref_id": source_id_field("ref_id"),
         "sent_id": source_id_field("sent_id"),
+        # CPT-Seg: candidates painted on their segmentation (COCO polygons) instead of their box.
+        "candidate_masks": FieldSpec(
+            "candidate_masks",
+            "list[list[list[float]]] (per candidate box: COCO polygons in pixels, [] for none)",
+            _check_masks,
+            role="input",
+            required=False,
+            storage=[[["float64"]]],
+        ),
     },
     prompts=PROMPTS,
     primary_metric="acc@0.5",

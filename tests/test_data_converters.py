@@ -341,6 +341,7 @@ def test_refcoco(tmp_path):
             "candidate_boxes": candidates,
             "ref_id": 1,
             "sent_id": 7,
+            "candidate_masks": None,  # COCO instances carry segmentations; the converter keeps boxes only
         },
         {
             "id": "1-8",
@@ -352,6 +353,7 @@ def test_refcoco(tmp_path):
             "candidate_boxes": candidates,
             "ref_id": 1,
             "sent_id": 8,
+            "candidate_masks": None,  # COCO instances carry segmentations; the converter keeps boxes only
         },
     ]
     grounding = _load(tmp_path / "out", "grounding", "testA")

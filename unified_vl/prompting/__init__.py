@@ -12,7 +12,10 @@ A module of this package that defines ``METHOD`` (a `Method`) is registered unde
   `Example`; None: the task's own templates and target (``tasks``);
 * how the answer is read back: ``generate(model, processor, task, records, options, ...)`` -> one
   text per record, which the task parses and scores as if the model had written it; None: the
-  task's own decoding (``generate_texts``);
+  task's own decoding (``generate_texts``). A method that reads answers its own way may also offer
+  ``predict`` (the same, as `Answer` objects with a score and details for users: the `Predictor`
+  and the server use it) and ``check(task, record, options)`` (refuses a record it cannot answer
+  before it joins a batch, so that one bad request does not fail the others);
 * what a run saves: ``saves_adapter``: the parameters ``attach`` left trainable (the method's own)
   as an adapter file naming its base model (``unified_vl.adapters``), instead of the whole model
   folder; ``add_adapter(model, name, options, weights)`` loads one more trained adapter into a model
@@ -20,7 +23,7 @@ A module of this package that defines ``METHOD`` (a `Method`) is registered unde
   (``model.rows``; LoRA). Without it, each adapter is served from its own view of the base model.
 
 The learned methods (prompt tuning / CoOp, CoCoOp, VPT, prefix tuning, LoRA) save adapters;
-``full`` and the methods that only change inputs save the model folder.
+``full`` and the methods that only change inputs (``cpt``) save the model folder.
 
 Everything else — the trainer, evaluation, export, the predictor, the server — is method-agnostic:
 it calls these hooks and never branches on a method's name. ``options`` are the method's settings
@@ -39,7 +42,22 @@ from typing import Any
 
 
 class MethodError(ValueError):
-    """An unknown method or a bad option; the message lists what is allowed."""
+    """An unknown method, a bad option, or a record the method cannot answer; the message says which."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One answer a method read its own way (``Method.predict``).
+
+    Attributes:
+        text: what the task parses, as if the model had written it.
+        score: the method's confidence (a log-likelihood; NaN when it has none).
+        details: what users may want besides the task's prediction (JSON-ready values).
+    """
+
+    text: str
+    score: float = float("nan")
+    details: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,6 +75,9 @@ class Method:
         saves_adapter: a run exports an adapter file of the method's own (trainable) parameters.
         add_adapter: ``add_adapter(model, name, options, weights)``: load a trained adapter under
             ``name`` next to others in one model (rows of a batch pick theirs by name).
+        predict: ``predict(model, processor, task_name, records, options, *, batch_size) -> [Answer]``.
+        check: ``check(task_name, record, options)``: raises `MethodError` for a record the method
+            cannot answer (the message names the record).
     """
 
     name: str
@@ -67,6 +88,8 @@ class Method:
     generate: Callable[..., list[str]] | None = None
     saves_adapter: bool = False
     add_adapter: Callable[..., None] | None = None
+    predict: Callable[..., list[Answer]] | None = None
+    check: Callable[[str, Mapping[str, Any], Mapping[str, Any]], None] | None = None
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():

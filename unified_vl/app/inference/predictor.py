@@ -27,6 +27,11 @@ serves the base model and each adapter; every call takes ``adapter="name"`` (Non
 batch may mix adapters: LoRA rows (and base rows) share a forward pass with each row's adapter
 named, prompt-method rows run as one group per adapter; each row's answer is the one its adapter
 gives alone.
+
+A method that reads answers its own way (``unified_vl.prompting``; ``method="cpt"`` paints
+candidate boxes and scores colour words) answers through its ``predict`` hook, the same one
+evaluation uses (``generate``), so that a served answer still equals an evaluated one:
+``predictor.locate(images, expressions, method="cpt", candidates=boxes)``.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from unified_vl.app.inference.results import Result
 from unified_vl.checkpoint import load_pretrained
 from unified_vl.generation import CandidateTrie, generate_texts, score_candidates
 from unified_vl.processor import ImageInput, load_image
+from unified_vl.prompting import Answer, MethodError, get_method
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +130,8 @@ class Query:
         with_score: whether to score the generated text.
         generation: keyword arguments for ``generate_texts`` (``num_beams``, ``max_new_tokens``, ...).
         adapter: the adapter that answers (None: the base model).
+        method: the method that reads the answer its own way (``unified_vl.prompting``), or None.
+        method_options: its resolved options.
     """
 
     task: str
@@ -138,10 +146,13 @@ class Query:
     generation: Mapping[str, Any] = field(default_factory=dict)
     prompt_tokens: int = 0  # tokens of the prompt the encoder reads, after truncation to max_text_length
     adapter: str | None = None
+    method: str | None = None
+    method_options: Mapping[str, Any] = field(default_factory=dict)
 
     def group_key(self) -> tuple:
         """Queries with equal keys run in one forward pass (per model: see ``AdapterSet.plan``)."""
-        return (self.decoding, self.candidates, self.label_words, self.with_score, _freeze(dict(self.generation)))
+        key = (self.decoding, self.candidates, self.label_words, self.with_score, _freeze(dict(self.generation)))
+        return (*key, self.method, _freeze(dict(self.method_options)))
 
 
 class Predictor:
@@ -234,6 +245,8 @@ class Predictor:
         top_k: int = 1,
         with_score: bool = True,
         adapter: str | None = None,
+        method: str | None = None,
+        method_options: Mapping[str, Any] | None = None,
         **generation_kwargs,
     ) -> Query:
         """Validates one input and builds its :class:`Query`.
@@ -249,11 +262,14 @@ class Predictor:
             with_score: compute the result's score (one teacher-forced pass more); without it
                 the score is NaN. The chat endpoint, which returns no score, skips it.
             adapter: the adapter that answers (``from_pretrained(adapters=...)``); None: the base.
+            method: a method that reads answers its own way (``"cpt"``); None or one without
+                such hooks (``"full"``): the task's decoding.
+            method_options: the method's options (``Method.resolve_options``).
             **generation_kwargs: passed to ``generate_texts``.
 
         Raises:
-            InputError: unknown task, unknown/missing/wrong-typed field, an unknown adapter, or an
-                option that does not fit the task.
+            InputError: unknown task, unknown/missing/wrong-typed field, an unknown adapter, an
+                option that does not fit the task, or an input the method cannot answer.
             ImageLoadError: the image cannot be read.
         """
         self.check_adapter(adapter)
@@ -274,6 +290,15 @@ class Predictor:
             _check_unicode(value, name)
         prompt_ids = self._tokenize([prompt], "the prompt", _text_param(inputs))[0]
         self._check_outputs(decoding, candidates, label_words, generation_kwargs)
+        reader, options = _method(method, method_options, task, record, candidates=candidates, labels=labels)
+        if reader is not None:
+            if adapter is not None:  # a method's hooks run the model as it is, without per-row adapters
+                raise InputError(
+                    f"method {reader!r} reads answers with the base model; it does not combine with an adapter",
+                    param="method",
+                )
+            # The method reads the original image (CPT paints boxes given in its pixels).
+            record = {**record, "image": original}
         return Query(
             task=task,
             image=self._resize(original),
@@ -287,6 +312,8 @@ class Predictor:
             generation=dict(generation_kwargs),
             prompt_tokens=min(len(prompt_ids), self.processor.max_text_length),
             adapter=adapter,
+            method=reader,
+            method_options=options,
         )
 
     def check_adapter(self, adapter: str | None) -> None:
@@ -384,6 +411,8 @@ class Predictor:
 
     def _run_on(self, model, group: Sequence[Query], adapter_names: list[str] | None) -> list[Result]:
         first = group[0]
+        if first.method is not None:
+            return self._run_method(model, group)
         images = [q.image for q in group]
         prompts = [q.prompt for q in group]
         common = {"batch_size": self.batch_size, "adapter_names": adapter_names}
@@ -407,6 +436,28 @@ class Predictor:
         texts, scores = out if first.with_score else (out, [math.nan] * len(out))
         return [_result(q, text, score) for q, text, score in zip(group, texts, scores, strict=True)]
 
+    def _run_method(self, model, group: Sequence[Query]) -> list[Result]:
+        """Answers read by the queries' method: its ``predict`` (with scores), else its ``generate``."""
+        first = group[0]
+        method = get_method(first.method)
+        records = [dict(q.record) for q in group]
+        options = dict(first.method_options)
+        if method.predict is not None:
+            answers = method.predict(model, self.processor, first.task, records, options, batch_size=self.batch_size)
+        else:
+            num_beams = first.generation.get("num_beams", 1)
+            texts = method.generate(
+                model,
+                self.processor,
+                first.task,
+                records,
+                options,
+                batch_size=self.batch_size,
+                num_beams=num_beams,
+            )
+            answers = [Answer(text) for text in texts]
+        return [_result(q, a.text, a.score, details=a.details) for q, a in zip(group, answers, strict=True)]
+
     def predict(
         self,
         task: str,
@@ -417,6 +468,8 @@ class Predictor:
         labels: Sequence[str] | None = None,
         top_k: int = 1,
         adapter: str | None = None,
+        method: str | None = None,
+        method_options: Mapping[str, Any] | None = None,
         **generation_kwargs,
     ) -> list[Any]:
         """Any task: one result per image, ``batch_size`` images at a time.
@@ -429,6 +482,8 @@ class Predictor:
             labels: rank classification over these labels.
             top_k: ranked labels to return.
             adapter: the adapter that answers (None: the base model).
+            method: a method that reads answers its own way (``"cpt"``); see :meth:`query`.
+            method_options: its options.
             **generation_kwargs: passed to ``generate_texts``.
 
         Returns:
@@ -451,6 +506,8 @@ class Predictor:
                     labels=labels,
                     top_k=top_k,
                     adapter=adapter,
+                    method=method,
+                    method_options=method_options,
                     **generation_kwargs,
                 )
                 for image, fields in zip(images[start:stop], inputs[start:stop], strict=True)
@@ -485,10 +542,37 @@ class Predictor:
         return self.predict("vqa", images, _each("question", questions), candidates=candidates, **generation_kwargs)
 
     def locate(
-        self, images: Sequence[ImageInput] | ImageInput, expressions: Sequence[str] | str, **generation_kwargs
+        self,
+        images: Sequence[ImageInput] | ImageInput,
+        expressions: Sequence[str] | str,
+        *,
+        method: str | None = None,
+        candidates: Sequence | None = None,
+        method_options: Mapping[str, Any] | None = None,
+        **generation_kwargs,
     ) -> list[Result]:
-        """The box each expression refers to, in pixels of its original image (task ``rec``)."""
-        return self.predict("rec", images, _each("expression", expressions), **generation_kwargs)
+        """The box each expression refers to, in pixels of its original image (task ``rec``).
+
+        Args:
+            images: the images.
+            expressions: one referring expression per image.
+            method: None writes the box in location tokens; ``"cpt"`` chooses among ``candidates``
+                by colour prompts (the result adds ``candidate``, ``color`` and ``painted_copy``).
+            candidates: candidate boxes ``[x1, y1, x2, y2]`` in pixels: one list shared by every
+                image, or one list per image (the rec field ``candidate_boxes``).
+            method_options: the method's options (``{"templates": ["sentinel", "instruction"]}``).
+            **generation_kwargs: passed to ``generate_texts`` (no method only).
+        """
+        inputs = _each("expression", expressions)
+        if candidates is not None:
+            if method is None:
+                raise InputError(
+                    "rec: candidates do not apply to a task that writes a box, unless a method chooses among "
+                    "candidate boxes (method='cpt', candidates=[[x1, y1, x2, y2], ...])",
+                    param="candidates",
+                )
+            inputs = _with_candidate_boxes(inputs, candidates)
+        return self.predict("rec", images, inputs, method=method, method_options=method_options, **generation_kwargs)
 
     def ground(
         self, images: Sequence[ImageInput] | ImageInput, captions: Sequence[str] | str, **generation_kwargs
@@ -663,9 +747,67 @@ def _ranked(query: Query, scores: list[float], words: list[str]) -> Result:
     return Result(task=query.task, fields=fields, score=best_score, text=best_word, prediction=best_label)
 
 
-def _result(query: Query, text: str, score: float) -> Result:
+def _result(query: Query, text: str, score: float, *, details: Mapping[str, Any] | None = None) -> Result:
     if query.task == GENERATE:
         return Result(task=GENERATE, fields={}, score=score, text=text, prediction=text)
     task = tasks.get_task(query.task)
     parsed = task.parse(text, query.record)
-    return Result(task=query.task, fields=task.presentation(parsed, score), score=score, text=text, prediction=parsed)
+    fields = {**task.presentation(parsed, score), **(details or {})}
+    return Result(task=query.task, fields=fields, score=score, text=text, prediction=parsed)
+
+
+def _method(name, options, task: str, record: Mapping[str, Any], *, candidates, labels):
+    """``(method name, resolved options)`` of a query whose method reads answers, else ``(None, {})``.
+
+    Raises:
+        InputError: an unknown method or option, options it cannot combine with, or a record the
+            method refuses (its ``check``), so that the query fails alone before it joins a batch.
+    """
+    if name is None:
+        if options:
+            raise InputError("method_options need a method", param="method_options")
+        return None, {}
+    if not isinstance(name, str):
+        raise InputError(f"method must be a method's name, got {type(name).__name__}", param="method")
+    try:
+        method = get_method(name)
+    except MethodError as exc:
+        raise InputError(str(exc), param="method") from None
+    try:
+        resolved = method.resolve_options(options)
+    except MethodError as exc:
+        raise InputError(str(exc), param="method_options") from None
+    if method.predict is None and method.generate is None:
+        return None, {}  # the task's own decoding (full fine-tuning's way)
+    if candidates is not None or labels is not None:
+        raise InputError(f"method {name!r} reads answers its own way; drop candidates and labels", param="method")
+    if method.check is not None:
+        try:
+            method.check(task, record, resolved)
+        except MethodError as exc:
+            raise InputError(str(exc), param=_field_named_in(str(exc), input_fields(task)) or "method") from None
+    return method.name, resolved
+
+
+def _with_candidate_boxes(inputs, candidates: Sequence) -> list[dict[str, Any]] | dict[str, Any]:
+    """Adds ``candidate_boxes`` to each input: one shared list of boxes, or one list per image."""
+    shared = isinstance(candidates, Sequence) and (
+        not candidates
+        or (isinstance(candidates[0], Sequence) and _is_number(candidates[0][0] if candidates[0] else None))
+    )
+    if isinstance(inputs, Mapping):
+        if shared:
+            return {**inputs, "candidate_boxes": list(candidates)}
+        inputs = [dict(inputs)] * len(candidates)
+    per_image = [list(candidates)] * len(inputs) if shared else list(candidates)
+    if len(per_image) != len(inputs):
+        raise InputError(
+            f"candidates: got {len(per_image)} lists of boxes for {len(inputs)} inputs; give one list per image "
+            "or one list for all",
+            param="candidates",
+        )
+    return [{**fields, "candidate_boxes": list(boxes)} for fields, boxes in zip(inputs, per_image, strict=True)]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Union
@@ -148,10 +149,13 @@ def _options(limits: Limits) -> dict[str, Any]:
         "top_k": bounded(1, limits.max_labels),
         "num_beams": bounded(1, limits.max_beams),
         "max_new_tokens": bounded(1, limits.max_new_tokens),
+        # A method that reads answers its own way (unified_vl.prompting; "cpt") and its options.
+        "method": (_text(limits) | None, None),
+        "method_options": (dict[str, Any] | None, None),
     }
 
 
-OPTION_NAMES = ("candidates", "labels", "top_k", "num_beams", "max_new_tokens")
+OPTION_NAMES = ("candidates", "labels", "top_k", "num_beams", "max_new_tokens", "method", "method_options")
 
 
 def _task_model(name: str, limits: Limits) -> type[BaseModel]:
@@ -301,8 +305,14 @@ class RequestSchema:
         Raises:
             SchemaError: the field that does not fit, by its path.
         """
+        body = dict(body)
+        if form and isinstance(body.get("method_options"), str):  # a form field holds the object as JSON text
+            try:
+                body["method_options"] = json.loads(body["method_options"])
+            except json.JSONDecodeError:
+                raise SchemaError("method_options must be a JSON object", "method_options") from None
         try:
-            model = self.predict_adapter.validate_python(dict(body), strict=not form)
+            model = self.predict_adapter.validate_python(body, strict=not form)
         except ValidationError as exc:
             raise self._error(exc, body) from None
         values = model.model_dump()

@@ -9,7 +9,10 @@ Endpoints:
   or a ``data:`` URI) or multipart (``image`` a file part). Task fields are the task's input
   fields (``question`` for vqa, ``expression`` for rec, ``caption`` for grounding, ``prompt``
   for ``generate``; ``GET /v1/models`` lists them); options are ``candidates``, ``labels``,
-  ``top_k``, ``num_beams`` and ``max_new_tokens``; ``model`` picks an adapter (below). Answers
+  ``top_k``, ``num_beams`` and ``max_new_tokens``; ``model`` picks an adapter (below); ``method``
+  with ``method_options`` names a method that reads answers its own way (``{"task": "rec",
+  "method": "cpt", "expression": ..., "candidate_boxes": [[x1, y1, x2, y2], ...]}``: CPT colour
+  prompts choose a candidate). Answers
   ``{"task", "model", "prediction"}``.
 * ``POST /v1/chat/completions``: the OpenAI Chat Completions API (API reference,
   https://platform.openai.com/docs/api-reference/chat/create). The last user message's ``text``

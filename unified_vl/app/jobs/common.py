@@ -271,6 +271,7 @@ def run_main(body, argv: Sequence[str]) -> int:
     from data_tools.storage import StorageError
     from unified_vl.checkpoint import CheckpointError, ModelFileError
     from unified_vl.engine.trainer import NonFiniteError
+    from unified_vl.prompting import MethodError
 
     try:
         return body(strip_launcher_args(argv))
@@ -279,7 +280,8 @@ def run_main(body, argv: Sequence[str]) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (CheckpointError, StorageError, FileNotFoundError, NonFiniteError) as exc:
+    # MethodError: a record the method refuses
+    except (CheckpointError, StorageError, FileNotFoundError, NonFiniteError, MethodError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
