@@ -180,7 +180,7 @@ def test_local_t5_folder_and_timm_weight_file_become_the_backbones(tmp_path, tok
     t5_dir = tmp_path / "t5"
     t5_dir.mkdir()
     (t5_dir / "spiece.model").write_bytes((default_tokenizer_dir() / "spiece.model").read_bytes())
-    base_vocab = len(load_tokenizer(t5_dir)) - 1000  # pieces + sentinels, location tokens aside
+    base_vocab = len(load_tokenizer(t5_dir)) - 1001  # pieces + sentinels; location tokens and <image> aside
     t5 = T5ForConditionalGeneration(
         T5Config(
             d_model=32,
@@ -211,7 +211,7 @@ def test_local_t5_folder_and_timm_weight_file_become_the_backbones(tmp_path, tok
         )
         model = build_model(config, t5_tokenizer)
         assert model.config.text_config.d_model == 32
-        assert model.language_model.config.vocab_size == len(t5_tokenizer) == base_vocab + 1000
+        assert model.language_model.config.vocab_size == len(t5_tokenizer) == base_vocab + 1001
         shared = model.language_model.shared.weight
         torch.testing.assert_close(shared[:base_vocab], t5.shared.weight, atol=0, rtol=0)
         torch.testing.assert_close(

@@ -94,4 +94,6 @@ def load_pretrained(
     check_model_folder(path)
     model = UnifiedVLForConditionalGeneration.from_pretrained(str(path), **model_kwargs)
     processor = UnifiedVLProcessor.from_pretrained(path)
+    if model.config.image_token_id is None:  # a folder saved before interleaving: its tokenizer's <image>
+        model.config.image_token_id = processor.image_token_id
     return model, processor
