@@ -28,7 +28,7 @@ from transformers import PreTrainedModel, T5ForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
 from unified_vl.config import VISUAL_MODES, UnifiedVLConfig
-from unified_vl.tokenizer import image_token_id, loc_token_ids
+from unified_vl.tokenizer import image_token_id, loc_token_ids, model_vocab_size
 
 POSITION_INIT_STD = 0.5
 
@@ -245,12 +245,12 @@ class UnifiedVLForConditionalGeneration(PreTrainedModel):
                 f"the prompts hold {int(is_image.sum())} image placeholders but pixel_values holds {num_images} "
                 "images; the processor pairs them (one <image> per image, in order)"
             )
+        images = self.visual(pixel_values.to(self.dtype)) + self.type_embed[0] if num_images else None  # (K, N, D)
         # The placeholder is never looked up: its id may lie past the table of an older model.
         ids = input_ids.masked_fill(is_image, self.config.text_config.pad_token_id)
         text = self.language_model.shared(ids) + self.type_embed[1]  # (B, T, D)
-        if num_images == 0:
+        if images is None:
             return text, attention_mask
-        images = self.visual(pixel_values.to(self.dtype)) + self.type_embed[0]  # (K, N, D)
         return interleave(text, attention_mask, is_image, images)  # (B, L, D), (B, L)
 
     def encode(
@@ -369,9 +369,9 @@ def build_model(config: UnifiedVLConfig, tokenizer=None) -> UnifiedVLForConditio
 
     Args:
         config: the model config; ``text_model_path`` and ``vision_weights_path`` are read here.
-        tokenizer: if given, the token embeddings are resized to ``len(tokenizer)`` (the added
-            location tokens of a pretrained T5 get fresh rows), and ``config.image_token_id`` is
-            the tokenizer's ``<image>``.
+        tokenizer: if given, the token embeddings are resized to ``model_vocab_size(tokenizer)``
+            (the added location tokens of a pretrained T5 get fresh rows), and
+            ``config.image_token_id`` is the tokenizer's ``<image>``.
     """
     model = UnifiedVLForConditionalGeneration(config)
     if config.text_model_path is not None:
@@ -379,8 +379,8 @@ def build_model(config: UnifiedVLConfig, tokenizer=None) -> UnifiedVLForConditio
     if config.vision_weights_path is not None:
         load_vision_weights(model, config.vision_weights_path)
     if tokenizer is not None:
-        if len(tokenizer) != model.language_model.config.vocab_size:
-            model.resize_token_embeddings(len(tokenizer))
+        if model_vocab_size(tokenizer) != model.language_model.config.vocab_size:
+            model.resize_token_embeddings(model_vocab_size(tokenizer))
         init_location_embeddings(model, loc_token_ids(tokenizer, config.num_bins))
         model.config.image_token_id = image_token_id(tokenizer)
     model.config.text_config = model.language_model.config

@@ -7,9 +7,9 @@ placeholder ``<image>``. Location tokens are added as ordinary added tokens, not
 
 ``<image>`` marks where an image goes in an interleaved prompt (PaliGemma and LLaVA use the same
 word); the model puts the image's vectors there and never embeds the token itself. It is a special
-token, so decoding drops it. It comes last, so the tokenizer of a folder saved before it existed
-keeps every id and gains ``<image>`` past its model's embedding rows, which is harmless: the model
-never looks the placeholder up in its embedding table.
+token, so decoding drops it. The model never looks it up (it puts the image there) and never writes
+it, so it has no row in the embedding table: :func:`model_vocab_size` is the table's size, and
+``<image>`` comes last, one past the table, in the tokenizers of new and older folders alike.
 
 A small default SentencePiece model ships with the package (``unified_vl/assets/tokenizer``). It is
 trained by ``scripts/train_default_tokenizer.py`` on text the project produces itself (task
@@ -57,7 +57,7 @@ def load_tokenizer(path: str | os.PathLike | None = None, *, num_bins: int = DEF
         num_bins: number of location tokens ``<loc_0>``..``<loc_{num_bins-1}>``.
 
     Returns:
-        The tokenizer; ``len(tokenizer)`` is the embedding size the model needs.
+        The tokenizer; :func:`model_vocab_size` is the embedding size the model needs.
 
     Raises:
         FileNotFoundError: the folder holds neither ``tokenizer.json`` nor ``spiece.model``.
@@ -79,6 +79,13 @@ def loc_token_ids(tokenizer: T5Tokenizer, num_bins: int = DEFAULT_NUM_BINS) -> l
     if tokenizer.unk_token_id in ids:
         raise ValueError(f"tokenizer lacks location tokens for {num_bins} bins; load it with load_tokenizer()")
     return ids
+
+
+def model_vocab_size(tokenizer: T5Tokenizer) -> int:
+    """Rows of the model's embedding table: every token but a trailing ``<image>``, which the model
+    neither reads (an image goes there) nor writes."""
+    size = len(tokenizer)
+    return size - 1 if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == size - 1 else size
 
 
 def image_token_id(tokenizer: T5Tokenizer) -> int:
