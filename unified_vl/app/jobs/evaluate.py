@@ -95,7 +95,7 @@ class TaskEvaluator:
 
     def _texts(self, model, processor, task, rows, split: str) -> list[str]:
         """The method's texts for ``rows`` when it reads answers its own way, else the task's decoding."""
-        from unified_vl.app.jobs.common import blank_image
+        from unified_vl.app.jobs.common import record_images
         from unified_vl.generation import generate_texts
 
         if self.method.generate is not None:
@@ -111,7 +111,7 @@ class TaskEvaluator:
         return generate_texts(
             model,
             processor,
-            [r["image"] if r["image"] is not None else blank_image() for r in rows],
+            [record_images(r) for r in rows],
             [task.prompt(r) for r in rows],
             decoding=task.decoding,
             candidates=self.candidates(task, split) if task.decoding == "candidates" else None,
