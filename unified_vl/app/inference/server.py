@@ -14,7 +14,10 @@ Endpoints:
   https://platform.openai.com/docs/api-reference/chat/create). The last user message's ``text``
   parts, joined, are the instruction, used as written (no task template); its ``image_url``
   part (a ``data:`` URI, RFC 2397; the server fetches nothing) is the image, or the latest image
-  of an earlier user message. ``max_tokens`` / ``max_completion_tokens`` bound the output;
+  of an earlier user message. A message with several ``image_url`` parts is an interleaved
+  prompt: each image goes where its part is among the text parts (as an ``<image>``
+  placeholder; Frozen's few-shot format ``image, "this is a dax.", image, "what is this?"``); the
+  text must not hold ``<image>`` itself. ``max_tokens`` / ``max_completion_tokens`` bound the output;
   decoding is greedy and deterministic, so sampling options (``temperature``, ``top_p``, ``seed``)
   are accepted and have no effect; ``n`` must be 1. ``stream: true`` answers with Server-Sent
   Events (WHATWG HTML, "Server-sent events"): ``data: <chunk JSON>`` events, then
@@ -58,6 +61,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from unified_vl.app.inference.batcher import DynamicBatcher, QueueFullError
 from unified_vl.app.inference.predictor import GENERATE, InputError, Predictor, input_fields, known_tasks
 from unified_vl.processor import ImageLoadError
+from unified_vl.tokenizer import IMAGE_TOKEN
 
 MiB = 1024 * 1024
 # Options of /v1/predict besides the task fields: name -> (type, lowest, highest). The bounds keep
@@ -293,14 +297,24 @@ class Service:
         if not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):  # constant time
             raise ApiError(401, "incorrect API key", type="authentication_error", headers=headers)
 
-    def make_query(self, task: str, image: bytes | str, inputs: dict, options: dict, param: str = "image") -> Any:
-        """Decodes the image and validates the request into a `Query`; runs in a worker thread."""
+    def make_query(
+        self, task: str, image: bytes | str | list[tuple[str, str]], inputs: dict, options: dict, param: str = "image"
+    ) -> Any:
+        """Decodes the image (a list of ``(data, param)``: several, in order) and validates the request
+        into a `Query`; runs in a worker thread."""
         limits = self.limits
-        if isinstance(image, str):
-            image = _image_bytes_from_text(image, max_image_bytes=limits.max_image_bytes, param=param)
-        image = decode_image(image, max_image_bytes=limits.max_image_bytes, max_pixels=limits.max_pixels, param=param)
+
+        def decode(data: bytes | str, param: str) -> Image.Image:
+            if isinstance(data, str):
+                data = _image_bytes_from_text(data, max_image_bytes=limits.max_image_bytes, param=param)
+            return decode_image(data, max_image_bytes=limits.max_image_bytes, max_pixels=limits.max_pixels, param=param)
+
+        if isinstance(image, list):
+            decoded = [decode(data, where) for data, where in image]
+        else:
+            decoded = decode(image, param)
         try:
-            return self.predictor.query(task, image, inputs, **options)
+            return self.predictor.query(task, decoded, inputs, **options)
         except InputError as exc:
             raise _invalid(str(exc), exc.param) from None
         except ImageLoadError as exc:
@@ -452,14 +466,16 @@ async def chat_completions(request: Request):
     service = _service(request)
     service.check_key(request)
     body = await _json_body(request)
-    prompt, image_text, param = _chat_input(body)
+    prompt, images = _chat_input(body)
     options = _chat_options(body)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _invalid(f"stream must be a boolean, got {stream!r:.60}", "stream")
-    query = await asyncio.to_thread(service.make_query, GENERATE, image_text, {"prompt": prompt}, options, param)
+    # One image: as before (in front of the prompt); several: each at its placeholder.
+    image, param = (images[0][0], images[0][1]) if len(images) == 1 else (images, "messages")
+    query = await asyncio.to_thread(service.make_query, GENERATE, image, {"prompt": prompt}, options, param)
     result = await service.run_query(query)
-    completion = _Completion(service.predictor, prompt, result.text, options)
+    completion = _Completion(service.predictor, prompt, result.text, options, num_images=len(images))
     if not stream:
         return completion.body()
     include_usage = isinstance(body.get("stream_options"), dict) and bool(body["stream_options"].get("include_usage"))
@@ -487,13 +503,18 @@ def _chat_options(body: Mapping[str, Any]) -> dict[str, Any]:
 class _Completion:
     """One chat completion's answer, as a JSON body or as OpenAI's stream of Server-Sent Events."""
 
-    def __init__(self, predictor: Predictor, prompt: str, text: str, options: Mapping[str, Any]):
+    def __init__(
+        self, predictor: Predictor, prompt: str, text: str, options: Mapping[str, Any], *, num_images: int = 1
+    ):
         self.model, self.text = predictor.name, text
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         max_new_tokens = options.get("max_new_tokens", predictor.model.config.max_target_length)
         tokenizer = predictor.processor.tokenizer
         completion_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        prompt_tokens = len(tokenizer(prompt)["input_ids"]) + predictor.model.visual.num_patches
+        # The encoder's positions: the text's tokens, and each image's vectors in place of its placeholder.
+        ids = tokenizer(prompt)["input_ids"]
+        text_tokens = len(ids) - ids.count(predictor.processor.image_token_id)
+        prompt_tokens = text_tokens + num_images * predictor.model.visual.num_tokens
         self.usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -612,8 +633,11 @@ def _add_error_handlers(app: FastAPI, service: Service) -> None:
         return service.answer_error(request, error)
 
 
-def _chat_input(body: Mapping[str, Any]) -> tuple[str, str, str]:
-    """The instruction, the image (data: URI text) and the image's param path from ``messages``."""
+def _chat_input(body: Mapping[str, Any]) -> tuple[str, list[tuple[str, str]]]:
+    """The instruction and the images (``(data: URI text, param path)``, in order) from ``messages``.
+
+    Several images in the last user message make an interleaved prompt: ``<image>`` where each was.
+    """
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _invalid("messages must be a non-empty list of {role, content} objects", "messages")
@@ -626,42 +650,59 @@ def _chat_input(body: Mapping[str, Any]) -> tuple[str, str, str]:
         if message["role"] != "user":
             continue
         if isinstance(content, str):
-            last_user = (i, [content])
+            last_user = (i, [content], [])
             continue
         if not isinstance(content, list):
             raise _invalid(
                 f"messages[{i}].content must be a string or a list of content parts", f"messages[{i}].content"
             )
-        texts = []
-        for j, part in enumerate(content):
-            where = f"messages[{i}].content[{j}]"
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                if not isinstance(part.get("text"), str):
-                    raise _invalid(f"{where}.text must be a string", f"{where}.text")
-                texts.append(part["text"])
-            elif kind == "image_url":
-                url = part.get("image_url")
-                url = url.get("url") if isinstance(url, dict) else url
-                if not isinstance(url, str):
-                    raise _invalid(f"{where}.image_url.url must be a string", f"{where}.image_url.url")
-                if not url.startswith("data:"):
-                    raise _invalid(
-                        f"{where}.image_url.url must be a data: URI (data:image/png;base64,...); the server fetches nothing",
-                        f"{where}.image_url.url",
-                    )
-                image = (url, f"{where}.image_url.url")
-            else:
-                raise _invalid(f"{where}.type must be 'text' or 'image_url', got {kind!r:.40}", f"{where}.type")
-        last_user = (i, texts)
+        parts, images = _content_parts(content, i)
+        image = images[-1] if images else image
+        last_user = (i, parts, images)
     if last_user is None:
         raise _invalid("messages holds no user message", "messages")
-    index, texts = last_user
-    prompt = " ".join(t.strip() for t in texts if t.strip())
-    if not prompt:
+    index, parts, images = last_user
+    texts = [p.strip() for p in parts if p is not None and p.strip()]
+    if not texts:
         raise _invalid(f"messages[{index}] has no text: the text is the instruction", f"messages[{index}].content")
+    if len(images) > 1:  # interleaved: each image where its part was
+        return " ".join(IMAGE_TOKEN if p is None else p.strip() for p in parts if p is None or p.strip()), images
     if image is None:
         raise _invalid(
             "no image: add a content part {'type': 'image_url', 'image_url': {'url': 'data:...'}}", "messages"
         )
-    return prompt, image[0], image[1]
+    return " ".join(texts), [image]
+
+
+def _content_parts(content: list, i: int) -> tuple[list[str | None], list[tuple[str, str]]]:
+    """A message's parts in order (text, or None where an image is) and its images ``(url, param)``."""
+    parts: list[str | None] = []
+    images: list[tuple[str, str]] = []
+    for j, part in enumerate(content):
+        where = f"messages[{i}].content[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise _invalid(f"{where}.text must be a string", f"{where}.text")
+            if IMAGE_TOKEN in part["text"]:
+                raise _invalid(
+                    f"{where}.text holds {IMAGE_TOKEN!r}, the image placeholder; send each image as an "
+                    "image_url part where it goes",
+                    f"{where}.text",
+                )
+            parts.append(part["text"])
+        elif kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str):
+                raise _invalid(f"{where}.image_url.url must be a string", f"{where}.image_url.url")
+            if not url.startswith("data:"):
+                raise _invalid(
+                    f"{where}.image_url.url must be a data: URI (data:image/png;base64,...); the server fetches nothing",
+                    f"{where}.image_url.url",
+                )
+            parts.append(None)
+            images.append((url, f"{where}.image_url.url"))
+        else:
+            raise _invalid(f"{where}.type must be 'text' or 'image_url', got {kind!r:.40}", f"{where}.type")
+    return parts, images
