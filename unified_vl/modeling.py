@@ -300,8 +300,8 @@ class UnifiedVLForConditionalGeneration(PreTrainedModel):
     @torch.no_grad()
     def generate(
         self,
-        pixel_values: torch.Tensor | None,
-        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         **generation_kwargs,
     ):
