@@ -17,7 +17,7 @@ import torch
 from unified_vl.config import UnifiedVLConfig
 from unified_vl.modeling import build_model
 from unified_vl.processor import UnifiedVLProcessor
-from unified_vl.tokenizer import load_tokenizer
+from unified_vl.tokenizer import load_tokenizer, model_vocab_size
 
 
 def _time(fn, steps: int) -> float:
@@ -37,7 +37,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer()
-    config = UnifiedVLConfig.from_preset(args.preset, text_config={"vocab_size": len(tokenizer)})
+    config = UnifiedVLConfig.from_preset(args.preset, text_config={"vocab_size": model_vocab_size(tokenizer)})
     model = build_model(config, tokenizer).train()
     processor = UnifiedVLProcessor.from_config(config, tokenizer, vision_backbone=model.visual.backbone)
     rng = np.random.default_rng(0)

@@ -59,11 +59,11 @@ def _untrained_model(preset: str, folder: Path) -> Path:
     from unified_vl.config import UnifiedVLConfig
     from unified_vl.modeling import build_model
     from unified_vl.processor import UnifiedVLProcessor
-    from unified_vl.tokenizer import load_tokenizer
+    from unified_vl.tokenizer import load_tokenizer, model_vocab_size
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer()
-    config = UnifiedVLConfig.from_preset(preset, text_config={"vocab_size": len(tokenizer)})
+    config = UnifiedVLConfig.from_preset(preset, text_config={"vocab_size": model_vocab_size(tokenizer)})
     model = build_model(config, tokenizer)
     processor = UnifiedVLProcessor.from_config(config, tokenizer, vision_backbone=model.visual.backbone)
     return save_pretrained(model, processor, folder / preset)

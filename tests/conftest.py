@@ -20,8 +20,9 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def tiny_config(tokenizer):
     from unified_vl.config import UnifiedVLConfig
+    from unified_vl.tokenizer import model_vocab_size
 
-    return UnifiedVLConfig.from_preset("uvl-tiny", text_config={"vocab_size": len(tokenizer)})
+    return UnifiedVLConfig.from_preset("uvl-tiny", text_config={"vocab_size": model_vocab_size(tokenizer)})
 
 
 @pytest.fixture()

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from test_inference import QUESTION, scene_images, served_model_dir, torch_threads  # noqa: F401  (fixture)
 from test_jobs import FAST, synth_data  # noqa: F401  (synth_data is a fixture)
 
+from tasks.vqa import PROMPTS as VQA_PROMPTS
 from unified_vl.adapters import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -106,7 +107,8 @@ def test_an_adapter_loads_to_the_outputs_it_was_trained_to(method, train_run, se
     trained.load_state_dict(_module_state(run, STEPS), strict=False)  # tied tables: one copy in the state
     trained.eval()
     batch = _batch(processor)
-    images, prompts = scene_images(), [f"question: {QUESTION}"] * 4
+    # The prompt the Predictor writes for a question: the vqa task's canonical template.
+    images, prompts = scene_images(), [VQA_PROMPTS[0].format(question=QUESTION)] * 4
     with torch_threads(1), torch.no_grad():
         predictor = Predictor.from_pretrained(served_model_dir, device="cpu", adapters={"a": run / "adapter"})
         ((model, rows, names),) = predictor.adapters.plan(["a"] * 4)

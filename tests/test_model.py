@@ -180,7 +180,7 @@ def test_local_t5_folder_and_timm_weight_file_become_the_backbones(tmp_path, tok
     t5_dir = tmp_path / "t5"
     t5_dir.mkdir()
     (t5_dir / "spiece.model").write_bytes((default_tokenizer_dir() / "spiece.model").read_bytes())
-    base_vocab = len(load_tokenizer(t5_dir)) - 1000  # pieces + sentinels, location tokens aside
+    base_vocab = len(load_tokenizer(t5_dir)) - 1001  # pieces + sentinels; location tokens and <image> aside
     t5 = T5ForConditionalGeneration(
         T5Config(
             d_model=32,
@@ -211,7 +211,7 @@ def test_local_t5_folder_and_timm_weight_file_become_the_backbones(tmp_path, tok
         )
         model = build_model(config, t5_tokenizer)
         assert model.config.text_config.d_model == 32
-        assert model.language_model.config.vocab_size == len(t5_tokenizer) == base_vocab + 1000
+        assert model.language_model.config.vocab_size == len(t5_tokenizer) - 1 == base_vocab + 1000  # no <image> row
         shared = model.language_model.shared.weight
         torch.testing.assert_close(shared[:base_vocab], t5.shared.weight, atol=0, rtol=0)
         torch.testing.assert_close(
@@ -369,12 +369,12 @@ def test_long_text_is_truncated_keeping_eos(processor, caplog):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_location_embeddings_start_smooth_in_the_bin(tokenizer, tied):
-    from unified_vl.tokenizer import loc_token_ids
+    from unified_vl.tokenizer import loc_token_ids, model_vocab_size
 
-    text = {"vocab_size": len(tokenizer), "tie_word_embeddings": tied}
+    text = {"vocab_size": model_vocab_size(tokenizer), "tie_word_embeddings": tied}
     model = build_model(UnifiedVLConfig.from_preset("uvl-tiny", text_config=text), tokenizer)
     ids = torch.tensor(loc_token_ids(tokenizer))
-    others = torch.ones(len(tokenizer), dtype=torch.bool)
+    others = torch.ones(model_vocab_size(tokenizer), dtype=torch.bool)
     others[ids] = False
     tables = [model.language_model.shared.weight]
     if not tied:

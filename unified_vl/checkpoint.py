@@ -182,4 +182,6 @@ def load_pretrained(
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelFileError(f"{Path(path)}: the processor and tokenizer files do not load ({first})") from None
+    if model.config.image_token_id is None:  # a folder saved before interleaving: its tokenizer's <image>
+        model.config.image_token_id = processor.image_token_id
     return model, processor

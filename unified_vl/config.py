@@ -18,7 +18,10 @@ from transformers import PretrainedConfig, T5Config
 
 from tasks.boxes import DEFAULT_NUM_BINS
 
-VISUAL_MODES = ("fused",)
+# How the image reaches the language model (`visual_mode`); unified_vl.modeling has one module per mode.
+VISUAL_MODES = ("fused", "prefix")
+# Frozen maps the image to n = 2 embeddings (Tsimpoukelli et al. 2021, §3.1 and Appendix: "n = 2").
+DEFAULT_PREFIX_LENGTH = 2
 # How a ViT backbone turns pixels into patch tokens: "patch" is timm's own (one strided conv, the
 # patchify stem); "conv" is a stack of 3x3 stride-2 convolutions (Xiao et al. 2021, "Early
 # Convolutions Help Transformers See Better"), which learns from far fewer examples.
@@ -115,8 +118,17 @@ class UnifiedVLConfig(PretrainedConfig):
         image_size: square input size in pixels; images are resized to it without cropping, so a
             box normalised by the original size stays valid.
         num_bins: number of location tokens (DESIGN.md §3; OFA uses 1000).
-        visual_mode: how image tokens reach the language model; ``"fused"``: patch tokens are
-            concatenated before the text tokens and both run through the T5 encoder.
+        visual_mode: how an image reaches the language model. ``"fused"``: its patch tokens (with
+            2-D positions) run through the T5 encoder with the text, and everything trains.
+            ``"prefix"`` (Frozen, Tsimpoukelli et al. 2021): the backbone's pooled feature is mapped
+            by one linear layer to ``prefix_length`` vectors of the text width, and the language
+            model is frozen by design (training leaves it unchanged unless ``train.freeze`` says
+            otherwise). Either way an image's vectors go where its ``<image>`` placeholder is in the
+            prompt, or in front of a prompt that has none.
+        prefix_length: vectors per image in ``"prefix"`` mode (Frozen's n).
+        image_token_id: the tokenizer's id of ``<image>``; set by
+            :func:`~unified_vl.modeling.build_model` (None in folders saved before interleaving:
+            :func:`~unified_vl.checkpoint.load_pretrained` fills it in from the processor).
         max_text_length: prompts are truncated to this many tokens (documented in the README).
         max_target_length: targets are truncated to this many tokens; also generation's default.
     """
@@ -136,14 +148,18 @@ class UnifiedVLConfig(PretrainedConfig):
         image_size: int = 64,
         num_bins: int = DEFAULT_NUM_BINS,
         visual_mode: str = "fused",
+        prefix_length: int = DEFAULT_PREFIX_LENGTH,
+        image_token_id: int | None = None,
         max_text_length: int = 128,
         max_target_length: int = 64,
         **kwargs,
     ):
         if visual_mode not in VISUAL_MODES:
-            raise ValueError(f"visual_mode must be one of {VISUAL_MODES}, got {visual_mode!r}")
+            raise ValueError(f"visual_mode must be one of {', '.join(map(repr, VISUAL_MODES))}, got {visual_mode!r}")
         if vision_stem not in VISION_STEMS:
             raise ValueError(f"vision_stem must be one of {VISION_STEMS}, got {vision_stem!r}")
+        if not isinstance(prefix_length, int) or isinstance(prefix_length, bool) or prefix_length < 1:
+            raise ValueError(f"prefix_length must be an integer >= 1, got {prefix_length!r}")
         if not isinstance(num_bins, int) or num_bins < 2:
             raise ValueError(f"num_bins must be an integer >= 2, got {num_bins!r}")
         if isinstance(text_config, T5Config):
@@ -166,6 +182,8 @@ class UnifiedVLConfig(PretrainedConfig):
         self.image_size = image_size
         self.num_bins = num_bins
         self.visual_mode = visual_mode
+        self.prefix_length = prefix_length
+        self.image_token_id = image_token_id
         self.max_text_length = max_text_length
         self.max_target_length = max_target_length
         kwargs.setdefault("is_encoder_decoder", True)

@@ -2,14 +2,18 @@
 
 Read top to bottom (VL-T5, Cho et al. 2021; OFA, Wang et al. 2022)::
 
-    pixel_values (B, 3, S, S)
-      -> timm backbone -> patch grid (B, N, C)
-      -> Linear(C, D) + LayerNorm + learned 2-D position (row + column) + type embedding 0
+    pixel_values (K, 3, S, S)                       the batch's K images, in the order of their placeholders
+      -> visual module (by config.visual_mode):
+         fused:  timm backbone -> patch grid (K, N, C) -> Linear(C, D) + LayerNorm + 2-D position
+         prefix: timm backbone -> pooled (K, C) -> Linear(C, n D) -> (K, n, D)   (Frozen; the LM is frozen)
+      + type embedding 0
     input_ids (B, T) -> T5 token embeddings + type embedding 1
-    [patch tokens ; text tokens] (B, N + T, D) -> T5 encoder -> T5 decoder -> logits over the vocab
+    each <image> placeholder widened to its image's vectors (B, L, D) -> T5 encoder -> T5 decoder -> logits
 
-The attention mask is ``[1] * N`` for the patch tokens followed by the text mask, so padding of
-the text never reaches a real token (batched and one-at-a-time generation agree).
+A prompt without placeholders that comes with one image gets it in front, ``[image ; text]``, the
+layout of every model before interleaving. The attention mask is 1 on every image vector and follows
+the text mask elsewhere; rows stay right-padded, so padding never reaches a real token (batched and
+one-at-a-time generation agree).
 
 Three insertion points for the learned-prompt methods (``unified_vl.prompting``), each None unless a
 method sets it: ``visual.vision_prompt`` (VPT: tokens inside the ViT), ``encoder_prompt`` (prompt
@@ -32,8 +36,8 @@ from torch import nn
 from transformers import PreTrainedModel, T5ForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
-from unified_vl.config import UnifiedVLConfig
-from unified_vl.tokenizer import loc_token_ids
+from unified_vl.config import VISUAL_MODES, UnifiedVLConfig
+from unified_vl.tokenizer import image_token_id, loc_token_ids, model_vocab_size
 
 POSITION_INIT_STD = 0.5
 
@@ -70,41 +74,76 @@ def _use_conv_stem(backbone: nn.Module, name: str) -> None:
     backbone.patch_embed.proj = ConvStem(proj.kernel_size[0], proj.out_channels)
 
 
+def create_backbone(config: UnifiedVLConfig) -> nn.Module:
+    """The timm backbone the config names (``pretrained=False``: nothing downloads), with its stem."""
+    kwargs = dict(config.vision_kwargs)
+    if config.vision_out_index is not None:
+        # A CNN stage as the grid (OFA uses ResNet's first three stages, §3.1).
+        backbone = timm.create_model(
+            config.vision_model,
+            pretrained=False,
+            features_only=True,
+            out_indices=(config.vision_out_index,),
+            **kwargs,
+        )
+    else:
+        try:  # transformer backbones take the input size; CNNs refuse the argument
+            backbone = timm.create_model(
+                config.vision_model, pretrained=False, num_classes=0, img_size=config.image_size, **kwargs
+            )
+        except TypeError:
+            backbone = timm.create_model(config.vision_model, pretrained=False, num_classes=0, **kwargs)
+    if config.vision_stem == "conv":
+        _use_conv_stem(backbone, config.vision_model)
+    return backbone
+
+
+def backbone_grid(
+    backbone: nn.Module, out_index: int | None, pixel_values: torch.Tensor, vision_prompt: nn.Module | None = None
+) -> torch.Tensor:
+    """Backbone features as a (B, C, H, W) grid, whatever the backbone's output layout.
+
+    ``vision_prompt`` (VPT) runs a ViT with its trained tokens and returns forward_features' output.
+    """
+    if out_index is not None:
+        return backbone(pixel_values)[0]  # (B, C, H, W)
+    if vision_prompt is not None:
+        feats = vision_prompt(backbone, pixel_values)  # (B, prefix + H*W, C)
+    else:
+        feats = backbone.forward_features(pixel_values)
+    if feats.ndim == 4:
+        return feats  # CNN: (B, C, H, W)
+    # Transformer: (B, prefix + H*W, C); drop class/register tokens.
+    feats = feats[:, getattr(backbone, "num_prefix_tokens", 0) :]
+    b, n, c = feats.shape
+    h, w = backbone.patch_embed.grid_size
+    return feats.transpose(1, 2).reshape(b, c, h, w)
+
+
+def grid_shape(backbone: nn.Module, out_index: int | None, image_size: int) -> tuple[int, int, int, int]:
+    """``(1, C, H, W)`` of the grid for this image size, from one dummy pass."""
+    with torch.no_grad():
+        was_training = backbone.training
+        backbone.eval()
+        grid = backbone_grid(backbone, out_index, torch.zeros(1, 3, image_size, image_size))
+        backbone.train(was_training)
+    return tuple(grid.shape)
+
+
 class VisualEmbedding(nn.Module):
-    """timm backbone -> (B, N, D) patch tokens with 2-D position and type embeddings."""
+    """``visual_mode="fused"``: timm backbone -> (B, N, D) patch tokens with 2-D position embeddings."""
+
+    freezes: tuple[str, ...] = ()  # parameter prefixes this mode keeps frozen by design: none
 
     def __init__(self, config: UnifiedVLConfig):
         super().__init__()
-        kwargs = dict(config.vision_kwargs)
-        if config.vision_out_index is not None:
-            # A CNN stage as the grid (OFA uses ResNet's first three stages, §3.1).
-            self.backbone = timm.create_model(
-                config.vision_model,
-                pretrained=False,
-                features_only=True,
-                out_indices=(config.vision_out_index,),
-                **kwargs,
-            )
-        else:
-            try:  # transformer backbones take the input size; CNNs refuse the argument
-                self.backbone = timm.create_model(
-                    config.vision_model, pretrained=False, num_classes=0, img_size=config.image_size, **kwargs
-                )
-            except TypeError:
-                self.backbone = timm.create_model(config.vision_model, pretrained=False, num_classes=0, **kwargs)
-        if config.vision_stem == "conv":
-            _use_conv_stem(self.backbone, config.vision_model)
+        self.backbone = create_backbone(config)
         self.out_index = config.vision_out_index
         # VPT (unified_vl.prompting.vpt): ``vision_prompt(backbone, pixel_values)`` runs the ViT with
         # trained tokens among its patch tokens and returns forward_features' output without them.
         self.vision_prompt: nn.Module | None = None
         # One dummy pass fixes the grid size and channel count for this image size.
-        with torch.no_grad():
-            was_training = self.backbone.training
-            self.backbone.eval()
-            grid = self._grid(torch.zeros(1, 3, config.image_size, config.image_size))
-            self.backbone.train(was_training)
-        _, channels, self.grid_h, self.grid_w = grid.shape
+        _, channels, self.grid_h, self.grid_w = grid_shape(self.backbone, self.out_index, config.image_size)
         d = config.hidden_size
         self.proj = nn.Linear(channels, d)
         self.norm = nn.LayerNorm(d)
@@ -118,21 +157,13 @@ class VisualEmbedding(nn.Module):
     def num_patches(self) -> int:
         return self.grid_h * self.grid_w
 
+    @property
+    def num_tokens(self) -> int:
+        """Encoder positions one image takes."""
+        return self.num_patches
+
     def _grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Backbone features as a (B, C, H, W) grid, whatever the backbone's output layout."""
-        if self.out_index is not None:
-            return self.backbone(pixel_values)[0]  # (B, C, H, W)
-        if self.vision_prompt is not None:
-            feats = self.vision_prompt(self.backbone, pixel_values)  # (B, prefix + H*W, C)
-        else:
-            feats = self.backbone.forward_features(pixel_values)
-        if feats.ndim == 4:
-            return feats  # CNN: (B, C, H, W)
-        # Transformer: (B, prefix + H*W, C); drop class/register tokens.
-        feats = feats[:, getattr(self.backbone, "num_prefix_tokens", 0) :]
-        b, n, c = feats.shape
-        h, w = self.backbone.patch_embed.grid_size
-        return feats.transpose(1, 2).reshape(b, c, h, w)
+        return backbone_grid(self.backbone, self.out_index, pixel_values, self.vision_prompt)  # (B, C, H, W)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         grid = self._grid(pixel_values)  # (B, C, H, W)
@@ -141,8 +172,77 @@ class VisualEmbedding(nn.Module):
         return self.norm(self.proj(tokens)) + pos  # (B, N, D)
 
 
+class VisualPrefix(nn.Module):
+    """``visual_mode="prefix"``, Frozen's visual prefix: timm backbone -> pooled (B, C) -> (B, n, D).
+
+    Tsimpoukelli et al. 2021, §3.1: the vision encoder's globally pooled output "is linearly mapped
+    and reshaped" into n embeddings of the language model's width, and only the vision encoder and
+    that mapping train. The grid is mean-pooled, for CNNs and ViTs alike (a ViT's class token is
+    left out, as the fused path leaves it out).
+    """
+
+    # Frozen: the language model, and the type embeddings of the text side, stay as they are.
+    freezes: tuple[str, ...] = ("language_model", "type_embed")
+
+    def __init__(self, config: UnifiedVLConfig):
+        super().__init__()
+        self.backbone = create_backbone(config)
+        self.out_index = config.vision_out_index
+        _, channels, _, _ = grid_shape(self.backbone, self.out_index, config.image_size)
+        self.prefix_length = config.prefix_length
+        self.proj = nn.Linear(channels, config.prefix_length * config.hidden_size)
+        self.vision_prompt: nn.Module | None = None  # VPT, as in VisualEmbedding
+
+    @property
+    def num_tokens(self) -> int:
+        """Encoder positions one image takes."""
+        return self.prefix_length
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        grid = backbone_grid(self.backbone, self.out_index, pixel_values, self.vision_prompt)  # (B, C, H, W)
+        pooled = grid.mean(dim=(2, 3))  # (B, C)
+        return self.proj(pooled).view(pooled.shape[0], self.prefix_length, -1)  # (B, n, D)
+
+
+# One visual module per `visual_mode` (a name is a module, DESIGN.md §7.3).
+VISUAL_MODULES: dict[str, type[nn.Module]] = {"fused": VisualEmbedding, "prefix": VisualPrefix}
+assert set(VISUAL_MODULES) == set(VISUAL_MODES), "unified_vl.config.VISUAL_MODES and VISUAL_MODULES disagree"
+
+
+def interleave(
+    text: torch.Tensor, mask: torch.Tensor, is_image: torch.Tensor, images: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Widens each placeholder of ``text`` into its image's vectors.
+
+    Args:
+        text: (B, T, D) token embeddings.
+        mask: (B, T) attention mask, right-padded.
+        is_image: (B, T) True at placeholders; the k-th True in row-major order is image k.
+        images: (K, N, D) the images' vectors.
+
+    Returns:
+        ``(embeds, mask)``, (B, L, D) and (B, L) with ``L`` the longest row's ``T + images * (N - 1)``;
+        a row keeps its tokens in order from position 0, so a shorter row ends in padding.
+    """
+    b, _, d = text.shape
+    n = images.shape[1]
+    width = torch.where(is_image, n, 1)  # (B, T): positions each token takes
+    start = width.cumsum(dim=1) - width  # (B, T): where each token's vectors begin
+    length = int(width.sum(dim=1).max())
+    rows, cols = (~is_image).nonzero(as_tuple=True)  # the text tokens
+    at = (rows, start[rows, cols])
+    embeds = text.new_zeros(b, length, d).index_put(at, text[rows, cols])  # (B, L, D)
+    out_mask = mask.new_zeros(b, length).index_put(at, mask[rows, cols])  # (B, L)
+    img_rows, img_cols = is_image.nonzero(as_tuple=True)  # row-major, the order of pixel_values
+    offsets = start[img_rows, img_cols][:, None] + torch.arange(n, device=start.device)  # (K, N)
+    at = (img_rows[:, None].expand(-1, n), offsets)
+    embeds = embeds.index_put(at, images.to(embeds.dtype))
+    out_mask = out_mask.index_put(at, out_mask.new_ones(offsets.shape))
+    return embeds, out_mask
+
+
 class UnifiedVLForConditionalGeneration(PreTrainedModel):
-    """Image + instruction -> text, with one T5 encoder-decoder over [patch tokens ; text tokens]."""
+    """Images + instruction -> text, with one T5 encoder-decoder over the interleaved image and text vectors."""
 
     config_class = UnifiedVLConfig
     base_model_prefix = "unified_vl"
@@ -152,7 +252,7 @@ class UnifiedVLForConditionalGeneration(PreTrainedModel):
 
     def __init__(self, config: UnifiedVLConfig):
         super().__init__(config)
-        self.visual = VisualEmbedding(config)
+        self.visual = VISUAL_MODULES[config.visual_mode](config)
         self.language_model = T5ForConditionalGeneration(config.text_config)  # shares the sub-config
         d = config.hidden_size
         # Type embeddings tell image tokens from text tokens (VL-T5 §3.1); zero-initialised so
@@ -171,35 +271,72 @@ class UnifiedVLForConditionalGeneration(PreTrainedModel):
         # in VisualEmbedding/__init__. Nothing to redo here.
         return
 
+    @property
+    def frozen_by_design(self) -> list[str]:
+        """Parameter-name prefixes the visual mode keeps frozen (prefix mode: the text side).
+
+        Training freezes them unless ``train.freeze`` names its own list (``[]`` trains everything).
+        """
+        return list(self.visual.freezes)
+
     # -- encoder side -------------------------------------------------------------------------
     def embed_inputs(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        pixel_values: torch.Tensor | None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder input embeddings and mask for [prompt vectors ;] [patch tokens ; text tokens]."""
+        """Encoder input embeddings (B, [P +] L, D) and mask, each image's vectors at its placeholder.
+
+        ``pixel_values`` (K, 3, S, S) holds the batch's images in the order of their ``<image>``
+        placeholders, row by row (None or K = 0: text only). A batch with no placeholder and one image
+        per row has each image in front of its prompt. A learned encoder prompt (P vectors) goes in
+        front of everything.
+
+        Raises:
+            ValueError: the placeholders and the images do not pair up.
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        visual = self.visual(pixel_values.to(self.dtype))  # (B, N, D)
-        image = visual + self.type_embed[0]  # (B, N, D)
-        text = self.language_model.shared(input_ids) + self.type_embed[1]  # (B, T, D)
-        parts = [image, text]
+        token_id = self.config.image_token_id
+        is_image = input_ids == token_id if token_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if num_images == input_ids.shape[0] > 0 and not is_image.any():  # one image per row, in front
+            is_image = torch.cat([torch.ones_like(is_image[:, :1]), is_image], dim=1)  # (B, 1 + T)
+            input_ids = torch.cat([torch.zeros_like(input_ids[:, :1]), input_ids], dim=1)
+            attention_mask = torch.cat([torch.ones_like(attention_mask[:, :1]), attention_mask], dim=1)
+        if int(is_image.sum()) != num_images:
+            raise ValueError(
+                f"the prompts hold {int(is_image.sum())} image placeholders but pixel_values holds {num_images} "
+                "images; the processor pairs them (one <image> per image, in order)"
+            )
+        visual = self.visual(pixel_values.to(self.dtype)) if num_images else None  # (K, N, D)
+        # The placeholder is never looked up: its id may lie past the table of an older model.
+        ids = input_ids.masked_fill(is_image, self.config.text_config.pad_token_id)
+        text = self.language_model.shared(ids) + self.type_embed[1]  # (B, T, D)
+        if visual is None:
+            embeds, mask = text, attention_mask
+        else:
+            embeds, mask = interleave(text, attention_mask, is_image, visual + self.type_embed[0])  # (B, L, D)
         if self.encoder_prompt is not None:
+            if visual is None or not bool((is_image.sum(dim=1) == 1).all()):
+                raise ValueError("a learned encoder prompt (prompt tuning, CoCoOp) needs exactly one image per prompt")
             # In front of everything: the distances between patch and text tokens, which T5's relative
             # position bias reads, stay those the pretrained model knows.
-            parts.insert(0, self.encoder_prompt(visual))  # (B, P, D)
-        embeds = torch.cat(parts, dim=1)  # (B, [P +] N + T, D)
-        always = attention_mask.new_ones(embeds.shape[0], embeds.shape[1] - text.shape[1])  # (B, [P +] N)
-        mask = torch.cat([always, attention_mask], dim=1)  # (B, [P +] N + T)
+            prompt = self.encoder_prompt(visual)  # (B, P, D): row k's image is image k
+            embeds = torch.cat([prompt, embeds], dim=1)  # (B, P + L, D)
+            mask = torch.cat([mask.new_ones(prompt.shape[:2]), mask], dim=1)  # (B, P + L)
         return embeds, mask
 
     def encode(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         *,
         adapter_names: Sequence[str] | None = None,
     ) -> tuple[BaseModelOutput, torch.Tensor]:
-        """Runs the T5 encoder; returns its output (B, [P +] N + T, D) and the matching mask.
+        """Runs the T5 encoder; returns its output (B, [P +] L, D) and the matching mask (B, [P +] L).
 
         ``adapter_names`` (one per row) pick each row's LoRA adapter (see :meth:`rows`).
         """
@@ -244,8 +381,8 @@ class UnifiedVLForConditionalGeneration(PreTrainedModel):
         each row's LoRA adapter (:meth:`rows`).
         """
         if encoder_outputs is None:
-            if pixel_values is None or input_ids is None:
-                raise ValueError("forward needs pixel_values and input_ids (or encoder_outputs from encode())")
+            if input_ids is None:
+                raise ValueError("forward needs input_ids and pixel_values (or encoder_outputs from encode())")
             encoder_outputs, encoder_attention_mask = self.encode(
                 pixel_values, input_ids, attention_mask, adapter_names=adapter_names
             )
@@ -264,8 +401,8 @@ class UnifiedVLForConditionalGeneration(PreTrainedModel):
     @torch.no_grad()
     def generate(
         self,
-        pixel_values: torch.Tensor,
-        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         *,
         adapter_names: Sequence[str] | None = None,
@@ -342,8 +479,9 @@ def build_model(config: UnifiedVLConfig, tokenizer=None) -> UnifiedVLForConditio
 
     Args:
         config: the model config; ``text_model_path`` and ``vision_weights_path`` are read here.
-        tokenizer: if given, the token embeddings are resized to ``len(tokenizer)`` (the added
-            location tokens of a pretrained T5 get fresh rows).
+        tokenizer: if given, the token embeddings are resized to ``model_vocab_size(tokenizer)``
+            (the added location tokens of a pretrained T5 get fresh rows), and
+            ``config.image_token_id`` is the tokenizer's ``<image>``.
     """
     model = UnifiedVLForConditionalGeneration(config)
     if config.text_model_path is not None:
@@ -351,9 +489,10 @@ def build_model(config: UnifiedVLConfig, tokenizer=None) -> UnifiedVLForConditio
     if config.vision_weights_path is not None:
         load_vision_weights(model, config.vision_weights_path)
     if tokenizer is not None:
-        if len(tokenizer) != model.language_model.config.vocab_size:
-            model.resize_token_embeddings(len(tokenizer))
+        if model_vocab_size(tokenizer) != model.language_model.config.vocab_size:
+            model.resize_token_embeddings(model_vocab_size(tokenizer))
         init_location_embeddings(model, loc_token_ids(tokenizer, config.num_bins))
+        model.config.image_token_id = image_token_id(tokenizer)
     model.config.text_config = model.language_model.config
     return model
 

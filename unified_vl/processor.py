@@ -1,7 +1,16 @@
 """`UnifiedVLProcessor`: images + prompts (+ targets) -> the model's batch tensors.
 
-Speaks tokens (DESIGN.md §7.2): ``pixel_values`` (B, 3, S, S), ``input_ids`` / ``attention_mask``
+Speaks tokens (DESIGN.md §7.2): ``pixel_values`` (K, 3, S, S), ``input_ids`` / ``attention_mask``
 (B, T) and ``labels`` (B, L) with -100 outside the target.
+
+Interleaved images: a prompt may come with several images (or none) and holds one placeholder
+``<image>`` (:data:`unified_vl.tokenizer.IMAGE_TOKEN`) where each goes, e.g. Frozen's few-shot
+``"<image> this is a dax. <image> this is a blicket. <image> question: what is this? answer:"``
+(Tsimpoukelli et al. 2021, §4.3). ``pixel_values`` holds the batch's K images in order, prompt by
+prompt, and the model puts each image's vectors at its placeholder. A prompt without placeholders
+takes a single image in front, as every prompt did before interleaving (PaliGemma's processor
+prepends its image tokens the same way when a prompt has none); a batch made only of such prompts
+is tokenized exactly as before. A placeholder counts one token of ``max_text_length``.
 
 Images are resized to S x S *without cropping* (unlike timm's eval transform, which centre-crops):
 a crop would cut boxes off, and location tokens are normalised by the original width and height.
@@ -27,12 +36,14 @@ from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
 from tasks.boxes import DEFAULT_NUM_BINS
-from unified_vl.tokenizer import load_tokenizer
+from unified_vl.tokenizer import IMAGE_TOKEN, image_token_id, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 PROCESSOR_CONFIG = "processor_config.json"
 ImageInput = Image.Image | np.ndarray | str | os.PathLike
+# What one prompt comes with: an image, a list of images (interleaved; [] or None: none).
+PromptImages = ImageInput | Sequence[ImageInput] | None
 
 
 class ImageLoadError(ValueError):
@@ -152,6 +163,11 @@ class UnifiedVLProcessor(ProcessorMixin):
     def image_size(self) -> int:
         return self.image_processor.image_size
 
+    @property
+    def image_token_id(self) -> int:
+        """The id of the image placeholder ``<image>``."""
+        return image_token_id(self.tokenizer)
+
     @classmethod
     def from_config(cls, config, tokenizer=None, *, vision_backbone=None) -> UnifiedVLProcessor:
         """A processor matching a :class:`UnifiedVLConfig` (and its timm backbone's mean/std)."""
@@ -175,7 +191,9 @@ class UnifiedVLProcessor(ProcessorMixin):
         return self.image_processor(images)["pixel_values"]
 
     # -- text ---------------------------------------------------------------------------------
-    def _tokenize(self, texts: Sequence[str], max_length: int, field: str) -> dict[str, torch.Tensor]:
+    def _tokenize(
+        self, texts: Sequence[str], max_length: int, field: str, image_counts: Sequence[int] | None = None
+    ) -> dict[str, torch.Tensor]:
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"{field} {i}: expected a string, got {type(t).__name__}")
@@ -186,7 +204,10 @@ class UnifiedVLProcessor(ProcessorMixin):
             )
             self._warned_truncation = True
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        rows = [seq[: max_length - 1] + [eos] if len(seq) > max_length else list(seq) for seq in ids]
+        guard = self.image_token_id if field == "prompts" else None  # a cut must not drop an image
+        rows = [self._truncate(seq, max_length, eos, guard, f"prompt {i}") for i, seq in enumerate(ids)]
+        if image_counts is not None:
+            rows = self._place_images(rows, image_counts)
         # Right padding: T5's relative positions of real tokens do not depend on the pad count.
         masks = []
         width = max(len(r) for r in rows) if rows else 0
@@ -198,46 +219,102 @@ class UnifiedVLProcessor(ProcessorMixin):
             "attention_mask": torch.tensor(masks, dtype=torch.long),
         }
 
-    def tokenize_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """``input_ids`` and ``attention_mask`` (B, T), right-padded."""
-        return self._tokenize(prompts, self.max_text_length, "prompts")
+    @staticmethod
+    def _truncate(seq: list[int], max_length: int, eos: int, token: int | None, what: str) -> list[int]:
+        """``seq`` cut to ``max_length`` tokens, eos kept; a placeholder ``token`` past the cut is an error."""
+        if len(seq) <= max_length:
+            return list(seq)
+        if token is not None and token in seq[max_length - 1 :]:
+            last = len(seq) - 1 - seq[::-1].index(token)
+            raise ValueError(
+                f"{what}: its {seq.count(token)} images and text take {len(seq)} tokens, and the image "
+                f"placeholder at token {last} lies past max_text_length={max_length} (a placeholder is one token); "
+                "give fewer images or shorter text"
+            )
+        return seq[: max_length - 1] + [eos]
+
+    def _place_images(self, rows: list[list[int]], image_counts: Sequence[int]) -> list[list[int]]:
+        """Checks that each prompt has one placeholder per image; puts one in front of a prompt without any."""
+        token = self.image_token_id
+        placeholders = [row.count(token) for row in rows]
+        for i, (have, count) in enumerate(zip(placeholders, image_counts, strict=True)):
+            if have != count and not (have == 0 and count == 1):
+                raise ValueError(
+                    f"prompt {i} holds {have} image placeholder(s) {IMAGE_TOKEN!r} but comes with {count} image(s); "
+                    f"put one {IMAGE_TOKEN} where each image goes (a prompt without any takes a single image in front)"
+                )
+        if all(have == 0 and count == 1 for have, count in zip(placeholders, image_counts, strict=True)):
+            return rows  # every image in front: the model puts it there (the layout before interleaving)
+        # Outside max_text_length, like the image in front of a prompt in a batch of such prompts.
+        return [
+            [token, *row] if have == 0 and count == 1 else row
+            for row, have, count in zip(rows, placeholders, image_counts, strict=True)
+        ]
+
+    def tokenize_prompts(
+        self, prompts: Sequence[str], image_counts: Sequence[int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` (B, T), right-padded.
+
+        Args:
+            prompts: the prompts.
+            image_counts: images per prompt, to check against its placeholders (None: unchecked).
+
+        Raises:
+            ValueError: placeholders and images do not pair up, or a placeholder lies past
+                ``max_text_length``.
+        """
+        return self._tokenize(prompts, self.max_text_length, "prompts", image_counts)
 
     def tokenize_targets(self, targets: Sequence[str]) -> torch.Tensor:
         """``labels`` (B, L) with -100 on padding."""
         out = self._tokenize(targets, self.max_target_length, "targets")
+        if (out["input_ids"] == self.image_token_id).any():
+            row = int((out["input_ids"] == self.image_token_id).any(dim=1).nonzero()[0, 0])
+            raise ValueError(f"target {row} holds the image placeholder {IMAGE_TOKEN!r}; targets are text")
         labels = out["input_ids"].masked_fill(out["attention_mask"] == 0, -100)
         return labels
 
     def __call__(
         self,
-        images: Sequence[ImageInput] | ImageInput | None = None,
+        images: Sequence[PromptImages] | ImageInput | None = None,
         text: Sequence[str] | str | None = None,
         targets: Sequence[str] | str | None = None,
     ) -> dict[str, torch.Tensor]:
         """Builds a batch.
 
         Args:
-            images: one image or a list (PIL, numpy, or file paths).
-            text: one prompt or a list, one per image.
+            images: one entry per prompt: an image (PIL, numpy, or a file path), or a list of
+                images for an interleaved prompt (``[]`` or None: no image); or one image.
+            text: one prompt or a list, one per entry of ``images``; a prompt holds one ``<image>``
+                per image, or none to take a single image in front.
             targets: optional target texts, one per prompt; gives ``labels``.
 
         Returns:
-            A dict with ``pixel_values``, ``input_ids``, ``attention_mask`` and (with targets)
-            ``labels``.
+            A dict with ``pixel_values`` (K, 3, S, S: the K images in order, prompt by prompt),
+            ``input_ids``, ``attention_mask`` and (with targets) ``labels``.
+
+        Raises:
+            ValueError: mismatched lengths, or a prompt whose placeholders and images do not pair up.
         """
-        if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike)):
-            images = [images]
+        images = _image_lists(images)
         if isinstance(text, str):
             text = [text]
         if isinstance(targets, str):
             targets = [targets]
         batch: dict[str, torch.Tensor] = {}
         if images is not None:
-            batch["pixel_values"] = self.preprocess_images(images)
+            flat = [image for row in images for image in row]
+            size = self.image_size
+            batch["pixel_values"] = self.preprocess_images(flat) if flat else torch.zeros(0, 3, size, size)
         if text is not None:
             if images is not None and len(text) != len(images):
-                raise ValueError(f"got {len(images)} images but {len(text)} prompts; give one prompt per image")
-            batch.update(self.tokenize_prompts(text))
+                raise ValueError(
+                    f"got {len(images)} images but {len(text)} prompts; give one prompt per image "
+                    "(or a list of images per prompt: images=[[a, b], [c]])"
+                )
+            counts = [len(row) for row in images] if images is not None else None
+            batch.update(self.tokenize_prompts(text, counts))
         if targets is not None:
             if text is not None and len(targets) != len(text):
                 raise ValueError(f"got {len(text)} prompts but {len(targets)} targets; give one target per prompt")
@@ -281,3 +358,16 @@ class UnifiedVLProcessor(ProcessorMixin):
         # The folder's tokenizer as load_tokenizer reads it: T5's sentinels and the location tokens.
         processor.tokenizer = load_tokenizer(folder, num_bins=num_bins)
         return processor
+
+
+def _is_image(value) -> bool:
+    return isinstance(value, (Image.Image, np.ndarray, str, os.PathLike))
+
+
+def _image_lists(images) -> list[list[ImageInput]] | None:
+    """``images`` of ``__call__`` as one list of images per prompt (None stays None)."""
+    if images is None:
+        return None
+    if _is_image(images):
+        return [[images]]
+    return [[] if entry is None else [entry] if _is_image(entry) else list(entry) for entry in images]

@@ -1,9 +1,15 @@
 """The SentencePiece tokenizer (T5's tokenizer class) with location tokens added.
 
 Vocabulary layout: the SentencePiece pieces, then T5's 100 sentinels ``<extra_id_*>`` (used by the
-text-infilling task, Raffel et al. 2020 §3.1.4), then ``<loc_0>``..``<loc_{B-1}>``. Location tokens
-are added as ordinary added tokens, not special ones, so ``decode(skip_special_tokens=True)`` keeps
-them (a box is part of the answer).
+text-infilling task, Raffel et al. 2020 §3.1.4), then ``<loc_0>``..``<loc_{B-1}>``, then the image
+placeholder ``<image>``. Location tokens are added as ordinary added tokens, not special ones, so
+``decode(skip_special_tokens=True)`` keeps them (a box is part of the answer).
+
+``<image>`` marks where an image goes in an interleaved prompt (PaliGemma and LLaVA use the same
+word); the model puts the image's vectors there and never embeds the token itself. It is a special
+token, so decoding drops it. The model never looks it up (it puts the image there) and never writes
+it, so it has no row in the embedding table: :func:`model_vocab_size` is the table's size, and
+``<image>`` comes last, one past the table, in the tokenizers of new and older folders alike.
 
 A small default SentencePiece model ships with the package (``unified_vl/assets/tokenizer``). It is
 trained by ``scripts/train_default_tokenizer.py`` on text the project produces itself (task
@@ -25,6 +31,7 @@ from tasks.boxes import DEFAULT_NUM_BINS, loc_tokens
 
 # T5 reserves 100 sentinel tokens for span corruption (Raffel et al. 2020, §3.1.4).
 NUM_EXTRA_IDS = 100
+IMAGE_TOKEN = "<image>"  # where an image goes in a prompt (unified_vl.processor)
 
 
 def default_tokenizer_dir() -> Path:
@@ -36,11 +43,13 @@ def _add_loc_tokens(tokenizer: T5Tokenizer, num_bins: int) -> T5Tokenizer:
     missing = [t for t in loc_tokens(num_bins) if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_tokens(missing)
+    if IMAGE_TOKEN not in tokenizer.get_vocab():  # after the location tokens: their ids never move
+        tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
     return tokenizer
 
 
 def load_tokenizer(path: str | os.PathLike | None = None, *, num_bins: int = DEFAULT_NUM_BINS) -> T5Tokenizer:
-    """Loads a T5 tokenizer from a local folder and makes sure it has the location tokens.
+    """Loads a T5 tokenizer from a local folder and makes sure it has the location tokens and ``<image>``.
 
     Args:
         path: a folder holding a saved tokenizer (``tokenizer.json``) or a bare SentencePiece
@@ -48,7 +57,7 @@ def load_tokenizer(path: str | os.PathLike | None = None, *, num_bins: int = DEF
         num_bins: number of location tokens ``<loc_0>``..``<loc_{num_bins-1}>``.
 
     Returns:
-        The tokenizer; ``len(tokenizer)`` is the embedding size the model needs.
+        The tokenizer; :func:`model_vocab_size` is the embedding size the model needs.
 
     Raises:
         FileNotFoundError: the folder holds neither ``tokenizer.json`` nor ``spiece.model``.
@@ -82,6 +91,21 @@ def loc_token_ids(tokenizer: T5Tokenizer, num_bins: int = DEFAULT_NUM_BINS) -> l
     if tokenizer.unk_token_id in ids:
         raise ValueError(f"tokenizer lacks location tokens for {num_bins} bins; load it with load_tokenizer()")
     return ids
+
+
+def model_vocab_size(tokenizer: T5Tokenizer) -> int:
+    """Rows of the model's embedding table: every token but a trailing ``<image>``, which the model
+    neither reads (an image goes there) nor writes."""
+    size = len(tokenizer)
+    return size - 1 if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == size - 1 else size
+
+
+def image_token_id(tokenizer: T5Tokenizer) -> int:
+    """The id of the image placeholder ``<image>``."""
+    token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"tokenizer lacks the image placeholder {IMAGE_TOKEN!r}; load it with load_tokenizer()")
+    return token_id
 
 
 def train_tokenizer(

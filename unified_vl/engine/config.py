@@ -106,7 +106,10 @@ class TrainConfig:
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU (stages 1-3)
     offload_params: bool = False  # ZeRO-Infinity-style parameter offload to the CPU (stage 3 only)
     seed: int = 0
-    freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept frozen, e.g. ["visual"]
+    # Parameter-name prefixes kept frozen, e.g. ["visual"]. None: what the model freezes by design
+    # (model.frozen_by_design: the language model in visual_mode=prefix, nothing in fused); a list
+    # replaces that ([] trains everything: Frozen's "finetuned" control).
+    freeze: list[str] | None = None
     log_every: int = 10  # optimizer steps between log lines (progress bar, TensorBoard, metrics.jsonl)
     num_threads: int | None = None  # torch CPU threads; None: torch's default
     # Processes the job starts on this machine when it is not already under a launcher: it re-runs

@@ -30,7 +30,7 @@ from unified_vl.engine.export import SPEC, AdapterSpec, export_adapter, export_c
 from unified_vl.engine.mixture import MixtureSampler, few_shot_indices, mixture_probabilities, shard
 from unified_vl.engine.monitor import Monitor
 from unified_vl.prompting import get_method
-from unified_vl.tokenizer import loc_token_ids
+from unified_vl.tokenizer import loc_token_ids, model_vocab_size
 
 # Architecture fields that must agree between a checkpoint and the model built to resume it.
 ARCH_FIELDS = (
@@ -41,6 +41,7 @@ ARCH_FIELDS = (
     "image_size",
     "num_bins",
     "visual_mode",
+    "prefix_length",
 )
 ARCH_TEXT_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads")
 
@@ -54,7 +55,9 @@ class NonFiniteError(RuntimeError):
 class Example:
     """One training example as text and an image."""
 
-    image: Any  # PIL image, numpy array or path (what the processor reads)
+    # PIL image, numpy array or path (what the processor reads); a list of them for a prompt with
+    # one <image> placeholder per image ([]: a text-only example)
+    image: Any
     prompt: str  # the instruction (encoder text)
     target: str  # the decoder text
 
@@ -166,7 +169,7 @@ def build_model_and_processor(config: RunConfig):
         return load_pretrained(m.init)  # CheckpointError for anything that is not a unified-vl folder
     tokenizer = load_tokenizer(m.tokenizer)
     overrides = {k: v for k, v in m.overrides.items() if k != "text_config"}
-    text = {"vocab_size": len(tokenizer), **m.overrides.get("text_config", {})}
+    text = {"vocab_size": model_vocab_size(tokenizer), **m.overrides.get("text_config", {})}
     model_config = UnifiedVLConfig.from_preset(m.preset or "uvl-tiny", text_config=text, **overrides)
     model = build_model(model_config, tokenizer)
     processor = UnifiedVLProcessor.from_config(model_config, tokenizer, vision_backbone=model.visual.backbone)
@@ -215,6 +218,11 @@ def freeze(model: torch.nn.Module, prefixes: Sequence[str]) -> int:
             param.requires_grad_(False)
             frozen += param.numel()
     return frozen
+
+
+def frozen_prefixes(model: torch.nn.Module, configured: Sequence[str] | None) -> list[str]:
+    """``train.freeze`` when set, else the prefixes the model keeps frozen by design (its visual mode's)."""
+    return list(configured) if configured is not None else list(getattr(model, "frozen_by_design", []))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -371,7 +379,7 @@ def _build(config: RunConfig, data: TrainData, job: str) -> _Run:
     adapter_keys = tuple(sorted(method_weights(model))) if adapter is not None else ()
     if config.resume:
         check_architecture(architecture(UnifiedVLConfig.from_pretrained(run_dir / SPEC)), model.config, run_dir)
-    freeze(model, t.freeze)
+    freeze(model, frozen_prefixes(model, t.freeze))
     torch.manual_seed(t.seed + dist.rank)  # dropout streams differ between ranks
     sizes = {task: len(ds) for task, ds in data.datasets.items()}
     d = config.data
@@ -428,12 +436,13 @@ def parameter_report(model: torch.nn.Module) -> str:
 
 def _summary(run: _Run) -> str:
     t, derived = run.config.train, run.derived
+    frozen = ", ".join(frozen_prefixes(run.model, t.freeze)) or "nothing"
     return (
         f"run {run.run_dir}: method {run.config.method.name}, world size "
         f"{run.dist.world_size}, global batch {t.global_batch_size} = {t.micro_batch_size} x {run.dist.world_size} "
         f"ranks x {derived.gradient_accumulation_steps} accumulation, ZeRO {t.zero_stage}, {t.precision}; mixture "
         + ", ".join(f"{k} {v:.2f}" for k, v in run.mixture.items())
-        + "\n"
+        + f"\nfrozen: {frozen} ({'train.freeze' if t.freeze is not None else 'by the model design'})\n"
         + parameter_report(run.model)
     )
 

@@ -72,7 +72,7 @@ def data_items(data_dir: str, task_name: str, split: str) -> list[Item]:
     from data_tools import storage
     from data_tools.predictions import source_ids
     from unified_vl.app.inference.predictor import input_fields
-    from unified_vl.app.jobs.common import blank_image
+    from unified_vl.app.jobs.common import record_images
 
     dataset = storage.load_split(data_dir, task_name, split)
     names = input_fields(task_name)
@@ -81,7 +81,7 @@ def data_items(data_dir: str, task_name: str, split: str) -> list[Item]:
     def loader(index: int):
         def load():
             record = dataset[index]
-            image = record["image"] if record["image"] is not None else blank_image()  # text-only, as evaluation
+            image = record_images(record)  # a text-only record comes with no image, as in evaluation
             return image, {n: record[n] for n in names if record.get(n) is not None}
 
         return load

@@ -14,6 +14,14 @@ instruction (``task.prompt(record)``, template 0, the canonical one) and parses 
 (``"open"``, ``"loc4"``, ``"candidates"``); so a served answer equals an evaluated one.
 Records are built from each image (its width and height) and the call's text.
 
+Interleaved images: an input may come with a list of images and a prompt holding one ``<image>``
+placeholder where each goes (Frozen's few-shot prompts, Tsimpoukelli et al. 2021)::
+
+    predictor.generate([[dax, blicket, query]], ["<image> this is a dax. <image> this is a blicket. <image> what is this?"])
+
+The record's width and height are the last image's (the one a question is about). A prompt
+without placeholders takes its single image in front, as before.
+
 Inputs are processed ``batch_size`` at a time, images loaded per batch, so a long list never
 holds all its images or activations at once. Batched and one-at-a-time results are equal
 (padding never reaches a real token; ``tests/test_inference.py`` checks it).
@@ -53,7 +61,7 @@ from unified_vl.adapters import AdapterSet
 from unified_vl.app.inference.results import Result
 from unified_vl.checkpoint import load_pretrained
 from unified_vl.generation import CandidateTrie, generate_texts, score_candidates
-from unified_vl.processor import ImageInput, load_image
+from unified_vl.processor import ImageInput, PromptImages, load_image
 from unified_vl.prompting import Answer, MethodError, get_method
 
 logger = logging.getLogger(__name__)
@@ -119,7 +127,8 @@ class Query:
 
     Attributes:
         task: a registry task name or ``"generate"``.
-        image: the RGB image, resized to the model's input size.
+        image: the RGB image, resized to the model's input size; a tuple of them for a prompt with
+            ``<image>`` placeholders.
         record: the record the task reads (image size and the task's input fields).
         prompt: the instruction, ``task.prompt(record)``.
         decoding: ``"open"``, ``"loc4"``, ``"candidates"`` (constrained to ``candidates``) or
@@ -135,7 +144,7 @@ class Query:
     """
 
     task: str
-    image: Image.Image
+    image: Image.Image | tuple[Image.Image, ...]
     record: Mapping[str, Any]
     prompt: str
     decoding: str
@@ -237,7 +246,7 @@ class Predictor:
     def query(
         self,
         task: str,
-        image: ImageInput,
+        image: PromptImages,
         inputs: Mapping[str, Any] | None = None,
         *,
         candidates: Sequence[str] | None = None,
@@ -253,7 +262,8 @@ class Predictor:
 
         Args:
             task: a task name (``tasks.TASKS``) or ``"generate"``.
-            image: a PIL image, a numpy array or a file path.
+            image: a PIL image, a numpy array or a file path; or a list of them for a prompt
+                (a task field or ``"prompt"``) with one ``<image>`` placeholder per image.
             inputs: the task's input fields (``{"question": ...}`` for vqa, ``{"prompt": ...}``
                 for generate); see :func:`input_fields`.
             candidates: constrain the output to one of these texts.
@@ -269,16 +279,26 @@ class Predictor:
 
         Raises:
             InputError: unknown task, unknown/missing/wrong-typed field, an unknown adapter, an
-                option that does not fit the task, or an input the method cannot answer.
+                option that does not fit the task, an input the method cannot answer, or
+                placeholders that do not pair up with the images.
             ImageLoadError: the image cannot be read.
         """
         self.check_adapter(adapter)
         task_obj = None if task == GENERATE else _get_task(task)
         inputs = _checked_inputs(task, inputs)
-        original = load_image(image)
+        several = not _is_single_image(image)
+        originals = (
+            [load_image(one, what=f"image {i}") for i, one in enumerate(image)] if several else [load_image(image)]
+        )
+        size = (originals[-1].width, originals[-1].height) if originals else (0, 0)
         # No image in the record: tasks read only its size, and a queued query should not hold it.
-        record = {"id": None, "image": None, "width": original.width, "height": original.height, **inputs}
+        record = {"id": None, "image": None, "width": size[0], "height": size[1], **inputs}
         prompt = _prompt(task, task_obj, record)
+        try:  # the processor's own checks: one placeholder per image, all within max_text_length
+            self.processor.tokenize_prompts([prompt], [len(originals)])
+        except ValueError as exc:
+            raise InputError(str(exc).replace("prompt 0", "the prompt"), param="image") from None
+        resized = tuple(self._resize(one) for one in originals)
         if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
             raise InputError(f"top_k must be an integer >= 1, got {top_k!r}", param="top_k")
         if top_k > 1 and labels is None:
@@ -292,16 +312,10 @@ class Predictor:
         self._check_outputs(decoding, candidates, label_words, generation_kwargs)
         reader, options = _method(method, method_options, task, record, candidates=candidates, labels=labels)
         if reader is not None:
-            if adapter is not None:  # a method's hooks run the model as it is, without per-row adapters
-                raise InputError(
-                    f"method {reader!r} reads answers with the base model; it does not combine with an adapter",
-                    param="method",
-                )
-            # The method reads the original image (CPT paints boxes given in its pixels).
-            record = {**record, "image": original}
+            record = _method_record(reader, record, originals, adapter)
         return Query(
             task=task,
-            image=self._resize(original),
+            image=resized if several else resized[0],
             record=record,
             prompt=prompt,
             decoding=decoding,
@@ -472,11 +486,12 @@ class Predictor:
         method_options: Mapping[str, Any] | None = None,
         **generation_kwargs,
     ) -> list[Any]:
-        """Any task: one result per image, ``batch_size`` images at a time.
+        """Any task: one result per input, ``batch_size`` inputs at a time.
 
         Args:
             task: a task name or ``"generate"``.
-            images: images (or one image, broadcast over ``inputs``).
+            images: one entry per input, an image or a list of images for a prompt with ``<image>``
+                placeholders (or one image, broadcast over ``inputs``).
             inputs: per image, the task's input fields (or one dict shared by all images).
             candidates: constrain outputs to these texts.
             labels: rank classification over these labels.
@@ -604,12 +619,13 @@ class Predictor:
         return self.predict("detection", images, None, **generation_kwargs)
 
     def generate(
-        self, images: Sequence[ImageInput] | ImageInput, prompts: Sequence[str] | str, **generation_kwargs
+        self, images: Sequence[PromptImages] | ImageInput, prompts: Sequence[str] | str, **generation_kwargs
     ) -> list[Result]:
-        """Text for a free instruction per image (no task template, no parsing).
+        """Text for a free instruction per input (no task template, no parsing).
 
         Args:
-            images: the images.
+            images: one entry per prompt: an image, or a list of images, one per ``<image>`` placeholder
+                of the prompt, in order (interleaved, e.g. few-shot examples before a question).
             prompts: the instructions, used as written.
             **generation_kwargs: passed to ``generate_texts`` (``num_beams``, ``max_new_tokens``, ...).
         """
@@ -787,6 +803,23 @@ def _method(name, options, task: str, record: Mapping[str, Any], *, candidates, 
         except MethodError as exc:
             raise InputError(str(exc), param=_field_named_in(str(exc), input_fields(task)) or "method") from None
     return method.name, resolved
+
+
+def _method_record(reader: str, record: dict[str, Any], originals: list, adapter: str | None) -> dict[str, Any]:
+    """The record a reading method answers: with its one original image (CPT paints boxes given in its pixels).
+
+    Raises:
+        InputError: an adapter (a method's hooks run the model as it is, without per-row adapters),
+            or other than one image.
+    """
+    if adapter is not None:
+        raise InputError(
+            f"method {reader!r} reads answers with the base model; it does not combine with an adapter",
+            param="method",
+        )
+    if len(originals) != 1:
+        raise InputError(f"method {reader!r} reads one image per prompt, got {len(originals)}", param="image")
+    return {**record, "image": originals[0]}
 
 
 def _with_candidate_boxes(inputs, candidates: Sequence) -> list[dict[str, Any]] | dict[str, Any]:

@@ -18,7 +18,10 @@ Endpoints:
   https://platform.openai.com/docs/api-reference/chat/create). The last user message's ``text``
   parts, joined, are the instruction, used as written (no task template); its ``image_url``
   part (a ``data:`` URI, RFC 2397; the server fetches nothing) is the image, or the latest image
-  of an earlier user message. ``max_tokens`` / ``max_completion_tokens`` bound the output;
+  of an earlier user message. A message with several ``image_url`` parts is an interleaved
+  prompt: each image goes where its part is among the text parts (as an ``<image>``
+  placeholder; Frozen's few-shot format ``image, "this is a dax.", image, "what is this?"``); the
+  text must not hold ``<image>`` itself. ``max_tokens`` / ``max_completion_tokens`` bound the output;
   decoding is greedy and deterministic, so sampling options (``temperature``, ``top_p``, ``seed``)
   are accepted and have no effect; ``n`` must be 1. ``stream: true`` answers with Server-Sent
   Events (WHATWG HTML, "Server-sent events"): ``data: <chunk JSON>`` events, then
@@ -73,6 +76,7 @@ from unified_vl.app.inference.batcher import DynamicBatcher, QueueFullError
 from unified_vl.app.inference.predictor import GENERATE, InputError, Predictor, input_fields, known_tasks
 from unified_vl.app.inference.schema import Limits, MiB, RequestSchema, SchemaError
 from unified_vl.processor import ImageLoadError
+from unified_vl.tokenizer import IMAGE_TOKEN
 
 __all__ = ["ApiError", "Limits", "MiB", "create_app", "decode_image"]
 ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/predict", "/v1/chat/completions")
@@ -296,16 +300,26 @@ class Service:
             param="model",
         )
 
-    def make_query(self, task: str, image: bytes | str, inputs: dict, options: dict, param: str = "image") -> Any:
-        """Decodes the image and validates the request into a `Query`; runs in a worker thread."""
+    def make_query(
+        self, task: str, image: bytes | str | list[tuple[str, str]], inputs: dict, options: dict, param: str = "image"
+    ) -> Any:
+        """Decodes the image (a list of ``(data, param)``: several, in order) and validates the request
+        into a `Query`; runs in a worker thread."""
         limits = self.limits
-        if isinstance(image, str):
-            image = _image_bytes_from_text(image, max_image_bytes=limits.max_image_bytes, param=param)
-        image = decode_image(
-            image, max_image_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels, param=param
-        )
+
+        def decode(data: bytes | str, param: str) -> Image.Image:
+            if isinstance(data, str):
+                data = _image_bytes_from_text(data, max_image_bytes=limits.max_image_bytes, param=param)
+            return decode_image(
+                data, max_image_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels, param=param
+            )
+
+        if isinstance(image, list):
+            decoded = [decode(data, where) for data, where in image]
+        else:
+            decoded = decode(image, param)
         try:
-            return self.predictor.query(task, image, inputs, **options)
+            return self.predictor.query(task, decoded, inputs, **options)
         except InputError as exc:
             raise _invalid(str(exc), exc.param) from None
         except ImageLoadError as exc:
@@ -442,16 +456,18 @@ async def chat_completions(request: Request):
         chat = service.schema.chat(await _json_body(request))
     except SchemaError as exc:
         raise _invalid(exc.message, exc.param) from None
-    prompt, image_text, param = _chat_input(chat)
+    prompt, images = _chat_input(chat)
     max_new_tokens = chat.max_completion_tokens or chat.max_tokens
     # No score: a chat completion has no field for it, and scoring is one more forward pass.
     options: dict[str, Any] = {"with_score": False}
     if max_new_tokens is not None:
         options["max_new_tokens"] = max_new_tokens
     options["adapter"] = service.adapter_of(chat.model)
-    query = await asyncio.to_thread(service.make_query, GENERATE, image_text, {"prompt": prompt}, options, param)
+    # One image: as before (in front of the prompt); several: each at its placeholder.
+    image, param = (images[0][0], images[0][1]) if len(images) == 1 else (images, "messages")
+    query = await asyncio.to_thread(service.make_query, GENERATE, image, {"prompt": prompt}, options, param)
     result = await service.run_query(query)
-    completion = _Completion(service.predictor, query, result.text)
+    completion = _Completion(service.predictor, query, result.text, num_images=len(images))
     if not chat.stream:
         return completion.body()
     include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
@@ -465,14 +481,16 @@ async def chat_completions(request: Request):
 class _Completion:
     """One chat completion's answer, as a JSON body or as OpenAI's stream of Server-Sent Events."""
 
-    def __init__(self, predictor: Predictor, query: Any, text: str):
+    def __init__(self, predictor: Predictor, query: Any, text: str, *, num_images: int = 1):
         self.model, self.text = query.adapter or predictor.name, text
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         max_new_tokens = query.generation.get("max_new_tokens", predictor.model.config.max_target_length)
         tokenizer = predictor.processor.tokenizer
         completion_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        # What the encoder read: the image's patch tokens and the prompt's tokens after truncation.
-        prompt_tokens = query.prompt_tokens + predictor.model.visual.num_patches
+        # What the encoder read: the prompt's tokens after truncation (an interleaved prompt's
+        # placeholders each widened into its image's vectors; one image goes in front, unplaced).
+        placeholders = num_images if num_images > 1 else 0
+        prompt_tokens = query.prompt_tokens - placeholders + num_images * predictor.model.visual.num_tokens
         self.usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -601,11 +619,12 @@ def _add_error_handlers(app: FastAPI, service: Service) -> None:
         return service.answer_error(request, error)
 
 
-def _chat_input(chat: Any) -> tuple[str, str, str]:
-    """The instruction, the image (data: URI text) and the image's param path of a validated chat request.
+def _chat_input(chat: Any) -> tuple[str, list[tuple[str, str]]]:
+    """The instruction and the images (``(data: URI text, param path)``, in order) of a validated chat request.
 
     The last user message's text parts, joined, are the instruction; the image is its image part,
-    or the latest one of an earlier user message.
+    or the latest one of an earlier user message. Several images in the last user message make an
+    interleaved prompt: ``<image>`` where each was.
     """
     last_user = None
     image = None
@@ -613,23 +632,35 @@ def _chat_input(chat: Any) -> tuple[str, str, str]:
         if message.role != "user":
             continue
         if message.content is None or isinstance(message.content, str):
-            last_user = (i, [message.content or ""])
+            last_user = (i, [message.content or ""], [])
             continue
-        texts = []
+        parts: list[str | None] = []
+        images: list[tuple[str, str]] = []
         for j, part in enumerate(message.content):
             if part.type == "text":
-                texts.append(part.text)
+                if IMAGE_TOKEN in part.text:
+                    where = f"messages[{i}].content[{j}].text"
+                    raise _invalid(
+                        f"{where} holds {IMAGE_TOKEN!r}, the image placeholder; send each image as an "
+                        "image_url part where it goes",
+                        where,
+                    )
+                parts.append(part.text)
             else:
-                image = (part.image_url.url, f"messages[{i}].content[{j}].image_url.url")
-        last_user = (i, texts)
+                parts.append(None)
+                images.append((part.image_url.url, f"messages[{i}].content[{j}].image_url.url"))
+        image = images[-1] if images else image
+        last_user = (i, parts, images)
     if last_user is None:
         raise _invalid("messages holds no user message", "messages")
-    index, texts = last_user
-    prompt = " ".join(t.strip() for t in texts if t.strip())
-    if not prompt:
+    index, parts, images = last_user
+    texts = [p.strip() for p in parts if p is not None and p.strip()]
+    if not texts:
         raise _invalid(f"messages[{index}] has no text: the text is the instruction", f"messages[{index}].content")
+    if len(images) > 1:  # interleaved: each image where its part was
+        return " ".join(IMAGE_TOKEN if p is None else p.strip() for p in parts if p is None or p.strip()), images
     if image is None:
         raise _invalid(
             "no image: add a content part {'type': 'image_url', 'image_url': {'url': 'data:...'}}", "messages"
         )
-    return prompt, image[0], image[1]
+    return " ".join(texts), [image]

@@ -16,6 +16,7 @@ import random
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from unified_vl.engine import distributed
 from unified_vl.engine.config import ConfigError, RunConfig, allowed_keys, derive, load_config
@@ -189,11 +190,10 @@ def check_tasks_and_data(config: RunConfig) -> None:
             )
 
 
-def blank_image():
-    """The image of a text-only record (text infilling): the model always reads an image."""
-    from PIL import Image
-
-    return Image.new("RGB", (8, 8), (0, 0, 0))
+def record_images(record: Mapping) -> Any:
+    """What a record's prompt comes with: its image, or no image (``[]``) for a text-only record."""
+    image = record.get("image")
+    return image if image is not None else []
 
 
 def make_example(task_name: str, record: Mapping, rng: random.Random) -> Example:
@@ -201,9 +201,8 @@ def make_example(task_name: str, record: Mapping, rng: random.Random) -> Example
     import tasks
 
     task = tasks.get_task(task_name)
-    image = record.get("image")
     return Example(
-        image=image if image is not None else blank_image(),
+        image=record_images(record),
         prompt=task.prompt(record, rng=rng),
         target=task.target(record, rng=rng),
     )

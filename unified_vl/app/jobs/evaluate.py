@@ -120,18 +120,18 @@ class TaskEvaluator:
         return out
 
     def _scores(self, model, processor, task, rows, texts: list[str]) -> list[float]:
-        from unified_vl.app.jobs.common import blank_image
+        from unified_vl.app.jobs.common import record_images
         from unified_vl.generation import score_texts
 
         if self.method.generate is not None:
             return [math.nan] * len(texts)
-        images = [r["image"] if r["image"] is not None else blank_image() for r in rows]
+        images = [record_images(r) for r in rows]
         prompts = [task.prompt(r) for r in rows]
         return score_texts(model, processor, images, prompts, texts, batch_size=self.batch_size)
 
     def _texts(self, model, processor, task, rows, split: str) -> list[str]:
         """The method's texts for ``rows`` when it reads answers its own way, else the task's decoding."""
-        from unified_vl.app.jobs.common import blank_image
+        from unified_vl.app.jobs.common import record_images
         from unified_vl.generation import generate_texts
 
         if self.method.generate is not None:
@@ -147,7 +147,7 @@ class TaskEvaluator:
         return generate_texts(
             model,
             processor,
-            [r["image"] if r["image"] is not None else blank_image() for r in rows],
+            [record_images(r) for r in rows],
             [task.prompt(r) for r in rows],
             decoding=task.decoding,
             candidates=self.candidates(task, split) if task.decoding == "candidates" else None,
