@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from unified_vl.config import UnifiedVLConfig
@@ -75,17 +76,18 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def save_pretrained(
-    model: UnifiedVLForConditionalGeneration, processor: UnifiedVLProcessor, out_dir: str | os.PathLike
-) -> Path:
-    """Saves model, tokenizer and processor into ``out_dir`` atomically; returns the folder."""
+def write_folder(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Writes a folder atomically: ``write(tmp)`` fills a temporary sibling, which then replaces
+    ``out_dir`` (an older folder of that name is moved aside first and removed after); returns it.
+
+    A crash leaves either the old folder or the new one, never a half-written one.
+    """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        processor.save_pretrained(tmp)
-        follow_umask(tmp)  # mkdtemp made it 0700, and the weights file comes out 0600
+        write(tmp)
+        follow_umask(tmp)  # mkdtemp made it 0700, and safetensors files come out 0600
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -97,6 +99,18 @@ def save_pretrained(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def save_pretrained(
+    model: UnifiedVLForConditionalGeneration, processor: UnifiedVLProcessor, out_dir: str | os.PathLike
+) -> Path:
+    """Saves model, tokenizer and processor into ``out_dir`` atomically; returns the folder."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        processor.save_pretrained(tmp)
+
+    return write_folder(out_dir, write)
 
 
 def _read_json(file: Path) -> dict:
