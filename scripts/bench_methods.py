@@ -130,11 +130,9 @@ def _evaluator(data_dir: str, task: str, *, cap: int, own_candidates: bool):
     from unified_vl.app.jobs.evaluate import TaskEvaluator
 
     class Capped(TaskEvaluator):
-        def generate(self, model, processor, *, split, max_examples, rank=0, world_size=1):
-            return super().generate(model, processor, split=split, max_examples=cap, rank=rank, world_size=world_size)
-
-        def score(self, texts, *, split, max_examples):
-            return super().score(texts, split=split, max_examples=cap)
+        # Every evaluation path (generate, score, kept predictions) reads its records here.
+        def records(self, task, split, max_examples, **kwargs):
+            return super().records(task, split, cap, **kwargs)
 
         def candidates(self, task_obj, split):
             if not own_candidates:
