@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_tools.predictions import PredictionsError, check_new_output
+from data_tools.predictions import PredictionsError, check_new_output, write_atomically
 
 
 def _xywh(box: Sequence[float]) -> list[float]:
@@ -222,19 +221,9 @@ def check_inputs(format_name: str, lines: Sequence[Mapping[str, Any]], *, catego
 
 def write_results(path: str | os.PathLike, results: list[dict], *, overwrite: bool = False) -> Path:
     """Writes a results list as one JSON array, atomically; an existing file only with ``overwrite``."""
-    path = check_new_output(path, overwrite=overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(results, f, ensure_ascii=False, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+
+    def write(f) -> None:
+        json.dump(results, f, ensure_ascii=False, allow_nan=False)
+        f.write("\n")
+
+    return write_atomically(check_new_output(path, overwrite=overwrite), write)

@@ -23,7 +23,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -214,16 +214,28 @@ def write_predictions(path: str | os.PathLike, lines: Iterable[Mapping[str, Any]
     Raises:
         PredictionsError: ``path`` exists and ``overwrite`` is False, or a line lacks a required key.
     """
-    path = check_new_output(path, overwrite=overwrite)
+
+    def write(f) -> None:
+        for line in lines:
+            f.write(encode_line(line))
+
+    return write_atomically(check_new_output(path, overwrite=overwrite), write)
+
+
+def write_atomically(path: Path, write: Callable[[Any], None]) -> Path:
+    """``write(f)`` fills a temporary sibling text file (UTF-8), synced, then renamed onto ``path``.
+
+    A crash leaves the old file or the new one, never a half-written one. (``data_tools`` sits above
+    ``unified_vl`` in the layers, so it keeps this file-level twin of ``unified_vl.checkpoint``'s.)
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(encode_line(line))
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a predictions file is for sharing
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; predictions and results files are for sharing
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
