@@ -59,6 +59,9 @@ def test_bench_memory(tmp_path):
     data = _run("bench_memory.py", *args, tmp_path=tmp_path)
     assert set(data["settings"]) == {"ZeRO 0", "ZeRO 3"}
     assert all(s["peak"] > s["floor"] > 0 for s in data["settings"].values())
+    # ZeRO 3 counts its partitioned parameters whole (ds_numel), so the model is the same size
+    assert data["settings"]["ZeRO 0"]["parameters"] == data["settings"]["ZeRO 3"]["parameters"] > 1e6
+    assert 0.5 < data["ideal_zero3_ratio"] < 1.0
 
 
 @pytest.mark.slow

@@ -108,6 +108,25 @@ def test_deepspeed_config_follows_precision_zero_and_clipping():
     assert "gradient_clipping" not in ds
 
 
+def test_zero3_buffers_scale_with_the_model_and_zero_options_come_last():
+    config = load_config(None, [*TASKS, "train.zero_stage=3", "train.zero_options.stage3_max_reuse_distance=1000"])
+    zero = deepspeed_config(config, derive(config, 1), hidden_size=512)["zero_optimization"]
+    # memory first, sized to d = 512: nothing near DeepSpeed's 1e9 / 5e8 defaults
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 512 * 512
+    assert zero["stage3_max_live_parameters"] == zero["sub_group_size"] == 20 * 512 * 512
+    assert zero["stage3_param_persistence_threshold"] == 5120
+    assert zero["stage3_max_reuse_distance"] == 1000  # the user's value wins
+    stage2 = load_config(None, [*TASKS, "train.zero_stage=2"])
+    assert set(deepspeed_config(stage2, derive(stage2, 1), hidden_size=512)["zero_optimization"]) == {"stage"}
+
+
+def test_unknown_or_mistyped_zero_options_are_config_errors():
+    with pytest.raises(ConfigError, match=r"train.zero_options.stage3_max_live_parameterz: Extra inputs"):
+        load_config(None, [*TASKS, "train.zero_stage=3", "train.zero_options.stage3_max_live_parameterz=5"])
+    with pytest.raises(ConfigError, match=r"train.zero_options.sub_group_size: .*integer"):
+        load_config(None, [*TASKS, "train.zero_stage=3", "train.zero_options.sub_group_size=lots"])
+
+
 def test_every_config_file_loads_and_starts_with_its_command():
     files = sorted((ROOT / "scripts" / "configs").glob("*.yaml"))
     assert files

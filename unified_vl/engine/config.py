@@ -105,6 +105,9 @@ class TrainConfig:
     zero_stage: ZeroStage = 0
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU (stages 1-3)
     offload_params: bool = False  # ZeRO-Infinity-style parameter offload to the CPU (stage 3 only)
+    # DeepSpeed `zero_optimization` keys over the engine's own (https://www.deepspeed.ai/docs/config-json/),
+    # e.g. {stage3_max_live_parameters: 1e9} to trade memory back for speed; checked by DeepSpeed's schema.
+    zero_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     # Parameter-name prefixes kept frozen, e.g. ["visual"]. None: what the model freezes by design
     # (model.frozen_by_design: the language model in visual_mode=prefix, nothing in fused); a list
@@ -468,6 +471,8 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"train.offload_params needs train.zero_stage=3, got zero_stage={t.zero_stage}")
     if t.offload_optimizer and t.zero_stage == 0:
         raise ConfigError("train.offload_optimizer needs train.zero_stage 1, 2 or 3 (ZeRO-Offload), got 0")
+    if t.zero_options:
+        check_zero_options(t.zero_options)
     positive("eval.every", e.every, allow_zero=True)
     positive("eval.max_examples", e.max_examples)
     positive("eval.batch_size", e.batch_size)
@@ -612,11 +617,50 @@ def derive(config: RunConfig, world_size: int) -> Derived:
     )
 
 
-def deepspeed_config(config: RunConfig, derived: Derived) -> dict:
+def stage3_memory_options(hidden_size: int) -> dict[str, int]:
+    """ZeRO-3 settings that put memory first, scaled to the model width ``d``.
+
+    DeepSpeed's own defaults (1e9 live parameters, reuse distance 1e9, 5e8-element buckets and
+    sub-groups) are sized for models of billions of parameters: for ours they keep every gathered
+    weight and a whole model's gradients alive, so ZeRO 3 held more memory per process than ZeRO 0
+    (scripts/bench_memory.py, docs/BENCHMARKS.md). The prefetch bucket and persistence threshold are
+    Hugging Face Trainer's "auto" values (0.9 d^2 and 10 d, transformers.integrations.deepspeed);
+    the rest bound what is alive at once to a few layers' worth (d^2 to 20 d^2 elements), release a
+    gathered weight as soon as its module is done (reuse distance 0) and step the optimizer in
+    sub-groups, so that Adam's temporaries are not the size of the whole partition.
+    """
+    d2 = hidden_size * hidden_size
+    return {
+        "reduce_bucket_size": d2,
+        "allgather_bucket_size": d2,
+        "stage3_prefetch_bucket_size": int(0.9 * d2),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+        "stage3_max_live_parameters": 20 * d2,
+        "stage3_max_reuse_distance": 0,
+        "sub_group_size": 20 * d2,
+    }
+
+
+def check_zero_options(options: dict[str, Any]) -> None:
+    """``train.zero_options`` through DeepSpeed's own schema of `zero_optimization`; ConfigError naming the key."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedZeroConfig(**options)
+    except ValidationError as e:
+        problems = "; ".join(f"train.zero_options.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ConfigError(
+            f"{problems} (keys of DeepSpeed's zero_optimization, https://www.deepspeed.ai/docs/config-json/)"
+        ) from None
+
+
+def deepspeed_config(config: RunConfig, derived: Derived, *, hidden_size: int | None = None) -> dict:
     """The DeepSpeed JSON for this run (https://www.deepspeed.ai/docs/config-json/).
 
     The optimizer and scheduler are not in it: the engine passes its own (AdamW with parameter
-    groups, a warm-up-then-decay ``LambdaLR``) to ``deepspeed.initialize``.
+    groups, a warm-up-then-decay ``LambdaLR``) to ``deepspeed.initialize``. ``hidden_size`` (the
+    model's width) sizes ZeRO 3's buffers (`stage3_memory_options`); ``train.zero_options`` come last.
     """
     t = config.train
     zero: dict[str, Any] = {"stage": t.zero_stage}
@@ -627,6 +671,9 @@ def deepspeed_config(config: RunConfig, derived: Derived) -> dict:
     if t.zero_stage == 3:
         # Gather the full weights on save so that an export needs no offline consolidation.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if hidden_size is not None:
+            zero.update(stage3_memory_options(hidden_size))
+    zero.update(t.zero_options)
     ds: dict[str, Any] = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,

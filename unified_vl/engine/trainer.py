@@ -249,7 +249,10 @@ def initialize(model: torch.nn.Module, config: RunConfig, derived: Derived, sche
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, derived)
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(config, derived, hidden_size=model.config.hidden_size),
     )
     return engine
 
@@ -389,7 +392,10 @@ def _build(config: RunConfig, data: TrainData, job: str) -> _Run:
     if dist.is_main:
         suffix = "" if not config.resume else f"-resume-{time.strftime('%Y%m%d-%H%M%S')}"
         atomic_write_text(run_dir / f"config{suffix}.yaml", dump_yaml(config, derived))
-        atomic_write_text(run_dir / "ds_config.json", json.dumps(deepspeed_config(config, derived), indent=2))
+        atomic_write_text(
+            run_dir / "ds_config.json",
+            json.dumps(deepspeed_config(config, derived, hidden_size=model.config.hidden_size), indent=2),
+        )
         if not config.resume:  # everything but the weights, for offline export (engine/export.py)
             model.config.save_pretrained(run_dir / SPEC)
             processor.save_pretrained(run_dir / SPEC)
