@@ -142,17 +142,12 @@ def run_ours(data: Path, task: str, *, budget: Budget, seed: int, run_dir: Path,
 def ours_by_question_type(model_dir: Path, data: Path) -> dict[str, float]:
     """VQA accuracy per question type of our exported model on test (the relation rows need it)."""
     from data_tools import storage
-    from unified_vl.app.baselines import accuracy_by_question_type
-    from unified_vl.app.jobs.evaluate import TaskEvaluator
-    from unified_vl.checkpoint import load_pretrained
+    from unified_vl.app.baselines import model_accuracy_by_question_type
 
-    records = storage.load_split(data, "vqa", "test", decode_images=False).remove_columns("image").to_list()
-    if not any(r.get("question_type") in RELATION_TYPES for r in records):
+    test = storage.load_split(data, "vqa", "test", decode_images=False)
+    if "question_type" not in test.column_names or not any(t in RELATION_TYPES for t in test["question_type"]):
         return {}
-    model, processor = load_pretrained(model_dir)
-    texts = TaskEvaluator(str(data), ["vqa"]).generate(model.eval(), processor, split="test", max_examples=None)
-    ordered = [text for _, text in sorted(texts["vqa"])]
-    return accuracy_by_question_type(ordered, records)
+    return model_accuracy_by_question_type(model_dir, data, "test")
 
 
 def run_baseline(data: Path, task: str, *, budget: Budget, seed: int, out: Path) -> dict:

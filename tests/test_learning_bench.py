@@ -119,6 +119,22 @@ def test_baseline_vqa_answers_from_the_training_answers_and_reports_question_typ
     assert result.parameters > 0
 
 
+def test_our_model_is_scored_per_question_type_with_the_relation_mean(free_world, tiny_model, processor, tmp_path):
+    from unified_vl.checkpoint import save_pretrained
+
+    model = save_pretrained(tiny_model.eval(), processor, tmp_path / "model")
+    out = tmp_path / "types.md"
+    command = [sys.executable, str(ROOT / "scripts" / "vqa_by_question_type.py"), f"--model={model}"]
+    command += [f"--data={free_world}", "--split", "test", "heldout", f"--out={out}"]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    accuracy = json.loads(out.with_suffix(".json").read_text())["accuracy"]
+    test_types = {r["question_type"] for r in storage.load_split(free_world, "vqa", "test", decode_images=False)}
+    assert set(accuracy["test"]) == test_types | {"relations (both forms, mean)"}
+    relations = (accuracy["test"]["relation"] + accuracy["test"]["relation choice"]) / 2
+    assert accuracy["test"]["relations (both forms, mean)"] == pytest.approx(relations)
+    assert set(accuracy) == {"test", "heldout"} and "| relation choice |" in out.read_text()
+
+
 def test_baseline_refuses_unknown_tasks_and_two_budgets(free_world):
     with pytest.raises(ValueError, match="no baseline for task 'rec'; baselines exist for classification, vqa"):
         baselines.train_baseline(str(free_world), "rec", max_steps=1)

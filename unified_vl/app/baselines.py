@@ -406,6 +406,18 @@ def accuracy_by_question_type(texts: Sequence[str], records: Sequence[dict]) -> 
     return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
 
 
+def model_accuracy_by_question_type(model_dir, data, split: str = "test") -> dict[str, float]:
+    """VQA accuracy per ``question_type`` of one of our model folders on a stored split."""
+    from data_tools import storage
+    from unified_vl.app.jobs.evaluate import TaskEvaluator
+    from unified_vl.checkpoint import load_pretrained
+
+    records = storage.load_split(data, "vqa", split, decode_images=False).remove_columns("image").to_list()
+    model, processor = load_pretrained(model_dir)
+    texts = TaskEvaluator(str(data), ["vqa"]).generate(model.eval(), processor, split=split, max_examples=None)
+    return accuracy_by_question_type([text for _, text in sorted(texts["vqa"])], records)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m unified_vl.app.baselines --data DIR --task T (--minutes M | --max-steps N) [--out R.json]``."""
     import argparse
