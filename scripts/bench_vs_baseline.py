@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from unified_vl.app.baselines import RELATION_QUESTION_TYPES
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))  # make_bench_data, beside this file
 
@@ -41,8 +43,8 @@ DEFAULT_MINUTES = 4.0
 # values runs the main job's settings alone).
 DEFAULT_RECIPE = [str(ROOT / "scripts" / "configs" / "learn_recipe.yaml")]
 DEFAULT_SEEDS = (0, 1, 2)
-# The free layout's relation questions (data_tools.synth): reported on their own as well.
-RELATION_TYPES = ("relation", "relation choice")
+# The free layout's relation questions: reported on their own as well.
+RELATION_TYPES = RELATION_QUESTION_TYPES
 SIDES = ("ours", "baseline")
 
 

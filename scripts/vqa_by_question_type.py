@@ -14,8 +14,6 @@ import argparse
 import sys
 from pathlib import Path
 
-RELATION_TYPES = ("relation", "relation choice")  # data_tools.synth, layout "free"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -27,11 +25,11 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from benchlib import machine_line, markdown_table, report
 
-    from unified_vl.app.baselines import model_accuracy_by_question_type
+    from unified_vl.app.baselines import RELATION_QUESTION_TYPES, model_accuracy_by_question_type
 
     by_split = {split: model_accuracy_by_question_type(args.model, args.data, split) for split in args.split}
     for accuracies in by_split.values():
-        relations = [accuracies[t] for t in RELATION_TYPES if t in accuracies]
+        relations = [accuracies[t] for t in RELATION_QUESTION_TYPES if t in accuracies]
         if relations:
             accuracies["relations (both forms, mean)"] = sum(relations) / len(relations)
     types = sorted({t for accuracies in by_split.values() for t in accuracies})

@@ -393,6 +393,10 @@ def _fit(model, splits, classes, task_name, config, budget: _Budget, *, seed: in
     )
 
 
+# The free layout's two relation question types (data_tools.synth), reported on their own by the scripts.
+RELATION_QUESTION_TYPES = ("relation", "relation choice")
+
+
 def accuracy_by_question_type(texts: Sequence[str], records: Sequence[dict]) -> dict[str, float]:
     """VQA accuracy per ``question_type`` (records without one are left out)."""
     import tasks
