@@ -61,6 +61,15 @@ class SynthConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Training-time augmentation (data_tools.augment); evaluation never sees it."""
+
+    # The largest random translation per axis, as a fraction of the image side (0.0625: 4 pixels of
+    # 64); boxes move with the image and stay whole. 0: off (the main job's default).
+    shift: float = 0.0
+
+
+@dataclass
 class DataConfig:
     """The task mixture."""
 
@@ -74,6 +83,7 @@ class DataConfig:
     shots: int | None = None  # keep K training examples per task, drawn reproducibly from train.seed (few-shot)
     cache_dir: str | None = None  # where the synthetic world and trained tokenizers go; None: ~/.cache/unified-vl
     synth: SynthConfig = field(default_factory=SynthConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -451,6 +461,10 @@ def validate(config: RunConfig) -> None:
     positive("data.shots", d.shots)
     positive("data.synth.num_images", d.synth.num_images)
     positive("data.synth.image_size", d.synth.image_size)
+    if not 0 <= d.augment.shift < 0.5:
+        raise ConfigError(
+            f"data.augment.shift must be in [0, 0.5) (a fraction of the image side), got {d.augment.shift!r}"
+        )
     positive("optim.lr", o.lr)
     positive("optim.eps", o.eps)
     for key, beta in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):

@@ -212,7 +212,8 @@ def training_data(config: RunConfig) -> TrainData:
     """The training split of every configured task, memory-mapped (images decode on access).
 
     Records become examples through the method's ``make_example`` when it has one (CPT paints the
-    image), else through the task's templates.
+    image), else through the task's templates; with ``data.augment.shift`` each record's image is
+    first translated at random, its boxes with it (`data_tools.augment`).
     """
     from data_tools import storage
     from unified_vl.prompting import get_method
@@ -222,8 +223,18 @@ def training_data(config: RunConfig) -> TrainData:
     if method.make_example is not None:
         options = method.resolve_options(config.method.options)
         examples = functools.partial(_method_example, method.make_example, options=options)
+    if config.data.augment.shift > 0:
+        # Before the method's hook, so that CPT paints the boxes where the shifted image has them.
+        examples = functools.partial(_shifted_example, examples, max_shift=config.data.augment.shift)
     datasets = {task: storage.load_split(config.data.path, task, config.data.train_split) for task in config.data.tasks}
     return TrainData(datasets, examples)
+
+
+def _shifted_example(inner, task_name: str, record: Mapping, rng: random.Random, *, max_shift: float) -> Example:
+    import tasks
+    from data_tools.augment import shift_record
+
+    return inner(task_name, shift_record(tasks.get_task(task_name), record, rng, max_shift), rng)
 
 
 def _method_example(hook, task_name: str, record: Mapping, rng: random.Random, *, options) -> Example:

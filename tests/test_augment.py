@@ -1,0 +1,161 @@
+"""Box-preserving augmentation (data_tools.augment): pixels and boxes move together, boxes stay whole."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import tasks
+from data_tools.augment import shift_record
+from unified_vl.engine.config import ConfigError, load_config
+
+
+def _square_image(box, size=(64, 48), colour=(255, 255, 255)) -> Image.Image:
+    pixels = np.zeros((size[1], size[0], 3), np.uint8)
+    x1, y1, x2, y2 = (int(v) for v in box)
+    pixels[y1:y2, x1:x2] = colour
+    return Image.fromarray(pixels)
+
+
+def _bright_box(image: Image.Image) -> list[int]:
+    ys, xs = np.nonzero(np.asarray(image)[..., 0] > 128)
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+def rec_record(box, image_size=(64, 48), **extra):
+    return {
+        "id": "r1",
+        "image": _square_image(box, image_size),
+        "width": image_size[0],
+        "height": image_size[1],
+        "expression": "the white square",
+        "box": list(box),
+        **extra,
+    }
+
+
+def test_the_box_moves_with_its_pixels():
+    rec = tasks.get_task("rec")
+    record = rec_record([20, 10, 36, 30])
+    moved = set()
+    for seed in range(40):
+        out = shift_record(rec, record, random.Random(seed), 0.125)
+        assert out["image"].size == (64, 48)
+        assert _bright_box(out["image"]) == [int(v) for v in out["box"]]
+        moved.add(tuple(out["box"]))
+    # 8 pixels each way in x, 6 in y: many different shifts, the original among them at most once.
+    assert len(moved) > 20
+    xs = {b[0] - 20 for b in moved}
+    ys = {b[1] - 10 for b in moved}
+    assert min(xs) >= -8 and max(xs) <= 8 and min(ys) >= -6 and max(ys) <= 6
+    assert record["box"] == [20, 10, 36, 30]  # the record itself is not touched
+
+
+def test_boxes_stay_whole_at_the_border():
+    rec = tasks.get_task("rec")
+    # Touching the left and top edges: the shift can only go right and down.
+    record = rec_record([0, 0, 20, 20])
+    for seed in range(30):
+        out = shift_record(rec, record, random.Random(seed), 0.2)
+        x1, y1, x2, y2 = out["box"]
+        assert 0 <= x1 and 0 <= y1 and x2 <= 64 and y2 <= 48
+    # A box as large as the image cannot move at all.
+    full = shift_record(rec, rec_record([0, 0, 64, 48]), random.Random(1), 0.2)
+    assert full["box"] == [0.0, 0.0, 64.0, 48.0]
+    assert np.array_equal(np.asarray(full["image"]), np.asarray(rec_record([0, 0, 64, 48])["image"]))
+
+
+def test_the_uncovered_strip_repeats_the_edge():
+    rec = tasks.get_task("rec")
+    pixels = np.zeros((48, 64, 3), np.uint8)
+    pixels[:, :, 2] = 90  # a blue background, not black
+    pixels[10:30, 20:36] = 255
+    record = {**rec_record([20, 10, 36, 30]), "image": Image.fromarray(pixels)}
+    out = shift_record(rec, record, random.Random(3), 0.125)
+    shifted = np.asarray(out["image"])
+    assert set(np.unique(shifted[..., 2])) <= {90, 255}  # no black strip appears
+
+
+def test_detection_objects_and_grounding_boxes_move():
+    detection = tasks.get_task("detection")
+    record = {
+        "id": "d1",
+        "image": _square_image([10, 10, 20, 20]),
+        "width": 64,
+        "height": 48,
+        "objects": [{"label": "square", "box": [10.0, 10.0, 20.0, 20.0]}, {"label": "dot", "box": [40, 30, 44, 34]}],
+    }
+    out = shift_record(detection, record, random.Random(5), 0.125)
+    dx = out["objects"][0]["box"][0] - 10
+    dy = out["objects"][0]["box"][1] - 10
+    assert (dx, dy) != (0, 0)
+    assert out["objects"][1] == {"label": "dot", "box": [40 + dx, 30 + dy, 44 + dx, 34 + dy]}
+    assert _bright_box(out["image"]) == [int(v) for v in out["objects"][0]["box"]]
+
+    grounding = tasks.get_task("grounding")
+    record = {
+        "id": "g1",
+        "image": _square_image([10, 10, 20, 20]),
+        "width": 64,
+        "height": 48,
+        "caption": "a square and a dot",
+        "phrases": ["a square", "a dot"],
+        "boxes": [[10, 10, 20, 20], [50, 40, 54, 44]],
+    }
+    grounding.validate(record)
+    out = shift_record(grounding, record, random.Random(2), 0.125)
+    grounding.validate(out)
+    dx, dy = (out["boxes"][0][0] - 10, out["boxes"][0][1] - 10)
+    assert (dx, dy) != (0, 0)
+    assert out["boxes"][1] == [50 + dx, 40 + dy, 54 + dx, 44 + dy]
+    assert _bright_box(out["image"]) == [int(v) for v in out["boxes"][0]]
+    # A grounded-captioning record: its input region moves too.
+    region = {"id": "g2", "image": _square_image([10, 10, 20, 20]), "width": 64, "height": 48}
+    region.update(region=[10, 10, 20, 20], description="a white square")
+    out = shift_record(grounding, region, random.Random(2), 0.125)
+    grounding.validate(out)
+    assert _bright_box(out["image"]) == [int(v) for v in out["region"]] != [10, 10, 20, 20]
+
+
+def test_boxes_in_a_larger_frame_scale_the_shift():
+    """A record whose width/height are twice the decoded image's: the box moves 2 units per pixel."""
+    rec = tasks.get_task("rec")
+    record = rec_record([20, 10, 36, 30])
+    record.update(width=128, height=96, box=[40.0, 20.0, 72.0, 60.0])
+    out = shift_record(rec, record, random.Random(7), 0.125)
+    px = _bright_box(out["image"])
+    assert out["box"] == [2.0 * px[0], 2.0 * px[1], 2.0 * px[2], 2.0 * px[3]]
+
+
+def test_off_or_without_an_image_is_a_copy():
+    vqa = tasks.get_task("vqa")
+    record = {"id": "q", "image": _square_image([1, 1, 5, 5]), "question": "what?", "answers": ["x"]}
+    same = shift_record(vqa, record, random.Random(0), 0.0)
+    assert same["image"] is record["image"] and same is not record
+    text_only = {"id": "t", "image": None, "question": "what?", "answers": ["x"]}
+    assert shift_record(vqa, text_only, random.Random(0), 0.2) == text_only
+
+
+def test_the_trainer_applies_it_only_when_configured(monkeypatch):
+    from unified_vl.app.jobs import common
+
+    record = rec_record([20, 10, 36, 30])
+
+    def fake_load_split(path, task, split):
+        return [record]
+
+    monkeypatch.setattr("data_tools.storage.load_split", fake_load_split)
+    for shift, expect_moved in ((0.0, False), (0.125, True)):
+        config = load_config(None, ["data.path=/nowhere", "data.tasks={rec: 1}", f"data.augment.shift={shift}"])
+        data = common.training_data(config)
+        targets = {data.make_example("rec", data.datasets["rec"][0], random.Random(seed)).target for seed in range(10)}
+        assert (len(targets) > 1) == expect_moved
+
+
+@pytest.mark.parametrize("value", ["0.5", "-0.1"])
+def test_shift_out_of_range_is_a_config_error(value):
+    with pytest.raises(ConfigError, match=r"data.augment.shift must be in \[0, 0.5\)"):
+        load_config(None, ["data.tasks={vqa: 1}", f"data.augment.shift={value}"])
