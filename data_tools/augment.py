@@ -67,12 +67,14 @@ def _translate(image: Image.Image, dx: int, dy: int) -> Image.Image:
     """``image`` moved by (dx, dy) pixels at the same size; the uncovered strip repeats the edge."""
     if dx == 0 and dy == 0:
         return image
+    if image.mode not in ("RGB", "RGBA", "L"):
+        image = image.convert("RGB")  # palette indices would not survive the array round trip
     pixels = np.asarray(image)
     pad = [(max(dy, 0), max(-dy, 0)), (max(dx, 0), max(-dx, 0))] + [(0, 0)] * (pixels.ndim - 2)
     padded = np.pad(pixels, pad, mode="edge")
     h, w = pixels.shape[:2]
     top, left = max(-dy, 0), max(-dx, 0)
-    return Image.fromarray(np.ascontiguousarray(padded[top : top + h, left : left + w]), mode=image.mode)
+    return Image.fromarray(np.ascontiguousarray(padded[top : top + h, left : left + w]))
 
 
 def shift_record(task, record: Mapping[str, Any], rng: random.Random, max_shift: float) -> dict[str, Any]:

@@ -79,6 +79,14 @@ def test_the_uncovered_strip_repeats_the_edge():
     assert set(np.unique(shifted[..., 2])) <= {90, 255}  # no black strip appears
 
 
+def test_palette_and_grey_images_keep_their_look():
+    rec = tasks.get_task("rec")
+    for mode in ("P", "L"):
+        record = {**rec_record([20, 10, 36, 30]), "image": rec_record([20, 10, 36, 30])["image"].convert(mode)}
+        out = shift_record(rec, record, random.Random(4), 0.125)
+        assert _bright_box(out["image"].convert("RGB")) == [int(v) for v in out["box"]]
+
+
 def test_detection_objects_and_grounding_boxes_move():
     detection = tasks.get_task("detection")
     record = {
