@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+import tasks
+
 
 def _moved(value: Any, storage: Any, dx: float, dy: float) -> Any:
     """``value`` (stored as ``storage``) with every box in it translated by (dx, dy)."""
@@ -51,16 +53,6 @@ def _boxes(value: Any, storage: Any) -> list[list[float]]:
     if isinstance(storage, dict):
         return [box for key, item in value.items() for box in _boxes(item, storage.get(key))]
     return []
-
-
-def _has_box(storage: Any) -> bool:
-    if storage == "box":
-        return True
-    if isinstance(storage, list):
-        return _has_box(storage[0])
-    if isinstance(storage, dict):
-        return any(_has_box(s) for s in storage.values())
-    return False
 
 
 def _translate(image: Image.Image, dx: int, dy: int) -> Image.Image:
@@ -101,7 +93,7 @@ def shift_record(task, record: Mapping[str, Any], rng: random.Random, max_shift:
     # which may differ from the decoded image's size.
     sx = float(record.get("width") or w) / w
     sy = float(record.get("height") or h) / h
-    box_fields = {name: spec.storage for name, spec in task.fields.items() if _has_box(spec.storage)}
+    box_fields = {name: spec.storage for name, spec in task.fields.items() if tasks.storage_holds(spec.storage, "box")}
     boxes = [b for name, storage in box_fields.items() for b in _boxes(record.get(name), storage)]
     limit_x, limit_y = int(max_shift * w), int(max_shift * h)
     # The range of whole-pixel shifts that keep every box inside [0, width] x [0, height].

@@ -31,21 +31,16 @@ def clean(text: str) -> str:
     return " ".join(_SPECIAL.sub(" ", text).split())
 
 
-def _holds_text(storage_type: Any) -> bool:
-    if storage_type == "string":
-        return True
-    if isinstance(storage_type, list):
-        return _holds_text(storage_type[0])
-    if isinstance(storage_type, dict):
-        return any(_holds_text(t) for t in storage_type.values())
-    return False
-
-
 def text_fields() -> tuple[str, ...]:
     """Record fields that hold text, over every registered task (from each field's storage type)."""
     import tasks
 
-    names = {name for task in tasks.TASKS.values() for name, spec in task.fields.items() if _holds_text(spec.storage)}
+    names = {
+        name
+        for task in tasks.TASKS.values()
+        for name, spec in task.fields.items()
+        if tasks.storage_holds(spec.storage, "string")
+    }
     return tuple(sorted(names))
 
 

@@ -37,6 +37,7 @@ from tasks._common import (
     choice_field,
     size_field,
     source_id_field,
+    storage_holds,
     string_field,
     string_list_field,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "register",
     "size_field",
     "source_id_field",
+    "storage_holds",
     "string_field",
     "string_list_field",
     "unregister",

@@ -73,6 +73,17 @@ class FieldSpec:
 STORAGE_TYPES = ("string", "bool", "int32", "int64", "float64", "box")
 
 
+def storage_holds(storage: Any, leaf: str) -> bool:
+    """Whether a field stored as ``storage`` holds values of the leaf type ``leaf`` at any depth."""
+    if isinstance(storage, str):
+        return storage == leaf
+    if isinstance(storage, list):
+        return storage_holds(storage[0], leaf)
+    if isinstance(storage, dict):
+        return any(storage_holds(s, leaf) for s in storage.values())
+    return False
+
+
 def check_storage_type(storage: Any, what: str) -> None:
     """Raises ``ValueError`` unless ``storage`` is a leaf type, ``[type]`` or ``{key: type}`` of them."""
     if isinstance(storage, str):
