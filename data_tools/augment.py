@@ -107,5 +107,6 @@ def shift_record(task, record: Mapping[str, Any], rng: random.Random, max_shift:
     dy = rng.randint(lo_y, hi_y) if lo_y <= hi_y else 0
     out["image"] = _translate(image, dx, dy)
     for name, storage in box_fields.items():
-        out[name] = _moved(record.get(name), storage, dx * sx, dy * sy)
+        if name in record:  # an absent optional field stays absent
+            out[name] = _moved(record[name], storage, dx * sx, dy * sy)
     return out
