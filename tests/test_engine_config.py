@@ -57,6 +57,8 @@ def test_layers_and_dotted_overrides(tmp_path):
         (["optim.lr"], "is not KEY=VALUE"),
         (["optim.lr.x=1"], "optim.lr is a float, it has no sub-keys"),
         (["checkpoint.best_metric=accuracy"], "must be a metric key 'task/split/metric'"),
+        (["optim.lr_scale={visual: 0}"], "optim.lr_scale['visual'] must be a number > 0, got 0"),
+        (["optim.lr_scale={visual: fast}"], "optim.lr_scale.visual: expected float"),
     ],
 )
 def test_bad_keys_and_types_say_what_is_allowed(overrides, message):
@@ -245,3 +247,33 @@ def test_location_label_smoothing():
     uniform = -logp[0, 1, 10:].mean() - logp[0, 2, 10:].mean()  # soft target ~ uniform over the bins
     torch.testing.assert_close(wide[0], -logp[0, 0, 3] - logp[0, 3, 1] + uniform, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(wide[1], reference[1])
+
+
+def test_lr_scale_splits_the_optimizer_groups_by_longest_module_prefix():
+    import torch
+
+    from unified_vl.engine.trainer import param_groups
+
+    model = torch.nn.ModuleDict(
+        {
+            "visual": torch.nn.ModuleDict({"stem": torch.nn.Linear(2, 3), "blocks": torch.nn.Linear(3, 3)}),
+            "visual_extra": torch.nn.Linear(3, 1),  # "visual" is a module path: this is not under it
+            "text": torch.nn.Linear(3, 4),
+        }
+    )
+    model["text"].bias.requires_grad_(False)
+    groups = param_groups(model, 0.01, 1e-3, {"visual": 2.0, "visual.stem": 8.0})
+    by_id = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert by_id[id(model["visual"]["stem"].weight)] == (8e-3, 0.01)  # the longest prefix wins
+    assert by_id[id(model["visual"]["stem"].bias)] == (8e-3, 0.0)  # no decay on 1-D parameters
+    assert by_id[id(model["visual"]["blocks"].weight)] == (2e-3, 0.01)
+    assert by_id[id(model["visual_extra"].weight)] == (1e-3, 0.01)
+    assert by_id[id(model["text"].weight)] == (1e-3, 0.01)
+    assert id(model["text"].bias) not in by_id  # frozen parameters are in no group
+    assert groups[0]["lr"] == 1e-3 and groups[0]["weight_decay"] == 0.01  # the base group first (logged lr)
+    assert len(by_id) == sum(len(g["params"]) for g in groups) == 7
+    # Without multipliers: one decayed and one undecayed group at the base rate.
+    plain = param_groups(model, 0.01, 1e-3)
+    assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in plain] == [(1e-3, 0.01, 4), (1e-3, 0.0, 3)]
+    with pytest.raises(ConfigError, match="no trainable parameter's name starts with 'vision'"):
+        param_groups(model, 0.01, 1e-3, {"vision": 2.0})

@@ -99,6 +99,10 @@ class OptimConfig:
     schedule: Schedule = "cosine"
     min_lr_ratio: float = 0.1  # the learning rate decays to lr * min_lr_ratio at the last step
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    # Learning-rate multipliers by parameter-name prefix, e.g. {visual.backbone.patch_embed: 4} for a
+    # convolutional stem that learns faster than the transformer above it (the longest matching prefix
+    # wins; a prefix that names no trainable parameter is an error). Empty: one rate for everything.
+    lr_scale: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -475,6 +479,9 @@ def validate(config: RunConfig) -> None:
     positive("optim.grad_clip", o.grad_clip, allow_zero=True)
     if not 0 <= o.min_lr_ratio <= 1:
         raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio!r}")
+    for prefix, scale in o.lr_scale.items():
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
+            raise ConfigError(f"optim.lr_scale[{prefix!r}] must be a number > 0, got {scale!r}")
     for key in ("global_batch_size", "micro_batch_size", "max_steps", "log_every"):
         positive(f"train.{key}", getattr(t, key))
     positive("train.max_minutes", t.max_minutes)

@@ -225,12 +225,43 @@ def frozen_prefixes(model: torch.nn.Module, configured: Sequence[str] | None) ->
     return list(configured) if configured is not None else list(getattr(model, "frozen_by_design", []))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on matrices, none on biases and norm weights (1-D), as nanoGPT's configure_optimizers."""
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, lr: float | None = None, lr_scale: dict[str, float] | None = None
+) -> list[dict]:
+    """AdamW groups: decay on matrices, none on biases and norm weights (1-D), as nanoGPT's configure_optimizers.
+
+    With ``lr_scale`` ({parameter-name prefix: multiplier}) each parameter takes the multiplier of the
+    longest prefix it starts with (1 where none does), and groups are split by multiplier: a group's
+    ``lr`` is ``lr * multiplier``, which the schedule then scales. A prefix that matches no trainable
+    parameter raises ConfigError, naming the prefix.
+    """
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trainable if p.ndim >= 2]
-    no_decay = [p for n, p in trainable if p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    scales = dict(lr_scale or {})
+
+    # A module path, not a string prefix: "visual.b" does not reach "visual.backbone".
+    def under(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix.rstrip(".") + ".")
+
+    def scale_of(name: str) -> float:
+        matches = [prefix for prefix in scales if under(name, prefix)]
+        return scales[max(matches, key=len)] if matches else 1.0
+
+    for prefix in scales:
+        if not any(under(name, prefix) for name, _ in trainable):
+            raise ConfigError(
+                f"optim.lr_scale: no trainable parameter's name starts with {prefix!r} "
+                f"(e.g. {', '.join(n for n, _ in trainable[:3])})"
+            )
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+    for name, p in trainable:
+        groups.setdefault((scale_of(name), p.ndim >= 2), []).append(p)
+    out = []
+    for (scale, decay), params in sorted(groups.items(), key=lambda item: (not item[0][1], item[0][0])):
+        group = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+        if lr is not None:
+            group["lr"] = lr * scale
+        out.append(group)
+    return out
 
 
 def initialize(model: torch.nn.Module, config: RunConfig, derived: Derived, schedule: LRSchedule):
@@ -238,7 +269,7 @@ def initialize(model: torch.nn.Module, config: RunConfig, derived: Derived, sche
     import deepspeed
 
     o = config.optim
-    groups = [g for g in param_groups(model, o.weight_decay) if g["params"]]
+    groups = [g for g in param_groups(model, o.weight_decay, o.lr, o.lr_scale) if g["params"]]
     if config.train.offload_optimizer:
         # ZeRO-Offload steps the optimizer on the CPU; DeepSpeed insists on its vectorised CPU Adam
         # there (JIT-built on first use, then cached in TORCH_EXTENSIONS_DIR).
