@@ -275,5 +275,7 @@ def test_lr_scale_splits_the_optimizer_groups_by_longest_module_prefix():
     # Without multipliers: one decayed and one undecayed group at the base rate.
     plain = param_groups(model, 0.01, 1e-3)
     assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in plain] == [(1e-3, 0.01, 4), (1e-3, 0.0, 3)]
+    slower = param_groups(model, 0.01, 1e-3, {"visual": 0.5})
+    assert (slower[0]["lr"], slower[0]["weight_decay"]) == (1e-3, 0.01)  # base first even below it
     with pytest.raises(ConfigError, match="no trainable parameter's name starts with 'vision'"):
         param_groups(model, 0.01, 1e-3, {"vision": 2.0})

@@ -203,18 +203,24 @@ def check_architecture(saved: dict, model_config, where: Path) -> None:
         )
 
 
+def under(name: str, prefix: str) -> bool:
+    """Whether parameter ``name`` lies under the module path ``prefix`` ("visual" reaches "visual.proj.weight",
+    not "visual_extra.weight")."""
+    return name == prefix or name.startswith(prefix.rstrip(".") + ".")
+
+
 def freeze(model: torch.nn.Module, prefixes: Sequence[str]) -> int:
     """Turns off gradients of parameters whose name starts with a prefix; returns how many are frozen."""
     names = [n for n, _ in model.named_parameters()]
     for prefix in prefixes:
-        if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+        if not any(under(n, prefix) for n in names):
             tops = sorted({n.split(".")[0] for n in names} | {".".join(n.split(".")[:2]) for n in names})
             raise ConfigError(
                 f"train.freeze: {prefix!r} matches no parameter; parameter prefixes include: {', '.join(tops)}"
             )
     frozen = 0
     for name, param in model.named_parameters():
-        if any(name == p or name.startswith(p + ".") for p in prefixes):
+        if any(under(name, p) for p in prefixes):
             param.requires_grad_(False)
             frozen += param.numel()
     return frozen
@@ -238,10 +244,6 @@ def param_groups(
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     scales = dict(lr_scale or {})
 
-    # A module path, not a string prefix: "visual.b" does not reach "visual.backbone".
-    def under(name: str, prefix: str) -> bool:
-        return name == prefix or name.startswith(prefix.rstrip(".") + ".")
-
     def scale_of(name: str) -> float:
         matches = [prefix for prefix in scales if under(name, prefix)]
         return scales[max(matches, key=len)] if matches else 1.0
@@ -256,7 +258,10 @@ def param_groups(
     for name, p in trainable:
         groups.setdefault((scale_of(name), p.ndim >= 2), []).append(p)
     out = []
-    for (scale, decay), params in sorted(groups.items(), key=lambda item: (not item[0][1], item[0][0])):
+    # Decayed groups first, and the base rate's first among them: the engine logs the first group's lr.
+    for (scale, decay), params in sorted(
+        groups.items(), key=lambda item: (not item[0][1], item[0][0] != 1.0, item[0][0])
+    ):
         group = {"params": params, "weight_decay": weight_decay if decay else 0.0}
         if lr is not None:
             group["lr"] = lr * scale
