@@ -232,7 +232,7 @@ def frozen_prefixes(model: torch.nn.Module, configured: Sequence[str] | None) ->
 
 
 def param_groups(
-    model: torch.nn.Module, weight_decay: float, lr: float | None = None, lr_scale: dict[str, float] | None = None
+    model: torch.nn.Module, weight_decay: float, lr: float, lr_scale: dict[str, float] | None = None
 ) -> list[dict]:
     """AdamW groups: decay on matrices, none on biases and norm weights (1-D), as nanoGPT's configure_optimizers.
 
@@ -242,7 +242,7 @@ def param_groups(
     parameter raises ConfigError, naming the prefix.
     """
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    scales = dict(lr_scale or {})
+    scales = lr_scale or {}
 
     def scale_of(name: str) -> float:
         matches = [prefix for prefix in scales if under(name, prefix)]
@@ -262,10 +262,7 @@ def param_groups(
     for (scale, decay), params in sorted(
         groups.items(), key=lambda item: (not item[0][1], item[0][0] != 1.0, item[0][0])
     ):
-        group = {"params": params, "weight_decay": weight_decay if decay else 0.0}
-        if lr is not None:
-            group["lr"] = lr * scale
-        out.append(group)
+        out.append({"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * scale})
     return out
 
 
@@ -274,7 +271,7 @@ def initialize(model: torch.nn.Module, config: RunConfig, derived: Derived, sche
     import deepspeed
 
     o = config.optim
-    groups = [g for g in param_groups(model, o.weight_decay, o.lr, o.lr_scale) if g["params"]]
+    groups = param_groups(model, o.weight_decay, o.lr, o.lr_scale)  # no empty groups: one per (rate, decay) present
     if config.train.offload_optimizer:
         # ZeRO-Offload steps the optimizer on the CPU; DeepSpeed insists on its vectorised CPU Adam
         # there (JIT-built on first use, then cached in TORCH_EXTENSIONS_DIR).
