@@ -141,7 +141,7 @@ def bench_preset(preset: str, batch: int, steps: int, repeats: int, precision: s
     run = _Run(config, dist, derived, None, model, processor, data, sampler, {"bench": 1.0})
     loc_ids = torch.tensor(loc_token_ids(processor.tokenizer, processor.num_bins), device=engine.device)
     plain_model = plain_model.to(device=device, dtype=dtype).train()
-    groups = [g for g in param_groups(plain_model, o.weight_decay) if g["params"]]
+    groups = param_groups(plain_model, o.weight_decay, o.lr, o.lr_scale)  # the engine's groups, rates included
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule())
     counter = {"ours": 0, "plain": 0}
