@@ -10,7 +10,7 @@ from PIL import Image
 from tests.conftest import random_images
 from unified_vl.checkpoint import CheckpointError, load_pretrained, save_pretrained
 from unified_vl.config import PRESETS, UnifiedVLConfig
-from unified_vl.modeling import build_model
+from unified_vl.modeling import UnifiedVLForConditionalGeneration, build_model
 from unified_vl.processor import ImageLoadError, UnifiedVLProcessor
 
 PROMPTS = [
@@ -294,10 +294,27 @@ def test_conv_stem_replaces_the_patchify_convolution_with_the_same_grid(tokenize
         logits = conv(pixels, ids, ids.ne(0).long(), decoder_input_ids=ids).logits
         again = loaded(pixels, ids, ids.ne(0).long(), decoder_input_ids=ids).logits
     torch.testing.assert_close(again, logits)
+    # "conv-deep": a stride-1 3x3 convolution after each of the first two strided ones, same grid.
+    deep = build_model(
+        UnifiedVLConfig.from_preset(
+            "uvl-tiny", vision_kwargs=vit, image_size=32, text_config=text, vision_stem="conv-deep"
+        ),
+        tokenizer,
+    )
+    convs = [m for m in deep.visual.backbone.patch_embed.proj.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.out_channels, c.stride[0], c.kernel_size[0]) for c in convs] == [
+        (8, 2, 3),
+        (8, 1, 3),
+        (16, 2, 3),
+        (16, 1, 3),
+        (32, 2, 3),
+        (32, 1, 1),
+    ]
+    assert deep.visual(pixels).shape == (2, 16, 32)
 
 
 def test_conv_stem_errors_name_the_problem():
-    with pytest.raises(ValueError, match=r"vision_stem must be one of \('patch', 'conv'\), got 'hexagon'"):
+    with pytest.raises(ValueError, match=r"vision_stem must be one of \('patch', 'conv', 'conv-deep'\), got 'hexagon'"):
         UnifiedVLConfig(vision_stem="hexagon")
     with pytest.raises(ValueError, match="needs a ViT backbone with patch_embed.proj; 'resnet18' has none"):
         build_model(UnifiedVLConfig(vision_model="resnet18", vision_stem="conv", image_size=32))
@@ -309,6 +326,38 @@ def test_conv_stem_errors_name_the_problem():
                 image_size=48,
                 vision_stem="conv",
             )
+        )
+
+
+def test_vision_position_std_sets_the_vits_own_position_embedding():
+    vit = {"patch_size": 8, "embed_dim": 64, "depth": 1, "num_heads": 2}
+    text = {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_decoder_layers": 1}
+
+    def pos_embed(**fields):
+        torch.manual_seed(0)
+        config = UnifiedVLConfig.from_preset("uvl-tiny", vision_kwargs=vit, image_size=64, text_config=text, **fields)
+        return UnifiedVLForConditionalGeneration(config).visual.backbone.pos_embed.detach()  # (1, 65, 64)
+
+    default, wide = pos_embed(), pos_embed(vision_position_std=0.5, vision_stem="conv")
+    assert default.numel() == wide.numel() == 65 * 64
+    assert 0.018 < default.std().item() < 0.022  # timm's own init, unchanged by default
+    assert 0.47 < wide.std().item() < 0.53
+    config = UnifiedVLConfig.from_preset("uvl-tiny", vision_position_std=0.5)
+    assert UnifiedVLConfig.from_dict(config.to_dict()).vision_position_std == 0.5
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, True, "wide"])
+def test_vision_position_std_errors_name_the_value(bad):
+    with pytest.raises(ValueError, match=f"vision_position_std must be a number > 0 or None, got {bad!r}"):
+        UnifiedVLConfig(vision_position_std=bad)
+
+
+def test_vision_position_std_needs_a_vit():
+    with pytest.raises(
+        ValueError, match="vision_position_std needs a backbone with a learned pos_embed .a ViT.; 'resnet18'"
+    ):
+        build_model(
+            UnifiedVLConfig(vision_model="resnet18", vision_out_index=2, vision_position_std=0.2, image_size=32)
         )
 
 

@@ -24,8 +24,9 @@ VISUAL_MODES = ("fused", "prefix")
 DEFAULT_PREFIX_LENGTH = 2
 # How a ViT backbone turns pixels into patch tokens: "patch" is timm's own (one strided conv, the
 # patchify stem); "conv" is a stack of 3x3 stride-2 convolutions (Xiao et al. 2021, "Early
-# Convolutions Help Transformers See Better"), which learns from far fewer examples.
-VISION_STEMS = ("patch", "conv")
+# Convolutions Help Transformers See Better"), which learns from far fewer examples; "conv-deep" adds a
+# stride-1 convolution after each of its first two (more capacity at high resolution).
+VISION_STEMS = ("patch", "conv", "conv-deep")
 T5_SPECIAL_IDS = {"pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}
 
 # OFA's widths and heads, with T5 blocks (relative position bias, no biases) and a T5-sized
@@ -113,8 +114,13 @@ class UnifiedVLConfig(PretrainedConfig):
         vision_weights_path: a local timm weight file (safetensors or a torch state dict).
         vision_out_index: stage of a ``features_only`` pyramid to use as the patch grid, or None
             to use ``forward_features``.
-        vision_stem: ``"patch"`` (timm's patchify stem) or ``"conv"`` (a convolutional stem in its
-            place, Xiao et al. 2021; ViT backbones only, see :data:`VISION_STEMS`).
+        vision_stem: ``"patch"`` (timm's patchify stem), ``"conv"`` (a convolutional stem in its
+            place, Xiao et al. 2021; ViT backbones only, see :data:`VISION_STEMS`) or ``"conv-deep"``
+            (that stem with a stride-1 convolution after each of its first two, see `modeling.ConvStem`).
+        vision_position_std: initial standard deviation of a ViT backbone's own position embedding;
+            None keeps timm's (0.02). At 0.02 against patch tokens of std ~0.4 the backbone's attention
+            starts blind to where a patch is; a larger value lets its blocks keep two objects apart
+            from the first step (the reasoning behind `POSITION_INIT_STD` on the language model's side).
         image_size: square input size in pixels; images are resized to it without cropping, so a
             box normalised by the original size stays valid.
         num_bins: number of location tokens (DESIGN.md §3; OFA uses 1000).
@@ -145,6 +151,7 @@ class UnifiedVLConfig(PretrainedConfig):
         vision_weights_path: str | None = None,
         vision_out_index: int | None = None,
         vision_stem: str = "patch",
+        vision_position_std: float | None = None,
         image_size: int = 64,
         num_bins: int = DEFAULT_NUM_BINS,
         visual_mode: str = "fused",
@@ -158,6 +165,12 @@ class UnifiedVLConfig(PretrainedConfig):
             raise ValueError(f"visual_mode must be one of {', '.join(map(repr, VISUAL_MODES))}, got {visual_mode!r}")
         if vision_stem not in VISION_STEMS:
             raise ValueError(f"vision_stem must be one of {VISION_STEMS}, got {vision_stem!r}")
+        if vision_position_std is not None and (
+            isinstance(vision_position_std, bool)
+            or not isinstance(vision_position_std, (int, float))
+            or not vision_position_std > 0
+        ):
+            raise ValueError(f"vision_position_std must be a number > 0 or None, got {vision_position_std!r}")
         if not isinstance(prefix_length, int) or isinstance(prefix_length, bool) or prefix_length < 1:
             raise ValueError(f"prefix_length must be an integer >= 1, got {prefix_length!r}")
         if not isinstance(num_bins, int) or num_bins < 2:
@@ -179,6 +192,7 @@ class UnifiedVLConfig(PretrainedConfig):
         self.vision_weights_path = os.fspath(vision_weights_path) if vision_weights_path is not None else None
         self.vision_out_index = vision_out_index
         self.vision_stem = vision_stem
+        self.vision_position_std = vision_position_std
         self.image_size = image_size
         self.num_bins = num_bins
         self.visual_mode = visual_mode

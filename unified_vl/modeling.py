@@ -49,29 +49,35 @@ class ConvStem(nn.Module):
     channels doubling up to ``dim`` (the paper's ViT-1GF stem for 16-pixel patches and 192 channels is
     24, 48, 96, 192), then one 1x1 convolution to ``dim``. (B, 3, S, S) -> (B, dim, S / patch, S / patch),
     the shape of the convolution it replaces.
+
+    ``extra``: a stride-1 3x3 conv-BN-ReLU after each of the first ``extra`` strided convolutions
+    (``vision_stem="conv-deep"``: two, as in the benchmark's baseline CNN, `unified_vl.app.baselines.SmallCNN`),
+    more capacity where the resolution is high for about a quarter more compute than the paper's stem.
     """
 
-    def __init__(self, patch_size: int, dim: int):
+    def __init__(self, patch_size: int, dim: int, extra: int = 0):
         super().__init__()
         n = int(math.log2(patch_size))
         if 2**n != patch_size:
             raise ValueError(f"vision_stem='conv' needs a power-of-two patch size, got {patch_size}")
         channels = [3] + [max(8, dim // 2 ** (n - 1 - i)) for i in range(n)]
         layers: list[nn.Module] = []
-        for c_in, c_out in zip(channels[:-1], channels[1:], strict=True):
+        for i, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:], strict=True)):
             layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+            if i < extra:
+                layers += [nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
         self.layers = nn.Sequential(*layers, nn.Conv2d(channels[-1], dim, 1))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.layers(pixel_values)  # (B, dim, S / patch, S / patch)
 
 
-def _use_conv_stem(backbone: nn.Module, name: str) -> None:
+def _use_conv_stem(backbone: nn.Module, name: str, extra: int = 0) -> None:
     """Swaps a timm ViT's patchify convolution (``patch_embed.proj``) for a `ConvStem` of the same output."""
     proj = getattr(getattr(backbone, "patch_embed", None), "proj", None)
     if not isinstance(proj, nn.Conv2d):
         raise ValueError(f"vision_stem='conv' needs a ViT backbone with patch_embed.proj; {name!r} has none")
-    backbone.patch_embed.proj = ConvStem(proj.kernel_size[0], proj.out_channels)
+    backbone.patch_embed.proj = ConvStem(proj.kernel_size[0], proj.out_channels, extra)
 
 
 def create_backbone(config: UnifiedVLConfig) -> nn.Module:
@@ -93,8 +99,16 @@ def create_backbone(config: UnifiedVLConfig) -> nn.Module:
             )
         except TypeError:
             backbone = timm.create_model(config.vision_model, pretrained=False, num_classes=0, **kwargs)
-    if config.vision_stem == "conv":
-        _use_conv_stem(backbone, config.vision_model)
+    if config.vision_stem in ("conv", "conv-deep"):
+        _use_conv_stem(backbone, config.vision_model, extra=2 if config.vision_stem == "conv-deep" else 0)
+    if config.vision_position_std is not None:
+        pos_embed = getattr(backbone, "pos_embed", None)
+        if not isinstance(pos_embed, nn.Parameter):
+            raise ValueError(
+                f"vision_position_std needs a backbone with a learned pos_embed (a ViT); {config.vision_model!r} has none"
+            )
+        with torch.no_grad():
+            nn.init.normal_(pos_embed, std=config.vision_position_std)
     return backbone
 
 
