@@ -318,6 +318,8 @@ def test_conv_stem_errors_name_the_problem():
         UnifiedVLConfig(vision_stem="hexagon")
     with pytest.raises(ValueError, match="needs a ViT backbone with patch_embed.proj; 'resnet18' has none"):
         build_model(UnifiedVLConfig(vision_model="resnet18", vision_stem="conv", image_size=32))
+    with pytest.raises(ValueError, match="vision_stem='conv-deep' needs a ViT backbone with patch_embed.proj"):
+        build_model(UnifiedVLConfig(vision_model="resnet18", vision_stem="conv-deep", image_size=32))
     with pytest.raises(ValueError, match="needs a power-of-two patch size, got 12"):
         build_model(
             UnifiedVLConfig.from_preset(

@@ -59,7 +59,8 @@ class ConvStem(nn.Module):
         super().__init__()
         n = int(math.log2(patch_size))
         if 2**n != patch_size:
-            raise ValueError(f"vision_stem='conv' needs a power-of-two patch size, got {patch_size}")
+            stem = "conv-deep" if extra else "conv"
+            raise ValueError(f"vision_stem={stem!r} needs a power-of-two patch size, got {patch_size}")
         channels = [3] + [max(8, dim // 2 ** (n - 1 - i)) for i in range(n)]
         layers: list[nn.Module] = []
         for i, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:], strict=True)):
@@ -76,7 +77,8 @@ def _use_conv_stem(backbone: nn.Module, name: str, extra: int = 0) -> None:
     """Swaps a timm ViT's patchify convolution (``patch_embed.proj``) for a `ConvStem` of the same output."""
     proj = getattr(getattr(backbone, "patch_embed", None), "proj", None)
     if not isinstance(proj, nn.Conv2d):
-        raise ValueError(f"vision_stem='conv' needs a ViT backbone with patch_embed.proj; {name!r} has none")
+        stem = "conv-deep" if extra else "conv"
+        raise ValueError(f"vision_stem={stem!r} needs a ViT backbone with patch_embed.proj; {name!r} has none")
     backbone.patch_embed.proj = ConvStem(proj.kernel_size[0], proj.out_channels, extra)
 
 
