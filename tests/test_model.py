@@ -313,6 +313,41 @@ def test_conv_stem_replaces_the_patchify_convolution_with_the_same_grid(tokenize
     assert deep.visual(pixels).shape == (2, 16, 32)
 
 
+def test_a_vit_of_depth_zero_leaves_the_conv_stem_alone_before_the_language_model(tokenizer, tmp_path):
+    # The learning recipe (scripts/configs/learn_recipe.yaml): conv-deep stem, no transformer block.
+    vit = {"patch_size": 8, "embed_dim": 32, "depth": 0, "num_heads": 2}
+    text = {
+        "vocab_size": len(tokenizer),
+        "d_model": 32,
+        "d_kv": 8,
+        "d_ff": 64,
+        "num_layers": 1,
+        "num_decoder_layers": 1,
+    }
+    config = UnifiedVLConfig.from_preset(
+        "uvl-tiny", vision_kwargs=vit, image_size=32, text_config=text, vision_stem="conv-deep"
+    )
+    model = build_model(config, tokenizer)
+    backbone = model.visual.backbone
+    assert len(backbone.blocks) == 0
+    assert not any(name.startswith("blocks.") for name, _ in backbone.named_parameters())
+    pixels = torch.randn(2, 3, 32, 32)
+    assert model.visual(pixels).shape == (2, 16, 32)
+    ids = torch.tensor([[5, 6, 1], [7, 1, 0]])
+    model(pixels, ids, ids.ne(0).long(), decoder_input_ids=ids).logits.square().mean().backward()
+    first = backbone.patch_embed.proj.layers[0].weight
+    assert first.grad is not None and first.grad.abs().sum() > 0  # the stem learns through the language model
+    model.eval()
+    save_pretrained(model, UnifiedVLProcessor.from_config(model.config, tokenizer), tmp_path / "m")
+    loaded, _ = load_pretrained(tmp_path / "m")
+    assert loaded.config.vision_kwargs["depth"] == 0 and len(loaded.visual.backbone.blocks) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(pixels, ids, ids.ne(0).long(), decoder_input_ids=ids).logits,
+            model(pixels, ids, ids.ne(0).long(), decoder_input_ids=ids).logits,
+        )
+
+
 def test_conv_stem_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"vision_stem must be one of \('patch', 'conv', 'conv-deep'\), got 'hexagon'"):
         UnifiedVLConfig(vision_stem="hexagon")
