@@ -251,13 +251,9 @@ def test_unknown_visual_mode_is_an_error():
         UnifiedVLConfig(visual_mode="sideways")
 
 
-def test_conv_stem_replaces_the_patchify_convolution_with_the_same_grid(tokenizer, tmp_path):
-    from torch import nn
-
-    from unified_vl.modeling import ConvStem
-
-    vit = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
-    text = {
+def one_layer_t5(tokenizer) -> dict:
+    """A T5 of one encoder and one decoder layer, 32 wide: the text side of the vision-stem tests."""
+    return {
         "vocab_size": len(tokenizer),
         "d_model": 32,
         "d_kv": 8,
@@ -265,6 +261,15 @@ def test_conv_stem_replaces_the_patchify_convolution_with_the_same_grid(tokenize
         "num_layers": 1,
         "num_decoder_layers": 1,
     }
+
+
+def test_conv_stem_replaces_the_patchify_convolution_with_the_same_grid(tokenizer, tmp_path):
+    from torch import nn
+
+    from unified_vl.modeling import ConvStem
+
+    vit = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
+    text = one_layer_t5(tokenizer)
     config = UnifiedVLConfig.from_preset("uvl-tiny", vision_kwargs=vit, image_size=32, text_config=text)
     patch = build_model(config, tokenizer)
     conv = build_model(
@@ -316,14 +321,7 @@ def test_conv_stem_replaces_the_patchify_convolution_with_the_same_grid(tokenize
 def test_a_vit_of_depth_zero_leaves_the_conv_stem_alone_before_the_language_model(tokenizer, tmp_path):
     # The learning recipe (scripts/configs/learn_recipe.yaml): conv-deep stem, no transformer block.
     vit = {"patch_size": 8, "embed_dim": 32, "depth": 0, "num_heads": 2}
-    text = {
-        "vocab_size": len(tokenizer),
-        "d_model": 32,
-        "d_kv": 8,
-        "d_ff": 64,
-        "num_layers": 1,
-        "num_decoder_layers": 1,
-    }
+    text = one_layer_t5(tokenizer)
     config = UnifiedVLConfig.from_preset(
         "uvl-tiny", vision_kwargs=vit, image_size=32, text_config=text, vision_stem="conv-deep"
     )
