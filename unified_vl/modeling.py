@@ -42,6 +42,11 @@ from unified_vl.tokenizer import image_token_id, loc_token_ids, model_vocab_size
 POSITION_INIT_STD = 0.5
 
 
+def _stem_name(extra: int) -> str:
+    """The ``vision_stem`` value a `ConvStem` with ``extra`` stride-1 convolutions was configured by (error messages)."""
+    return "conv-deep" if extra else "conv"
+
+
 class ConvStem(nn.Module):
     """A convolutional stem in place of ViT's patchify convolution (Xiao et al. 2021, §3).
 
@@ -60,8 +65,7 @@ class ConvStem(nn.Module):
         super().__init__()
         n = int(math.log2(patch_size))
         if 2**n != patch_size:
-            stem = "conv-deep" if extra else "conv"
-            raise ValueError(f"vision_stem={stem!r} needs a power-of-two patch size, got {patch_size}")
+            raise ValueError(f"vision_stem={_stem_name(extra)!r} needs a power-of-two patch size, got {patch_size}")
         channels = [3] + [max(8, dim // 2 ** (n - 1 - i)) for i in range(n)]
         layers: list[nn.Module] = []
         for i, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:], strict=True)):
@@ -78,8 +82,9 @@ def _use_conv_stem(backbone: nn.Module, name: str, extra: int = 0) -> None:
     """Swaps a timm ViT's patchify convolution (``patch_embed.proj``) for a `ConvStem` of the same output."""
     proj = getattr(getattr(backbone, "patch_embed", None), "proj", None)
     if not isinstance(proj, nn.Conv2d):
-        stem = "conv-deep" if extra else "conv"
-        raise ValueError(f"vision_stem={stem!r} needs a ViT backbone with patch_embed.proj; {name!r} has none")
+        raise ValueError(
+            f"vision_stem={_stem_name(extra)!r} needs a ViT backbone with patch_embed.proj; {name!r} has none"
+        )
     backbone.patch_embed.proj = ConvStem(proj.kernel_size[0], proj.out_channels, extra)
 
 
