@@ -223,6 +223,19 @@ def test_bf16_on_cpu_trains_and_exports_float32(tmp_path):
     assert all(v.dtype == torch.float32 for v in _weights(result.model_dir).values())
 
 
+def test_bf16_on_cpu_trains_a_batch_norm_stem(tmp_path):
+    # DeepSpeed casts parameters to bf16 but not buffers; BatchNorm needs both in one dtype.
+    result = run(
+        tmp_path, "bf16bn", "train.precision=bf16", "model.overrides.vision_stem=conv-deep", "train.max_steps=2"
+    )
+    assert all(np.isfinite(result.losses))
+    weights = _weights(result.model_dir)
+    stats = [v for k, v in weights.items() if k.endswith("running_var")]
+    assert len(stats) == 5  # 8-pixel patches: three strided conv-BN-ReLU blocks and two stride-1 ones
+    assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
+    assert any(not torch.allclose(v, torch.ones_like(v)) for v in stats)  # training moved the statistics
+
+
 # -- bad input: a clear error before any training ---------------------------------------------
 
 

@@ -266,6 +266,23 @@ def param_groups(
     return out
 
 
+def batch_norm_statistics_like_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Casts BatchNorm's running statistics to ``dtype``, the dtype DeepSpeed gives every parameter under bf16/fp16.
+
+    DeepSpeed casts the parameters but keeps floating buffers as they are (deepspeed/runtime/engine.py,
+    ``_cast_module_mixed_precision``), and torch's ``batch_norm`` refuses a bf16 weight beside fp32 running
+    statistics ("expected scalar type BFloat16 but found Float"): without this a convolutional stem
+    (``vision_stem=conv``/``conv-deep``) or a timm CNN backbone cannot train in bf16. The export casts them
+    back to float32 with the rest of the weights.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            for name in ("running_mean", "running_var"):
+                buffer = getattr(module, name)
+                if buffer is not None:
+                    buffer.data = buffer.data.to(dtype)
+
+
 def initialize(model: torch.nn.Module, config: RunConfig, derived: Derived, schedule: LRSchedule):
     """``deepspeed.initialize`` with AdamW, the schedule and the derived DeepSpeed config."""
     import deepspeed
@@ -281,6 +298,8 @@ def initialize(model: torch.nn.Module, config: RunConfig, derived: Derived, sche
     else:
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    if config.train.precision != "fp32":
+        batch_norm_statistics_like_weights(model, torch.bfloat16 if config.train.precision == "bf16" else torch.float16)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
