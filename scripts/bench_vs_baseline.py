@@ -152,12 +152,13 @@ def ours_by_question_type(model_dir: Path, data: Path) -> dict[str, float]:
     return model_accuracy_by_question_type(model_dir, data, "test")
 
 
-def run_baseline(data: Path, task: str, *, budget: Budget, seed: int, out: Path) -> dict:
+def run_baseline(data: Path, task: str, *, budget: Budget, seed: int, out: Path, precision: str = "fp32") -> dict:
     """The plain baseline in a fresh process with two threads (the cores our two processes use)."""
     from unified_vl.app.baselines import BaselineConfig
 
     command = [sys.executable, "-m", "unified_vl.app.baselines", f"--data={data}", f"--task={task}"]
     command += [*budget.baseline(BaselineConfig().batch_size), f"--seed={seed}", "--threads=2", f"--out={out}"]
+    command += [f"--precision={precision}"]
     with open(out.with_suffix(".log"), "w") as log:
         status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
     if status != 0:
@@ -249,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
         help="[CONFIG.yaml] [KEY=VALUE ...] of our side (default: scripts/configs/learn_recipe.yaml; "
         "no values: the main job's settings)",
     )
+    parser.add_argument(
+        "--baseline-precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="the baseline's precision (bf16: CPU autocast; give it when our recipe trains in bf16)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny data, 0.2-minute budget, one seed")
     args = parser.parse_args(argv)
     if args.quick:
@@ -279,7 +286,14 @@ def _run(args, rows: list[Row], recipe: list[str], budget: Budget) -> int:
                 entry["ours"].append({"seed": seed, **ours})
                 print(f"{row_key(row)} seed {seed}: ours {metric} {ours['metrics'][metric]:.4f}", flush=True)
             if args.sides in ("both", "baseline"):
-                base = run_baseline(data, row.task, budget=budget, seed=seed, out=stem.with_suffix(".baseline.json"))
+                base = run_baseline(
+                    data,
+                    row.task,
+                    budget=budget,
+                    seed=seed,
+                    out=stem.with_suffix(".baseline.json"),
+                    precision=args.baseline_precision,
+                )
                 entry["baseline"].append(
                     {"seed": seed, **{k: base[k] for k in ("metrics", "steps", "by_question_type")}}
                 )
@@ -290,7 +304,14 @@ def _run(args, rows: list[Row], recipe: list[str], budget: Budget) -> int:
     out.write_text(text)
     out.with_suffix(".json").write_text(
         json.dumps(
-            {"machine": machine_line(), "budget": budget.describe(), "recipe": recipe, "rows": results}, indent=2
+            {
+                "machine": machine_line(),
+                "budget": budget.describe(),
+                "recipe": recipe,
+                "baseline_precision": args.baseline_precision,
+                "rows": results,
+            },
+            indent=2,
         )
         + "\n"
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data_tools import storage, synth
@@ -101,6 +102,25 @@ def test_baseline_classifier_learns_and_is_scored_by_the_task_metric(tmp_path):
     assert result.steps == 30 and [step for step, _ in result.history] == [15, 30]
     assert result.metrics == {"classification/test/top1": 1.0}
     assert result.val_metric == 1.0
+
+
+def test_baseline_trains_under_bf16_autocast_and_refuses_other_precisions(tmp_path):
+    from data_tools.converters import convert
+
+    raw = _colour_folder(tmp_path / "raw")
+    convert("imagefolder", inputs=[raw], out=tmp_path / "data", log=lambda *_: None)
+    config = baselines.BaselineConfig(width=4, batch_size=16, evals=2, warmup_steps=2, lr=1e-2, precision="bf16")
+    with baselines._autocast("bf16"):
+        logits = baselines.Classifier(3, config)(torch.zeros(2, 3, 16, 16))
+    assert logits.dtype == torch.bfloat16  # the forward pass runs in bf16; the weights stay float32
+    result = baselines.train_baseline(
+        str(tmp_path / "data"), "classification", config=config, max_steps=30, log=lambda *_: None
+    )
+    assert result.steps == 30 and result.metrics == {"classification/test/top1": 1.0}
+    with pytest.raises(ValueError, match="baseline precision must be one of fp32, bf16, got 'fp16'"):
+        baselines.train_baseline(
+            str(tmp_path / "data"), "classification", config=baselines.BaselineConfig(precision="fp16"), max_steps=1
+        )
 
 
 @pytest.fixture(scope="module")
