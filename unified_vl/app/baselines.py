@@ -257,7 +257,6 @@ def _shift(images: torch.Tensor, pixels: int, generator: torch.Generator) -> tor
     return torch.stack([padded[i, :, dy[i] : dy[i] + s, dx[i] : dx[i] + s] for i in range(b)])
 
 
-@torch.no_grad()
 def _autocast(precision: str):
     """torch's CPU autocast for ``bf16`` (convolutions, linear layers and the LSTM in bf16), else nothing."""
     if precision not in PRECISIONS:
@@ -265,6 +264,7 @@ def _autocast(precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+@torch.no_grad()
 def predict(
     model: nn.Module, split: _Split, classes: Sequence[str], *, batch_size: int = 256, precision: str = "fp32"
 ) -> list[str]:
@@ -274,7 +274,7 @@ def predict(
     for i in range(0, len(split.labels), batch_size):
         images = _normalise(split.images[i : i + batch_size])
         questions = split.questions[i : i + batch_size] if split.questions is not None else None
-        with torch.no_grad(), _autocast(precision):
+        with _autocast(precision):
             logits = model(images, questions)
         out += [classes[k] for k in logits.argmax(-1).tolist()]
     model.train()
