@@ -59,6 +59,8 @@ def test_layers_and_dotted_overrides(tmp_path):
         (["checkpoint.best_metric=accuracy"], "must be a metric key 'task/split/metric'"),
         (["optim.lr_scale={visual: 0}"], "optim.lr_scale['visual'] must be a number > 0, got 0"),
         (["optim.lr_scale={visual: fast}"], "optim.lr_scale.visual: expected float"),
+        (["train.label_smoothing=1.0"], "train.label_smoothing must be a number in [0, 1), got 1.0"),
+        (["train.label_smoothing=-0.1"], "train.label_smoothing must be a number in [0, 1), got -0.1"),
     ],
 )
 def test_bad_keys_and_types_say_what_is_allowed(overrides, message):
@@ -247,6 +249,23 @@ def test_location_label_smoothing():
     uniform = -logp[0, 1, 10:].mean() - logp[0, 2, 10:].mean()  # soft target ~ uniform over the bins
     torch.testing.assert_close(wide[0], -logp[0, 0, 3] - logp[0, 3, 1] + uniform, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(wide[1], reference[1])
+
+
+def test_label_smoothing_is_torchs_label_smoothed_cross_entropy():
+    import torch
+    import torch.nn.functional as F
+
+    from unified_vl.engine.trainer import token_losses
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 30)
+    labels = torch.tensor([[3, 15, 22, 1], [5, 1, -100, -100]])
+    smooth, count = token_losses(logits, labels, label_smoothing=0.1)
+    reference = F.cross_entropy(
+        logits.transpose(1, 2), labels, ignore_index=-100, reduction="none", label_smoothing=0.1
+    ).sum(1)
+    torch.testing.assert_close(smooth, reference)
+    assert count.tolist() == [4, 2]
 
 
 def test_lr_scale_splits_the_optimizer_groups_by_longest_module_prefix():

@@ -142,6 +142,10 @@ class TrainConfig:
     # (SimCC, Li et al. 2022): a box coordinate one bin off is nearly right, and the soft target
     # says so; with one-hot targets each of the 1000 <loc_*> embeddings learns on its own. 0: off.
     loc_sigma: float = 0.0
+    # Label smoothing of every target token, in [0, 1): the target becomes (1 - e) of itself plus e
+    # spread evenly over the vocabulary (Szegedy et al. 2016). A regulariser against over-confident
+    # answers on small data; the logged training losses include it. 0: off (the main job).
+    label_smoothing: float = 0.0
 
 
 @dataclass
@@ -488,6 +492,8 @@ def validate(config: RunConfig) -> None:
     positive("train.num_threads", t.num_threads)
     positive("train.local_processes", t.local_processes)
     positive("train.loc_sigma", t.loc_sigma, allow_zero=True)
+    if isinstance(t.label_smoothing, bool) or not 0 <= t.label_smoothing < 1:
+        raise ConfigError(f"train.label_smoothing must be a number in [0, 1), got {t.label_smoothing!r}")
     if t.offload_params and t.zero_stage != 3:
         raise ConfigError(f"train.offload_params needs train.zero_stage=3, got zero_stage={t.zero_stage}")
     if t.offload_optimizer and t.zero_stage == 0:

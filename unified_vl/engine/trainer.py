@@ -323,12 +323,20 @@ def collate(
 
 
 def token_losses(
-    logits: torch.Tensor, labels: torch.Tensor, *, loc_ids: torch.Tensor | None = None, loc_sigma: float = 0.0
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    loc_ids: torch.Tensor | None = None,
+    loc_sigma: float = 0.0,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row summed cross-entropy (B,) and target token counts (B,).
 
     With ``loc_sigma > 0`` a location target ``<loc_t>`` is the distribution over the bins ``b``
     proportional to ``exp(-(b - t)^2 / (2 sigma^2))`` instead of one-hot (SimCC, Li et al. 2022).
+    With ``label_smoothing = e > 0`` every target is mixed with the uniform distribution over the
+    vocabulary, ``(1 - e) target + e / V`` (Szegedy et al. 2016, "Rethinking the Inception
+    Architecture", section 7; the same loss as ``torch.nn.CrossEntropyLoss(label_smoothing=e)``).
     """
     mask = labels != -100  # (B, L)
     logp = logits.float().log_softmax(dim=-1)  # (B, L, V)
@@ -342,6 +350,8 @@ def token_losses(
             grid = torch.arange(len(loc_ids), device=labels.device, dtype=torch.float32)  # (num_bins,)
             soft = torch.softmax(-((grid[None, :] - bins[is_loc][:, None]) ** 2) / (2 * loc_sigma**2), dim=-1)
             nll = nll.masked_scatter(is_loc, -(soft * logp[is_loc][:, loc_ids]).sum(-1))  # (N_loc,) into (B, L)
+    if label_smoothing > 0:
+        nll = (1 - label_smoothing) * nll - label_smoothing * logp.mean(dim=-1)
     nll = nll * mask
     return nll.sum(dim=1), mask.sum(dim=1)
 
@@ -554,7 +564,9 @@ def _train_step(engine, run: _Run, step: int, loc_ids: torch.Tensor) -> StepLoss
         # No labels into the model: its own loss would be a second cross-entropy over the same logits.
         decoder_input_ids = engine.module.language_model.prepare_decoder_input_ids_from_labels(labels=labels)
         out = engine(**batch, decoder_input_ids=decoder_input_ids)
-        ce, count = token_losses(out.logits, labels, loc_ids=loc_ids, loc_sigma=t.loc_sigma)  # (B,), (B,)
+        ce, count = token_losses(
+            out.logits, labels, loc_ids=loc_ids, loc_sigma=t.loc_sigma, label_smoothing=t.label_smoothing
+        )  # (B,), (B,)
         if t.loss_reduction == "sample":
             loss = (ce / count.clamp(min=1)).mean()
         else:  # every target token counts once: T5's own loss
