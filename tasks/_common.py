@@ -21,7 +21,7 @@ from typing import Any
 
 from tasks import boxes
 
-DECODING_MODES = ("open", "loc4", "candidates")
+DECODING_MODES = ("open", "loc4", "candidates", "phrases")
 ROLES = ("input", "label", "source")
 
 Record = Mapping[str, Any]
@@ -351,7 +351,9 @@ class Task:
         prompts: instruction templates (``str.format`` syntax); ``prompts[0]`` is canonical
             (evaluation, serving), training samples among them.
         primary_metric: the key of ``evaluate``'s result to select checkpoints by.
-        decoding: ``"open"``, ``"loc4"`` (exactly four ``<loc_*>`` then end) or ``"candidates"``.
+        decoding: ``"open"``, ``"loc4"`` (exactly four ``<loc_*>`` then end), ``"candidates"`` or
+            ``"phrases"`` (``phrase<loc>x4 ; ...`` with each phrase a run of words of the record's
+            ``decoding_source``, in its order: phrase grounding).
         format_target: ``format_target(record, rng) -> str``; ``rng=None`` must be deterministic.
         parse_output: ``parse_output(text, record) -> prediction | None`` for non-empty text.
         gold_prediction: ``gold_prediction(record) -> prediction`` (what a perfect model predicts).
@@ -364,6 +366,8 @@ class Task:
         required_for: ``required_for(record) -> field names`` for tasks whose required fields
             depend on the record kind (grounding); default: the fields marked required.
         candidate_texts: ``candidate_texts(records) -> list[str] | None`` for constrained decoding.
+        decoding_source: ``decoding_source(record) -> str | None`` for ``"phrases"``: the text the
+            phrases are copied from (the caption); None decodes that record openly.
         metric_keys: every key ``metric`` may return (documentation and tests).
         present: ``present(prediction, score) -> mapping``: how a prediction is shown to users (the
             `Predictor`'s results and the server's JSON), e.g. ``{"answer": "red"}``; JSON-ready
@@ -384,6 +388,7 @@ class Task:
     select_prompts: Callable[[Record], Sequence[str]] | None = None
     required_for: Callable[[Record], Sequence[str]] | None = None
     candidate_texts: Callable[[Sequence[Record]], list[str] | None] = _no_candidates
+    decoding_source: Callable[[Record], str | None] | None = None
     metric_keys: tuple[str, ...] = ()
     present: Callable[[Any, float], Mapping[str, Any]] | None = None
     description: str = field(default="", repr=False)
@@ -395,6 +400,8 @@ class Task:
             raise ValueError(f"{self.name}: decoding must be one of {DECODING_MODES}, got {self.decoding!r}")
         if not self.prompts:
             raise ValueError(f"{self.name}: at least one prompt template is needed")
+        if (self.decoding == "phrases") != (self.decoding_source is not None):
+            raise ValueError(f"{self.name}: decoding 'phrases' and a decoding_source go together")
         specs = dict(self.fields)
         for key, spec in specs.items():
             if key != spec.name:
@@ -529,6 +536,10 @@ class Task:
         if self.present is None:
             return {"task": self.name, "prediction": prediction}
         return dict(self.present(prediction, score))
+
+    def source(self, record: Record) -> str | None:
+        """The text a ``"phrases"`` decoding copies from for ``record``; None for other decodings."""
+        return None if self.decoding_source is None else self.decoding_source(record)
 
     def candidates(self, records: Sequence[Record]) -> list[str] | None:
         """Candidate target texts for constrained decoding, or None for open generation."""

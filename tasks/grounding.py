@@ -73,6 +73,12 @@ def _prompt_values(record: Record, rng) -> dict[str, str]:
     return {"caption": squash(record["caption"])}
 
 
+def _source(record: Record) -> str | None:
+    """What the phrases are copied from: a phrase record's caption (records.md: phrases are substrings
+    of the caption, in order); a grounded-captioning record writes a free description."""
+    return None if is_region_record(record) else squash(record["caption"])
+
+
 def _target(record: Record, rng) -> str:
     if is_region_record(record):
         return squash(record["description"])
@@ -208,7 +214,8 @@ TASK = Task(
     },
     prompts=PROMPTS,
     primary_metric="phrase_acc@0.5",
-    decoding="open",
+    decoding="phrases",  # each phrase a run of the caption's words, in order (PhraseSpanLogitsProcessor)
+    decoding_source=_source,
     format_target=_target,
     parse_output=_parse,
     gold_prediction=_gold,

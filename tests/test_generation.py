@@ -14,6 +14,7 @@ from tests.test_model import _scramble
 from unified_vl.generation import (
     CandidateTrie,
     LocationOnlyLogitsProcessor,
+    PhraseSpanLogitsProcessor,
     candidates_prefix_fn,
     generate_texts,
     rank_classify,
@@ -27,6 +28,13 @@ POOL = ["red", "red circle", "blue", "blue square", "a red circle left of a blue
 WORDS = ["what", "is", "the", "color", "of", "red", "circle", "left", "blue", "square", "which", "region", "?"]
 NUM_INPUTS = 30
 LOC4 = re.compile(r"(<loc_\d+>){4}")
+ITEM = re.compile(r"(?P<phrase>[^<]+?)(<loc_\d+>){4}")  # "phrase<loc>x4"; the box may be reversed (untrained)
+
+
+def _items(text: str) -> list[str] | None:
+    """The phrases of "phrase<loc>x4 ; phrase<loc>x4 ...", or None when the text is not of that form."""
+    matches = [ITEM.fullmatch(item) for item in text.split(" ; ")]
+    return [m["phrase"] for m in matches] if all(matches) else None
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +56,15 @@ def _per_row_candidates(n: int, seed: int = 0) -> list[list[str]]:
     rng = random.Random(seed)
     rows = [rng.sample(POOL, rng.randint(1, len(POOL))) for _ in range(n)]
     rows[0], rows[1] = ["red circle"], ["red", "red circle"]
+    return rows
+
+
+def _captions(n: int, seed: int = 0) -> list[str | None]:
+    """A caption of 2-5 distinct words per input (a word names where its phrase starts); rows 0 and 2
+    have none (a grounded-captioning record: unconstrained)."""
+    rng = random.Random(seed)
+    rows: list[str | None] = [" ".join(rng.sample(WORDS[:-1], rng.randint(2, 5))) for _ in range(n)]
+    rows[0] = rows[2] = None
     return rows
 
 
@@ -150,12 +167,57 @@ def test_loc4_decoding_writes_four_location_tokens_then_ends(model, processor, i
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
-@pytest.mark.parametrize("decoding", ["open", "loc4", "candidates"])
+def test_phrase_decoding_writes_runs_of_the_caption_then_boxes(model, processor, inputs, num_beams):
+    images, prompts = inputs
+    sources = _captions(NUM_INPUTS)
+    # At most 5 one-token words: every start used once ends the grammar within 15 + 5 x 5 tokens.
+    kwargs = {"num_beams": num_beams, "max_new_tokens": 48}
+    texts = generate_texts(model, processor, images, prompts, decoding="phrases", sources=sources, **kwargs)
+    open_texts = generate_texts(model, processor, images, prompts, **kwargs)
+    assert [texts[0], texts[2]] == [open_texts[0], open_texts[2]]  # rows without a caption are left alone
+    constrained = [i for i, source in enumerate(sources) if source is not None]
+    assert not any(_items(open_texts[i]) for i in constrained), "open outputs have the form already: vacuous"
+    phrases_seen = set()
+    for i in constrained:
+        words = sources[i].split()
+        spans = {" ".join(words[a:b]) for a in range(len(words)) for b in range(a + 1, len(words) + 1)}
+        items = _items(texts[i])
+        assert items, f"row {i}: {texts[i]!r} is not phrase<loc>x4 ; ... (caption {sources[i]!r})"
+        assert all(phrase in spans for phrase in items), (texts[i], sources[i])
+        starts = [words.index(phrase.split()[0]) for phrase in items]
+        assert len(starts) == len(set(starts)), f"two phrases start at one word: {texts[i]!r}"
+        phrases_seen.update(items)
+    assert len(phrases_seen) > 5, f"the outputs hardly differ, the test would be vacuous: {phrases_seen}"
+
+
+def test_phrase_grammar_token_by_token(processor):
+    tok = processor.tokenizer
+    ids = tok("red circle left", add_special_tokens=False).input_ids
+    grammar = PhraseSpanLogitsProcessor(tok, ["red circle left"], num_bins=processor.num_bins)
+    suffixes = grammar.suffixes[0]
+    locs = loc_token_ids(tok, processor.num_bins)
+    box = locs[:4]
+    assert grammar._allowed(suffixes, []) == sorted(set(ids))  # any word can start the first phrase
+    assert grammar._allowed(suffixes, ids[:1]) == sorted({ids[1], *locs})  # continue the run, or box it
+    assert grammar._allowed(suffixes, [*ids[:1], *box[:2]]) == locs  # a box is four location tokens
+    after = [*ids[:2], *box]
+    assert grammar._allowed(suffixes, after) == [tok.eos_token_id, *grammar.separator]
+    # "red" is taken: a second phrase starts at "circle" or "left".
+    assert grammar._allowed(suffixes, [*after, *grammar.separator]) == sorted(ids[1:])
+    every_start = [*after, *grammar.separator, ids[1], *box, *grammar.separator, ids[2], *box]
+    assert grammar._allowed(suffixes, every_start) == [tok.eos_token_id]  # no word left to start at
+    assert grammar._allowed(suffixes, [*every_start, tok.eos_token_id]) == [tok.pad_token_id]
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+@pytest.mark.parametrize("decoding", ["open", "loc4", "candidates", "phrases"])
 def test_batched_generation_equals_one_at_a_time(model, processor, inputs, decoding, num_beams):
     images, prompts = inputs[0][:7], inputs[1][:7]
     kwargs = {"decoding": decoding, "num_beams": num_beams}
     if decoding == "candidates":
         kwargs["candidates"] = _per_row_candidates(7, seed=1)  # chunks must index their own rows
+    elif decoding == "phrases":
+        kwargs.update(sources=_captions(7, seed=1), max_new_tokens=12)
     else:
         kwargs["max_new_tokens"] = 8
     batched = generate_texts(model, processor, images, prompts, batch_size=3, **kwargs)
@@ -164,6 +226,8 @@ def test_batched_generation_equals_one_at_a_time(model, processor, inputs, decod
         one = dict(kwargs)
         if decoding == "candidates":
             one["candidates"] = [kwargs["candidates"][i]]
+        if decoding == "phrases":
+            one["sources"] = [kwargs["sources"][i]]
         singles.extend(generate_texts(model, processor, [image], [prompt], **one))
     assert len(set(batched)) > 1, f"identical outputs make the test vacuous: {batched}"
     assert batched == singles
@@ -265,6 +329,10 @@ def test_bad_arguments_are_clear_errors(model, processor, inputs):
     images, prompts = inputs[0][:2], inputs[1][:2]
     with pytest.raises(ValueError, match="unknown decoding 'beam'; expected one of 'open', 'loc4', 'candidates'"):
         generate_texts(model, processor, images, prompts, decoding="beam")
+    with pytest.raises(ValueError, match=r"decoding='phrases' needs one source text \(or None\) per prompt: 2, got 1"):
+        generate_texts(model, processor, images, prompts, decoding="phrases", sources=["red circle"])
+    with pytest.raises(ValueError, match="sources are only used with decoding='phrases', not decoding='open'"):
+        generate_texts(model, processor, images, prompts, sources=["red", "blue"])
     with pytest.raises(ValueError, match="decoding='candidates' needs candidates"):
         generate_texts(model, processor, images, prompts, decoding="candidates")
     with pytest.raises(ValueError, match="only used with decoding='candidates'"):

@@ -222,6 +222,20 @@ def test_generic_predict_covers_every_task_with_image_inputs(predictor, images):
     assert region.task == "grounding" and math.isfinite(region.score)
 
 
+def test_grounding_copies_each_querys_own_caption_in_one_batch(predictor, images):
+    import re
+
+    captions = ["a red circle left of a blue square", "two green triangles", "a yellow star"]
+    # One batch (batch_size 3), three captions: each row is held to its own.
+    results = predictor.predict("grounding", images[:3], [{"caption": c} for c in captions], max_new_tokens=40)
+    for result, caption in zip(results, captions, strict=True):
+        words = caption.split()
+        spans = {" ".join(words[a:b]) for a in range(len(words)) for b in range(a + 1, len(words) + 1)}
+        items = [re.fullmatch(r"([^<]+?)(<loc_\d+>){4}", item) for item in result.text.split(" ; ")]
+        assert items and all(items), f"{result.text!r} is not phrase<loc>x4 ; ..."
+        assert all(item[1] in spans for item in items), (result.text, caption)
+
+
 def test_one_image_broadcasts_over_several_questions(predictor, images):
     results = predictor.answer(images[0], [QUESTION, "what is it?"])
     assert len(results) == 2

@@ -155,6 +155,26 @@ def test_our_model_is_scored_per_question_type_with_the_relation_mean(free_world
     assert set(accuracy) == {"test", "heldout"} and "| relation choice |" in out.read_text()
 
 
+def test_grounding_is_scored_with_open_and_phrase_decoding_per_split(free_world, tiny_model, processor, tmp_path):
+    from unified_vl.checkpoint import save_pretrained
+
+    model = save_pretrained(tiny_model.eval(), processor, tmp_path / "model")
+    out = tmp_path / "grounding.md"
+    command = [sys.executable, str(ROOT / "scripts" / "grounding_decoding.py"), f"--model={model}"]
+    command += [f"--data={free_world}", "--split", "test", "heldout", f"--out={out}"]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert set(results) == {"test", "heldout"}
+    for split, by_decoding in results.items():
+        records = storage.load_split(free_world, "grounding", split, decode_images=False).to_list()
+        gold = sum(len(r["phrases"]) for r in records if r.get("phrases"))
+        assert set(by_decoding) == {"open", "phrases"}
+        for values in by_decoding.values():
+            assert values["phrases"] == gold > 0
+            assert all(0.0 <= values[k] <= 1.0 for k in ("phrase_acc@0.5", "phrases written exactly"))
+    assert out.read_text().count("| phrases |") == 2
+
+
 def test_baseline_refuses_unknown_tasks_and_two_budgets(free_world):
     with pytest.raises(ValueError, match="no baseline for task 'rec'; baselines exist for classification, vqa"):
         baselines.train_baseline(str(free_world), "rec", max_steps=1)

@@ -1,6 +1,11 @@
 """Generation: decoding (`generate_texts`), its constraints (answer tries, location-only) and candidate scoring."""
 
-from unified_vl.generation.constraints import CandidateTrie, LocationOnlyLogitsProcessor, candidates_prefix_fn
+from unified_vl.generation.constraints import (
+    CandidateTrie,
+    LocationOnlyLogitsProcessor,
+    PhraseSpanLogitsProcessor,
+    candidates_prefix_fn,
+)
 from unified_vl.generation.generate import DECODINGS, generate_texts
 from unified_vl.generation.scoring import rank_classify, score_candidates, score_texts
 
@@ -8,6 +13,7 @@ __all__ = [
     "DECODINGS",
     "CandidateTrie",
     "LocationOnlyLogitsProcessor",
+    "PhraseSpanLogitsProcessor",
     "candidates_prefix_fn",
     "generate_texts",
     "rank_classify",

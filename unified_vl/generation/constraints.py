@@ -191,3 +191,100 @@ class LocationOnlyLogitsProcessor(LogitsProcessor):
         allowed[:, self.eos_token_id] = ~ended & (num_locs >= self.num_locations)
         allowed[:, self.pad_token_id] = ended
         return scores.masked_fill(~allowed, float("-inf"))
+
+
+class PhraseSpanLogitsProcessor(LogitsProcessor):
+    """Phrase grounding's output grammar: ``phrase<loc>x4 ( ; phrase<loc>x4 )*`` then eos, each phrase
+    a run of words of its row's source text (the caption), no two starting at the same word.
+
+    The records' contract says so (docs/records.md: a grounding record's phrases are substrings of
+    its caption), and Flickr30k Entities' protocol localises phrases the caption holds (Plummer et
+    al., 2015). The order is left to the model: the task's metric matches phrases by their text, and
+    a trained ``uvl-tiny`` writes the objects in an order of its own, not the caption's. Open decoding lets a model write a phrase the caption does not hold:
+    on the world's ``heldout`` split (colour-shape pairs never seen in training) ``uvl-tiny``
+    rewrote four in ten of them as a pair it had seen, and then boxed that pair.
+
+    Every step it reads the row's state from the sequence itself (so greedy and beam search both
+    work): inside a phrase, the next token must continue a run of the caption's words that starts
+    at a word no earlier phrase started at, or, once the phrase has a token, start its box; a box
+    is exactly four location tokens; after a box come the separator (only while a word is left to
+    start a phrase) or eos; after eos, pad. A row whose source is None (a grounded
+    captioning record) is left unconstrained.
+
+    Args:
+        tokenizer: the processor's tokenizer (with the location tokens).
+        sources: one source text per batch row, or None for an unconstrained row.
+        num_bins: the number of location tokens in the vocabulary (``processor.num_bins``).
+        separator: the text between items (the grounding target's ``" ; "``).
+    """
+
+    def __init__(self, tokenizer, sources: Sequence[str | None], *, num_bins: int = DEFAULT_NUM_BINS, separator=" ; "):
+        self.loc_ids = torch.tensor(loc_token_ids(tokenizer, num_bins), dtype=torch.long)  # (num_bins,)
+        self._is_loc = set(self.loc_ids.tolist())
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id
+        self.separator = tuple(tokenizer(separator.strip(), add_special_tokens=False).input_ids)
+        if not self.separator:
+            raise ValueError(f"the separator {separator!r} has no tokens")
+        # Per row: the token ids of the caption from each word on (a phrase is a prefix of one of them).
+        self.suffixes: list[list[tuple[int, ...]] | None] = []
+        for source in sources:
+            if source is None:
+                self.suffixes.append(None)
+                continue
+            words = source.split()
+            self.suffixes.append(
+                [tuple(tokenizer(" ".join(words[i:]), add_special_tokens=False).input_ids) for i in range(len(words))]
+            )
+
+    def _allowed(self, suffixes: list[tuple[int, ...]], generated: list[int]) -> list[int]:
+        """The tokens the grammar allows after ``generated`` (without the decoder start token)."""
+        if self.eos_token_id in generated:
+            return [self.pad_token_id]
+        used: set[int] = set()  # the words that began earlier phrases
+        phrase: list[int] = []
+        locs, after_box = 0, []
+        for token in generated:
+            if token in self._is_loc:
+                if locs == 0:  # the phrase ends: the first free word it can start at is taken
+                    start = next((i for i in self._starts(suffixes, phrase, used)), None)
+                    used.add(start)
+                locs += 1
+                after_box = []
+            elif locs == 4:  # the separator, token by token, then a new phrase
+                after_box.append(token)
+                if tuple(after_box) == self.separator:
+                    phrase, locs, after_box = [], 0, []
+            else:
+                phrase.append(token)
+        if locs == 4:
+            if after_box:  # inside a separator of several tokens
+                return [self.separator[len(after_box)]]
+            # A separator only while a word is left to start another phrase.
+            return [self.eos_token_id, *(self.separator[:1] if len(used - {None}) < len(suffixes) else ())]
+        if 0 < locs < 4:
+            return self.loc_ids.tolist()
+        n = len(phrase)
+        allowed = {suffixes[i][n] for i in self._starts(suffixes, phrase, used) if len(suffixes[i]) > n}
+        if phrase:
+            allowed.update(self._is_loc)
+        return sorted(allowed) or [self.eos_token_id]
+
+    @staticmethod
+    def _starts(suffixes: list[tuple[int, ...]], phrase: list[int], used: set) -> list[int]:
+        """The free words a phrase written so far can have started at."""
+        prefix = tuple(phrase)
+        return [i for i, suffix in enumerate(suffixes) if i not in used and suffix[: len(prefix)] == prefix]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        rows = input_ids.shape[0]
+        per_row = rows // len(self.suffixes)  # beam search: num_beams rows per batch row, in order
+        mask = torch.zeros_like(scores, dtype=torch.bool)  # (R, V): True where forbidden
+        for r in range(rows):
+            suffixes = self.suffixes[r // per_row]
+            if suffixes is None:
+                continue
+            allowed = self._allowed(suffixes, input_ids[r, 1:].tolist())  # [1:]: the decoder start token
+            mask[r] = True
+            mask[r, allowed] = False
+        return scores.masked_fill(mask, float("-inf"))

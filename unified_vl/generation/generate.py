@@ -1,7 +1,8 @@
 """`generate_texts`: the one entry point that evaluation and serving call to generate text.
 
 It batches, preprocesses, applies the decoding a task asks for (``task.decoding``: ``"open"``,
-``"loc4"`` or ``"candidates"``, through :mod:`unified_vl.generation.constraints`) and returns text.
+``"loc4"``, ``"candidates"`` or ``"phrases"``, through :mod:`unified_vl.generation.constraints`) and
+returns text.
 """
 
 from __future__ import annotations
@@ -13,21 +14,29 @@ from transformers import LogitsProcessorList
 
 from unified_vl.generation.constraints import (
     LocationOnlyLogitsProcessor,
+    PhraseSpanLogitsProcessor,
     candidate_rows,
     row_tries,
     trie_prefix_fn,
 )
 
-DECODINGS = ("open", "loc4", "candidates")
+DECODINGS = ("open", "loc4", "candidates", "phrases")
 
 
-def _check_arguments(images, prompts, decoding: str, candidates, batch_size: int, generation_kwargs: dict) -> None:
+def _check_arguments(
+    images, prompts, decoding: str, candidates, sources, batch_size: int, generation_kwargs: dict
+) -> None:
     if decoding not in DECODINGS:
         raise ValueError(f"unknown decoding {decoding!r}; expected one of {', '.join(map(repr, DECODINGS))}")
     if decoding == "candidates" and candidates is None:
         raise ValueError("decoding='candidates' needs candidates (a list of texts, or one list per input)")
     if decoding != "candidates" and candidates is not None:
         raise ValueError(f"candidates are only used with decoding='candidates', not decoding={decoding!r}")
+    if decoding == "phrases" and (sources is None or len(sources) != len(prompts)):
+        got = "none" if sources is None else len(sources)
+        raise ValueError(f"decoding='phrases' needs one source text (or None) per prompt: {len(prompts)}, got {got}")
+    if decoding != "phrases" and sources is not None:
+        raise ValueError(f"sources are only used with decoding='phrases', not decoding={decoding!r}")
     if len(images) != len(prompts):
         raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; give one prompt per image")
     if batch_size < 1:
@@ -46,6 +55,7 @@ def generate_texts(
     *,
     decoding: str = "open",
     candidates: Sequence[str] | Sequence[Sequence[str]] | None = None,
+    sources: Sequence[str | None] | None = None,
     num_beams: int = 1,
     max_new_tokens: int | None = None,
     batch_size: int = 32,
@@ -63,9 +73,13 @@ def generate_texts(
         processor: its :class:`~unified_vl.processor.UnifiedVLProcessor`.
         images: one image per prompt (PIL, numpy or path).
         prompts: the instructions, e.g. ``task.prompt(record)``.
-        decoding: ``"open"`` (free text), ``"loc4"`` (exactly four location tokens, then end) or
-            ``"candidates"`` (one of ``candidates``, through a :class:`CandidateTrie`).
+        decoding: ``"open"`` (free text), ``"loc4"`` (exactly four location tokens, then end),
+            ``"candidates"`` (one of ``candidates``, through a :class:`CandidateTrie`) or
+            ``"phrases"`` (phrase grounding's ``phrase<loc>x4 ; ...``, each phrase a run of words of
+            the input's source text, in its order: :class:`PhraseSpanLogitsProcessor`).
         candidates: for ``"candidates"``: a list of texts shared by all inputs, or one list per input.
+        sources: for ``"phrases"``: one source text (the caption) per input; None leaves that input
+            unconstrained.
         num_beams: 1 for greedy, more for beam search.
         max_new_tokens: the longest output in tokens. None: the model's default for ``"open"``,
             exactly enough for ``"loc4"`` and for the longest candidate.
@@ -82,9 +96,10 @@ def generate_texts(
 
     Raises:
         ValueError: an unknown ``decoding``; ``"candidates"`` without candidates or candidates with
-            another decoding; ``max_new_tokens`` too short for the constraint; mismatched lengths.
+            another decoding; ``"phrases"`` without one source per input, or sources with another
+            decoding; ``max_new_tokens`` too short for the constraint; mismatched lengths.
     """
-    _check_arguments(images, prompts, decoding, candidates, batch_size, generation_kwargs)
+    _check_arguments(images, prompts, decoding, candidates, sources, batch_size, generation_kwargs)
     if adapter_names is not None and len(adapter_names) != len(prompts):
         raise ValueError(f"got {len(adapter_names)} adapter names for {len(prompts)} prompts; give one per prompt")
 
@@ -109,6 +124,7 @@ def generate_texts(
     if max_new_tokens is not None:
         generation_kwargs["max_new_tokens"] = max_new_tokens
 
+    user_processors = list(generation_kwargs.get("logits_processor") or [])
     if return_scores:  # the raw logits of every step, to score the outputs without a second pass
         generation_kwargs.update(return_dict_in_generate=True, output_logits=True)
     texts: list[str] = []
@@ -122,7 +138,12 @@ def generate_texts(
             generation_kwargs["prefix_allowed_tokens_fn"] = trie_prefix_fn(tries[start:stop], shared=False)
         if adapter_names is not None:
             generation_kwargs["adapter_names"] = list(adapter_names[start:stop])
-        out = model.generate(**batch, num_beams=num_beams, **generation_kwargs)
+        if decoding == "phrases":  # one processor per chunk: it holds the chunk's rows' captions
+            phrases = PhraseSpanLogitsProcessor(processor.tokenizer, sources[start:stop], num_bins=processor.num_bins)
+            kwargs = {**generation_kwargs, "logits_processor": LogitsProcessorList([*user_processors, phrases])}
+        else:
+            kwargs = generation_kwargs
+        out = model.generate(**batch, num_beams=num_beams, **kwargs)
         sequences = out.sequences if return_scores else out  # (b, 1 + t)
         texts.extend(processor.decode(sequences))
         if return_scores:

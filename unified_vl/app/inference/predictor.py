@@ -150,6 +150,7 @@ class Query:
     decoding: str
     candidates: tuple[str, ...] | None = None
     label_words: tuple[tuple[str, tuple[str, ...]], ...] | None = None
+    source: str | None = None  # decoding "phrases": the caption the phrases are copied from (not a group key)
     top_k: int = 1
     with_score: bool = True
     generation: Mapping[str, Any] = field(default_factory=dict)
@@ -321,6 +322,7 @@ class Predictor:
             decoding=decoding,
             candidates=candidates,
             label_words=label_words,
+            source=task_obj.source(record) if decoding == "phrases" else None,
             top_k=top_k,
             with_score=with_score,
             generation=dict(generation_kwargs),
@@ -443,6 +445,7 @@ class Predictor:
             prompts,
             decoding=first.decoding,
             candidates=list(first.candidates) if first.decoding == "candidates" else None,
+            sources=[q.source for q in group] if first.decoding == "phrases" else None,
             return_scores=first.with_score,
             **common,
             **first.generation,

@@ -151,6 +151,7 @@ class TaskEvaluator:
             [task.prompt(r) for r in rows],
             decoding=task.decoding,
             candidates=self.candidates(task, split) if task.decoding == "candidates" else None,
+            sources=[task.source(r) for r in rows] if task.decoding == "phrases" else None,
             num_beams=self.num_beams,
             batch_size=self.batch_size,
         )
