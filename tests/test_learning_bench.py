@@ -139,31 +139,31 @@ def test_baseline_vqa_answers_from_the_training_answers_and_reports_question_typ
     assert result.parameters > 0
 
 
-def test_our_model_is_scored_per_question_type_with_the_relation_mean(free_world, tiny_model, processor, tmp_path):
+def _score_on_test_and_heldout(script: str, data, model, processor, tmp_path):
+    """Runs ``scripts/SCRIPT --model M --data D --split test heldout --out X.md`` on a saved tiny
+    model; (the JSON it wrote, the Markdown it wrote)."""
     from unified_vl.checkpoint import save_pretrained
 
-    model = save_pretrained(tiny_model.eval(), processor, tmp_path / "model")
-    out = tmp_path / "types.md"
-    command = [sys.executable, str(ROOT / "scripts" / "vqa_by_question_type.py"), f"--model={model}"]
-    command += [f"--data={free_world}", "--split", "test", "heldout", f"--out={out}"]
+    folder = save_pretrained(model.eval(), processor, tmp_path / "model")
+    out = tmp_path / "table.md"
+    command = [sys.executable, str(ROOT / "scripts" / script), f"--model={folder}"]
+    command += [f"--data={data}", "--split", "test", "heldout", f"--out={out}"]
     subprocess.run(command, check=True, capture_output=True, text=True)
-    accuracy = json.loads(out.with_suffix(".json").read_text())["accuracy"]
+    return json.loads(out.with_suffix(".json").read_text()), out.read_text()
+
+
+def test_our_model_is_scored_per_question_type_with_the_relation_mean(free_world, tiny_model, processor, tmp_path):
+    results, table = _score_on_test_and_heldout("vqa_by_question_type.py", free_world, tiny_model, processor, tmp_path)
+    accuracy = results["accuracy"]
     test_types = {r["question_type"] for r in storage.load_split(free_world, "vqa", "test", decode_images=False)}
     assert set(accuracy["test"]) == test_types | {"relations (both forms, mean)"}
     relations = (accuracy["test"]["relation"] + accuracy["test"]["relation choice"]) / 2
     assert accuracy["test"]["relations (both forms, mean)"] == pytest.approx(relations)
-    assert set(accuracy) == {"test", "heldout"} and "| relation choice |" in out.read_text()
+    assert set(accuracy) == {"test", "heldout"} and "| relation choice |" in table
 
 
 def test_grounding_is_scored_with_open_and_phrase_decoding_per_split(free_world, tiny_model, processor, tmp_path):
-    from unified_vl.checkpoint import save_pretrained
-
-    model = save_pretrained(tiny_model.eval(), processor, tmp_path / "model")
-    out = tmp_path / "grounding.md"
-    command = [sys.executable, str(ROOT / "scripts" / "grounding_decoding.py"), f"--model={model}"]
-    command += [f"--data={free_world}", "--split", "test", "heldout", f"--out={out}"]
-    subprocess.run(command, check=True, capture_output=True, text=True)
-    results = json.loads(out.with_suffix(".json").read_text())
+    results, table = _score_on_test_and_heldout("grounding_decoding.py", free_world, tiny_model, processor, tmp_path)
     assert set(results) == {"test", "heldout"}
     for split, by_decoding in results.items():
         records = storage.load_split(free_world, "grounding", split, decode_images=False).to_list()
@@ -172,7 +172,7 @@ def test_grounding_is_scored_with_open_and_phrase_decoding_per_split(free_world,
         for values in by_decoding.values():
             assert values["phrases"] == gold > 0
             assert all(0.0 <= values[k] <= 1.0 for k in ("phrase_acc@0.5", "phrases written exactly"))
-    assert out.read_text().count("| phrases |") == 2
+    assert table.count("| phrases |") == 2
 
 
 def test_baseline_refuses_unknown_tasks_and_two_budgets(free_world):

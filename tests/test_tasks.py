@@ -291,6 +291,20 @@ def test_task_rejects_bad_definitions():
         Task(**{**fields, "fields": dict(base.fields), "name": "my-task"})
     with pytest.raises(ValueError, match="primary_metric"):
         Task(**{**fields, "fields": dict(base.fields), "primary_metric": "f1"})
+    with pytest.raises(ValueError, match="itm: decoding 'phrases' and a decoding_source go together"):
+        Task(**{**fields, "fields": dict(base.fields), "decoding": "phrases"})
+    with pytest.raises(ValueError, match="itm: decoding 'phrases' and a decoding_source go together"):
+        Task(**{**fields, "fields": dict(base.fields), "decoding_source": lambda record: record["text"]})
+
+
+def test_grounding_copies_phrases_from_the_caption_and_describes_regions_freely():
+    task = tasks.get_task("grounding")
+    phrase_record = {"id": "a", "width": 8, "height": 8, "caption": "a  red circle", "phrases": ["a red circle"]}
+    region_record = {"id": "b", "width": 8, "height": 8, "region": [0, 0, 4, 4], "description": "a red circle"}
+    assert task.decoding == "phrases"
+    assert task.source(phrase_record) == "a red circle"  # squashed, as the prompt writes it
+    assert task.source(region_record) is None
+    assert tasks.get_task("vqa").source({"question": "q?"}) is None
 
 
 # --------------------------------------------------------------------------------------------
