@@ -103,17 +103,7 @@ def generate_texts(
     if adapter_names is not None and len(adapter_names) != len(prompts):
         raise ValueError(f"got {len(adapter_names)} adapter names for {len(prompts)} prompts; give one per prompt")
 
-    tries = None
-    needed = None  # the fewest new tokens that can complete the constrained output
-    if decoding == "loc4":
-        loc_processor = LocationOnlyLogitsProcessor(processor.tokenizer, num_bins=processor.num_bins)
-        needed = loc_processor.num_locations + 1  # the location tokens, then eos
-        generation_kwargs["logits_processor"] = LogitsProcessorList(
-            [*(generation_kwargs.get("logits_processor") or []), loc_processor]
-        )
-    elif decoding == "candidates":
-        tries = row_tries(processor.tokenizer, candidate_rows(candidates, len(prompts)))
-        needed = max((trie.max_length for trie in set(tries)), default=1)
+    tries, needed = _constraints(processor, decoding, candidates, len(prompts), generation_kwargs)
     if needed is not None:
         if max_new_tokens is not None and max_new_tokens < needed:
             raise ValueError(
@@ -133,22 +123,41 @@ def generate_texts(
         stop = start + batch_size
         batch = processor(images=list(images[start:stop]), text=list(prompts[start:stop]))
         batch = {k: v.to(model.device) for k, v in batch.items()}
-        if tries is not None:
-            # generate's batch_id counts rows of this chunk, not of all inputs.
-            generation_kwargs["prefix_allowed_tokens_fn"] = trie_prefix_fn(tries[start:stop], shared=False)
         if adapter_names is not None:
             generation_kwargs["adapter_names"] = list(adapter_names[start:stop])
-        if decoding == "phrases":  # one processor per chunk: it holds the chunk's rows' captions
-            phrases = PhraseSpanLogitsProcessor(processor.tokenizer, sources[start:stop], num_bins=processor.num_bins)
-            kwargs = {**generation_kwargs, "logits_processor": LogitsProcessorList([*user_processors, phrases])}
-        else:
-            kwargs = generation_kwargs
+        rows = slice(start, stop)
+        kwargs = {**generation_kwargs, **_chunk_constraints(processor, decoding, tries, sources, user_processors, rows)}
         out = model.generate(**batch, num_beams=num_beams, **kwargs)
         sequences = out.sequences if return_scores else out  # (b, 1 + t)
         texts.extend(processor.decode(sequences))
         if return_scores:
             scores.extend(sequence_scores(model, out, eos_token_id=processor.tokenizer.eos_token_id).tolist())
     return (texts, scores) if return_scores else texts
+
+
+def _constraints(processor, decoding: str, candidates, num_inputs: int, generation_kwargs: dict):
+    """``(one trie per input or None, the fewest new tokens that complete the output or None)``; a
+    ``"loc4"`` decoding adds its processor to ``generation_kwargs``."""
+    if decoding == "loc4":
+        loc_processor = LocationOnlyLogitsProcessor(processor.tokenizer, num_bins=processor.num_bins)
+        generation_kwargs["logits_processor"] = LogitsProcessorList(
+            [*(generation_kwargs.get("logits_processor") or []), loc_processor]
+        )
+        return None, loc_processor.num_locations + 1  # the location tokens, then eos
+    if decoding == "candidates":
+        tries = row_tries(processor.tokenizer, candidate_rows(candidates, num_inputs))
+        return tries, max((trie.max_length for trie in set(tries)), default=1)
+    return None, None
+
+
+def _chunk_constraints(processor, decoding: str, tries, sources, user_processors: list, rows: slice) -> dict:
+    """The constraint arguments of ``generate`` for one chunk of inputs: its rows' tries or captions."""
+    if tries is not None:  # generate's batch_id counts rows of this chunk, not of all inputs
+        return {"prefix_allowed_tokens_fn": trie_prefix_fn(tries[rows], shared=False)}
+    if decoding == "phrases":  # one processor per chunk: it holds the chunk's rows' captions
+        phrases = PhraseSpanLogitsProcessor(processor.tokenizer, sources[rows], num_bins=processor.num_bins)
+        return {"logits_processor": LogitsProcessorList([*user_processors, phrases])}
+    return {}
 
 
 def sequence_scores(model, output, *, eos_token_id: int) -> torch.Tensor:
