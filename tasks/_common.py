@@ -353,7 +353,7 @@ class Task:
         primary_metric: the key of ``evaluate``'s result to select checkpoints by.
         decoding: ``"open"``, ``"loc4"`` (exactly four ``<loc_*>`` then end), ``"candidates"`` or
             ``"phrases"`` (``phrase<loc>x4 ; ...`` with each phrase a run of words of the record's
-            ``decoding_source``, in its order: phrase grounding).
+            ``decoding_source``, no two starting at the same word, in any order: phrase grounding).
         format_target: ``format_target(record, rng) -> str``; ``rng=None`` must be deterministic.
         parse_output: ``parse_output(text, record) -> prediction | None`` for non-empty text.
         gold_prediction: ``gold_prediction(record) -> prediction`` (what a perfect model predicts).

@@ -75,7 +75,7 @@ def _prompt_values(record: Record, rng) -> dict[str, str]:
 
 def _source(record: Record) -> str | None:
     """What the phrases are copied from: a phrase record's caption (records.md: phrases are substrings
-    of the caption, in order); a grounded-captioning record writes a free description."""
+    of the caption); a grounded-captioning record writes a free description."""
     return None if is_region_record(record) else squash(record["caption"])
 
 
@@ -214,7 +214,7 @@ TASK = Task(
     },
     prompts=PROMPTS,
     primary_metric="phrase_acc@0.5",
-    decoding="phrases",  # each phrase a run of the caption's words, in order (PhraseSpanLogitsProcessor)
+    decoding="phrases",  # each phrase a run of the caption's words, in any order (PhraseSpanLogitsProcessor)
     decoding_source=_source,
     format_target=_target,
     parse_output=_parse,

@@ -139,21 +139,30 @@ def test_baseline_vqa_answers_from_the_training_answers_and_reports_question_typ
     assert result.parameters > 0
 
 
-def _score_on_test_and_heldout(script: str, data, model, processor, tmp_path):
+def _score_on_test_and_heldout(script: str, data, model, processor, tmp_path, monkeypatch):
     """Runs ``scripts/SCRIPT --model M --data D --split test heldout --out X.md`` on a saved tiny
-    model; (the JSON it wrote, the Markdown it wrote)."""
+    model, in this process (a subprocess would spend most of its time importing torch); (the JSON
+    it wrote, the Markdown it wrote)."""
+    import runpy
+
     from unified_vl.checkpoint import save_pretrained
 
     folder = save_pretrained(model.eval(), processor, tmp_path / "model")
     out = tmp_path / "table.md"
-    command = [sys.executable, str(ROOT / "scripts" / script), f"--model={folder}"]
-    command += [f"--data={data}", "--split", "test", "heldout", f"--out={out}"]
-    subprocess.run(command, check=True, capture_output=True, text=True)
+    path = ROOT / "scripts" / script
+    argv = [str(path), f"--model={folder}", f"--data={data}", "--split", "test", "heldout", f"--out={out}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts scripts/ first on it
+    runpy.run_path(str(path), run_name="__main__")
     return json.loads(out.with_suffix(".json").read_text()), out.read_text()
 
 
-def test_our_model_is_scored_per_question_type_with_the_relation_mean(free_world, tiny_model, processor, tmp_path):
-    results, table = _score_on_test_and_heldout("vqa_by_question_type.py", free_world, tiny_model, processor, tmp_path)
+def test_our_model_is_scored_per_question_type_with_the_relation_mean(
+    free_world, tiny_model, processor, tmp_path, monkeypatch
+):
+    results, table = _score_on_test_and_heldout(
+        "vqa_by_question_type.py", free_world, tiny_model, processor, tmp_path, monkeypatch
+    )
     accuracy = results["accuracy"]
     test_types = {r["question_type"] for r in storage.load_split(free_world, "vqa", "test", decode_images=False)}
     assert set(accuracy["test"]) == test_types | {"relations (both forms, mean)"}
@@ -162,8 +171,12 @@ def test_our_model_is_scored_per_question_type_with_the_relation_mean(free_world
     assert set(accuracy) == {"test", "heldout"} and "| relation choice |" in table
 
 
-def test_grounding_is_scored_with_open_and_phrase_decoding_per_split(free_world, tiny_model, processor, tmp_path):
-    results, table = _score_on_test_and_heldout("grounding_decoding.py", free_world, tiny_model, processor, tmp_path)
+def test_grounding_is_scored_with_open_and_phrase_decoding_per_split(
+    free_world, tiny_model, processor, tmp_path, monkeypatch
+):
+    results, table = _score_on_test_and_heldout(
+        "grounding_decoding.py", free_world, tiny_model, processor, tmp_path, monkeypatch
+    )
     assert set(results) == {"test", "heldout"}
     for split, by_decoding in results.items():
         records = storage.load_split(free_world, "grounding", split, decode_images=False).to_list()

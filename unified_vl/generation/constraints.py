@@ -199,10 +199,11 @@ class PhraseSpanLogitsProcessor(LogitsProcessor):
 
     The records' contract says so (docs/records.md: a grounding record's phrases are substrings of
     its caption), and Flickr30k Entities' protocol localises phrases the caption holds (Plummer et
-    al., 2015). The order is left to the model: the task's metric matches phrases by their text, and
-    a trained ``uvl-tiny`` writes the objects in an order of its own, not the caption's. Open decoding lets a model write a phrase the caption does not hold:
-    on the world's ``heldout`` split (colour-shape pairs never seen in training) ``uvl-tiny``
-    rewrote four in ten of them as a pair it had seen, and then boxed that pair.
+    al., 2015). Open decoding lets a model write a phrase the caption does not hold: on the world's
+    ``heldout`` split (colour-shape pairs never seen in training) ``uvl-tiny`` rewrote four in ten of
+    them as a pair it had seen, and then boxed that pair. The order is left to the model: the task's
+    metric matches phrases by their text, and a trained ``uvl-tiny`` writes the objects in an order
+    of its own, not the caption's.
 
     Every step it reads the row's state from the sequence itself (so greedy and beam search both
     work): inside a phrase, the next token must continue a run of the caption's words that starts
@@ -219,8 +220,8 @@ class PhraseSpanLogitsProcessor(LogitsProcessor):
     """
 
     def __init__(self, tokenizer, sources: Sequence[str | None], *, num_bins: int = DEFAULT_NUM_BINS, separator=" ; "):
-        self.loc_ids = torch.tensor(loc_token_ids(tokenizer, num_bins), dtype=torch.long)  # (num_bins,)
-        self._is_loc = set(self.loc_ids.tolist())
+        self.loc_ids = loc_token_ids(tokenizer, num_bins)
+        self._is_loc = set(self.loc_ids)
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id
         self.separator = tuple(tokenizer(separator.strip(), add_special_tokens=False).input_ids)
@@ -246,9 +247,8 @@ class PhraseSpanLogitsProcessor(LogitsProcessor):
         locs, after_box = 0, []
         for token in generated:
             if token in self._is_loc:
-                if locs == 0:  # the phrase ends: the first free word it can start at is taken
-                    start = next((i for i in self._starts(suffixes, phrase, used)), None)
-                    used.add(start)
+                if locs == 0:  # the phrase ends: the first free word it can have started at is taken
+                    used.update(self._starts(suffixes, phrase, used)[:1])
                 locs += 1
                 after_box = []
             elif locs == 4:  # the separator, token by token, then a new phrase
@@ -261,9 +261,9 @@ class PhraseSpanLogitsProcessor(LogitsProcessor):
             if after_box:  # inside a separator of several tokens
                 return [self.separator[len(after_box)]]
             # A separator only while a word is left to start another phrase.
-            return [self.eos_token_id, *(self.separator[:1] if len(used - {None}) < len(suffixes) else ())]
+            return [self.eos_token_id, *(self.separator[:1] if len(used) < len(suffixes) else ())]
         if 0 < locs < 4:
-            return self.loc_ids.tolist()
+            return list(self.loc_ids)
         n = len(phrase)
         allowed = {suffixes[i][n] for i in self._starts(suffixes, phrase, used) if len(suffixes[i]) > n}
         if phrase:
