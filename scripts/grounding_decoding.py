@@ -25,7 +25,7 @@ def score_split(model, processor, records: list[dict], *, decoding: str, batch_s
     import tasks
     from tasks import boxes
     from tasks._common import normalize_phrase
-    from tasks.grounding import IOU_THRESHOLD, match_phrases
+    from tasks.grounding import IOU_THRESHOLD, match_phrases, valid_items
     from unified_vl.app.jobs.common import record_images
     from unified_vl.generation import generate_texts
 
@@ -44,7 +44,7 @@ def score_split(model, processor, records: list[dict], *, decoding: str, batch_s
     ]
     exact = exact_correct = total = 0
     for prediction, record in zip(predictions, records, strict=True):
-        items = [item for item in prediction or [] if len(item) == 2]
+        items = valid_items(prediction)  # the items the task's metric scores
         for g, p in enumerate(match_phrases(record["phrases"], items)):
             total += 1
             if p is not None and normalize_phrase(items[p][0]) == normalize_phrase(record["phrases"][g]):

@@ -99,7 +99,8 @@ def _gold(record: Record):
     return [(squash(p), [float(v) for v in b]) for p, b in zip(record["phrases"], record["boxes"], strict=True)]
 
 
-def _valid_items(prediction) -> list[tuple[str, Sequence[float]]]:
+def valid_items(prediction) -> list[tuple[str, Sequence[float]]]:
+    """The ``(phrase, box)`` items of a parsed prediction that the metric scores (others are dropped)."""
     if not isinstance(prediction, (list, tuple)):
         return []
     return [
@@ -141,7 +142,7 @@ def _metric(predictions, records: Sequence[Record]) -> dict[str, float]:
             region_predictions.append(prediction if isinstance(prediction, str) else None)
             region_references.append([record["description"]])
             continue
-        items = _valid_items(prediction)
+        items = valid_items(prediction)
         for g, p in enumerate(match_phrases(record["phrases"], items)):
             total += 1
             if p is not None and boxes.iou(items[p][1], record["boxes"][g]) >= IOU_THRESHOLD:
