@@ -223,10 +223,11 @@ def test_bf16_on_cpu_trains_and_exports_float32(tmp_path):
     assert all(v.dtype == torch.float32 for v in _weights(result.model_dir).values())
 
 
-def test_bf16_on_cpu_trains_a_batch_norm_stem(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["train.ema_decay=0.9"]], ids=["weights", "float32-average-of-bf16"])
+def test_bf16_on_cpu_trains_a_batch_norm_stem(tmp_path, extra):
     # DeepSpeed casts parameters to bf16 but not buffers; BatchNorm needs both in one dtype.
     result = run(
-        tmp_path, "bf16bn", "train.precision=bf16", "model.overrides.vision_stem=conv-deep", "train.max_steps=2"
+        tmp_path, "bf16bn", "train.precision=bf16", "model.overrides.vision_stem=conv-deep", "train.max_steps=2", *extra
     )
     assert all(np.isfinite(result.losses))
     weights = _weights(result.model_dir)
@@ -237,6 +238,62 @@ def test_bf16_on_cpu_trains_a_batch_norm_stem(tmp_path):
 
 
 # -- bad input: a clear error before any training ---------------------------------------------
+
+
+def test_weight_average_is_a_plain_average_until_its_cap():
+    from unified_vl.engine.averaging import WeightAverage
+
+    layer = torch.nn.Linear(1, 1, bias=False)
+    average = WeightAverage(layer, decay=0.6)
+    assert [average.decay_at(t) for t in (1, 2, 3)] == [0.0, 0.5, 0.6]  # min(cap, (t - 1) / t)
+    for step, value in enumerate((4.0, 2.0, 9.0), start=1):
+        with torch.no_grad():
+            layer.weight.fill_(value)
+        average.update(layer, step)
+        if step == 2:
+            torch.testing.assert_close(average.state_dict()["weight"], torch.tensor([[3.0]]))  # (4 + 2) / 2
+    # then exponential: 0.6 * 3 + 0.4 * 9; the layer itself is untouched until copy_to
+    torch.testing.assert_close(average.state_dict()["weight"], torch.tensor([[5.4]]))
+    assert layer.weight.item() == 9.0
+    average.copy_to(layer)
+    assert layer.weight.item() == pytest.approx(5.4)
+
+
+def test_ema_exports_the_average_of_the_steps_weights_and_resumes_with_it(tmp_path, monkeypatch):
+    args = ["train.max_steps=2", "checkpoint.every=1", "checkpoint.keep_last=3", "train.ema_decay=0.9"]
+    result = run(tmp_path, "ema", *args)
+    # the raw weights after steps 1 and 2 (the checkpoints) against the exported model: their mean
+    raw = [_weights(export_checkpoint(result.run_dir, tmp_path / f"raw{s}", tag=f"step_0000000{s}")) for s in (1, 2)]
+    exported = _weights(result.model_dir)
+    moved = 0
+    for key, value in exported.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, (raw[0][key] + raw[1][key]) / 2, msg=key)
+            moved += not torch.equal(raw[0][key], raw[1][key])
+    assert moved > 10  # the steps changed the weights, so the mean is neither of them
+
+    # A run killed after its checkpoint at step 10 and resumed exports what the whole run does.
+    args = ["train.max_steps=12", "checkpoint.every=10", "train.ema_decay=0.8"]
+    full = run(tmp_path, "full", *args)
+    real_next_step = mixture.MixtureSampler.next_step
+
+    def killed_at_step_10(self):
+        if self.step == 10:
+            raise KeyboardInterrupt("killed")
+        return real_next_step(self)
+
+    monkeypatch.setattr(mixture.MixtureSampler, "next_step", killed_at_step_10)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "part", *args)
+    monkeypatch.undo()
+    resumed = run(tmp_path, "part", *args, "resume=true")
+    reference, again = _weights(full.model_dir), _weights(resumed.model_dir)
+    for key in reference:
+        torch.testing.assert_close(again[key], reference[key], rtol=0, atol=1e-6, msg=key)
+    # A checkpoint without an average cannot resume a run that keeps one.
+    run(tmp_path, "plain", "train.max_steps=1", "checkpoint.export=false")
+    with pytest.raises(CheckpointError, match="holds no weight average .* resume it without train.ema_decay"):
+        run(tmp_path, "plain", "train.max_steps=2", "train.ema_decay=0.8", "resume=true")
 
 
 def test_global_batch_not_divisible_fails_before_anything(tmp_path):

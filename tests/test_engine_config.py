@@ -61,6 +61,8 @@ def test_layers_and_dotted_overrides(tmp_path):
         (["optim.lr_scale={visual: fast}"], "optim.lr_scale.visual: expected float"),
         (["train.label_smoothing=1.0"], "train.label_smoothing must be a number in [0, 1), got 1.0"),
         (["train.label_smoothing=-0.1"], "train.label_smoothing must be a number in [0, 1), got -0.1"),
+        (["train.ema_decay=1.0"], "train.ema_decay must be a number in [0, 1), got 1.0"),
+        (["train.ema_decay=0.99", "train.zero_stage=3"], "train.ema_decay needs whole weights on every rank"),
     ],
 )
 def test_bad_keys_and_types_say_what_is_allowed(overrides, message):

@@ -146,6 +146,13 @@ class TrainConfig:
     # spread evenly over the vocabulary (Szegedy et al. 2016). A regulariser against over-confident
     # answers on small data; the logged training losses include it. 0: off (the main job).
     label_smoothing: float = 0.0
+    # An exponential moving average of the weights (Polyak & Juditsky 1992), kept in float32 by timm's
+    # ModelEmaV3: a plain average of the weights after each optimizer step until the decay reaches this
+    # cap (decay_t = min(cap, (t - 1) / t)), then an average over about 1 / (1 - cap) steps. The final
+    # evaluation and the exported model use the average; evaluations during training and a
+    # checkpoint's weights are the trained ones (the average rides along in each checkpoint, so a
+    # resumed run goes on with it). 0: off (the main job).
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -494,6 +501,12 @@ def validate(config: RunConfig) -> None:
     positive("train.loc_sigma", t.loc_sigma, allow_zero=True)
     if isinstance(t.label_smoothing, bool) or not 0 <= t.label_smoothing < 1:
         raise ConfigError(f"train.label_smoothing must be a number in [0, 1), got {t.label_smoothing!r}")
+    if isinstance(t.ema_decay, bool) or not isinstance(t.ema_decay, (int, float)) or not 0 <= t.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay must be a number in [0, 1), got {t.ema_decay!r}")
+    if t.ema_decay and t.zero_stage == 3:
+        raise ConfigError(
+            "train.ema_decay needs whole weights on every rank (train.zero_stage 0, 1 or 2); ZeRO-3 shards them"
+        )
     if t.offload_params and t.zero_stage != 3:
         raise ConfigError(f"train.offload_params needs train.zero_stage=3, got zero_stage={t.zero_stage}")
     if t.offload_optimizer and t.zero_stage == 0:

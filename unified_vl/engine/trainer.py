@@ -24,6 +24,7 @@ from unified_vl.adapters import base_identity, method_weights
 from unified_vl.checkpoint import CheckpointError, atomic_write_text
 from unified_vl.config import UnifiedVLConfig
 from unified_vl.engine import distributed
+from unified_vl.engine.averaging import WeightAverage
 from unified_vl.engine.checkpoints import CheckpointManager
 from unified_vl.engine.config import ConfigError, Derived, RunConfig, deepspeed_config, derive, dump_yaml
 from unified_vl.engine.export import SPEC, AdapterSpec, export_adapter, export_checkpoint, export_model
@@ -142,6 +143,14 @@ class LRSchedule:
 
     def __init__(self, *, warmup_steps: int, horizon: int, kind: str, min_ratio: float):
         self.warmup_steps, self.horizon, self.kind, self.min_ratio = warmup_steps, horizon, kind, min_ratio
+
+    @classmethod
+    def of(cls, config: RunConfig) -> LRSchedule:
+        """The run's schedule over ``train.max_steps`` (a time-bounded run shortens it once it has measured)."""
+        o = config.optim
+        return cls(
+            warmup_steps=o.warmup_steps, horizon=config.train.max_steps, kind=o.schedule, min_ratio=o.min_lr_ratio
+        )
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -611,11 +620,16 @@ def check_weights_finite(model: torch.nn.Module, step: int, *, what: str) -> Non
         )
 
 
-def _resume(run: _Run, engine, checkpoints: CheckpointManager, schedule: LRSchedule) -> tuple[int, float]:
-    """Restores model, optimizer, scheduler (with its horizon), RNG and the sampler; returns (step, seconds)."""
+def _resume(
+    run: _Run, engine, checkpoints: CheckpointManager, schedule: LRSchedule, average: WeightAverage | None
+) -> tuple[int, float]:
+    """Restores model, optimizer, scheduler (with its horizon), RNG, the sampler and the weight average;
+    returns (step, seconds)."""
     t = run.config.train
     client = checkpoints.load(engine)
     run.sampler.load_state_dict(client["sampler"])
+    if average is not None:
+        average.load_state_dict(client.get("ema"), where=checkpoints.dir / str(checkpoints.latest_tag()))
     # The checkpoint restored the schedule; the config may have changed its length (training
     # longer). A time-bounded run keeps the horizon it measured.
     schedule.horizon = min(schedule.horizon, t.max_steps) if t.max_minutes is not None else t.max_steps
@@ -661,24 +675,21 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
     t, c = config.train, config.checkpoint
     run = _build(config, data, job)
     dist, run_dir, processor = run.dist, run.run_dir, run.processor
-    schedule = LRSchedule(
-        warmup_steps=config.optim.warmup_steps,
-        horizon=t.max_steps,
-        kind=config.optim.schedule,
-        min_ratio=config.optim.min_lr_ratio,
-    )
+    schedule = LRSchedule.of(config)
+    average = WeightAverage.of(run.model, t.ema_decay)  # a float32 copy, made before DeepSpeed casts the model
     engine = initialize(run.model, config, run.derived, schedule)
     best_metric = c.best_metric or (
         f"mean/{config.eval.splits[0]}/primary" if evaluator and config.eval.splits else None
     )
     checkpoints = CheckpointManager(run_dir / "checkpoints", dist=dist, keep_last=c.keep_last, best_metric=best_metric)
-    step, train_seconds = _resume(run, engine, checkpoints, schedule) if config.resume else (0, 0.0)
+    step, train_seconds = _resume(run, engine, checkpoints, schedule, average) if config.resume else (0, 0.0)
     budget = TimeBudget(t.max_minutes, max_steps=t.max_steps) if t.max_minutes is not None else None
     monitor = Monitor(run_dir, enabled=dist.is_main, total_steps=schedule.horizon, initial_step=step)
     monitor.write(_summary(run))
 
     def client_state() -> dict:
-        return {"step": step, "sampler": run.sampler.state_dict(), "train_seconds": train_seconds}
+        state = {"step": step, "sampler": run.sampler.state_dict(), "train_seconds": train_seconds}
+        return state if average is None else {**state, "ema": average.state_dict()}
 
     def evaluate_now(splits, max_examples, **keep) -> dict[str, float]:
         return evaluate(engine, processor, evaluator, config, dist, splits=splits, max_examples=max_examples, **keep)
@@ -691,6 +702,8 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
     while step < schedule.horizon:
         step_losses = _train_step(engine, run, step, loc_ids)
         step += 1
+        if average is not None:
+            average.update(engine.module, step)
         loss, task_losses, train_seconds = step_losses.reduce(
             start_seconds + (time.perf_counter() - tic), is_main=dist.is_main
         )
@@ -726,6 +739,9 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
     if step != last_saved:
         check_weights_finite(engine.module, step, what=f"the checkpoint of step {step}")
         checkpoints.save(engine, step, client_state(), metrics)
+    if average is not None:  # the final evaluation and the export use the average (the checkpoint has both)
+        average.copy_to(engine.module)
+        monitor.write(f"the final evaluation and the exported model use the weight average (decay {t.ema_decay})")
     keep = {"predictions_dir": run_dir / "predictions"}  # the final evaluation keeps its predictions
     final = evaluate_now(config.eval.final_splits, None, **keep) if evaluator and config.eval.final_splits else {}
     model_dir = _finish(run, engine, checkpoints, monitor, step=step, final=final)
