@@ -163,6 +163,40 @@ def test_the_trainer_applies_it_only_when_configured(monkeypatch):
         assert (len(targets) > 1) == expect_moved
 
 
+def test_only_the_named_tasks_are_shifted_and_the_others_draw_nothing(monkeypatch):
+    from unified_vl.app.jobs import common
+
+    box = [20, 10, 36, 30]
+    records = {"rec": rec_record(box), "classification": {"id": "c1", "image": _square_image(box), "label": "square"}}
+    monkeypatch.setattr("data_tools.storage.load_split", lambda path, task, split: [records[task]])
+    args = ["data.path=/nowhere", "data.tasks={rec: 1, classification: 1}"]
+    only = common.training_data(
+        load_config(None, [*args, "data.augment.shift=0.125", "data.augment.tasks=[classification]"])
+    )
+    plain = common.training_data(load_config(None, args))
+    for seed in range(6):
+        a, b = random.Random(seed), random.Random(seed)
+        shifted_run, plain_run = (
+            only.make_example("rec", records["rec"], a),
+            plain.make_example("rec", records["rec"], b),
+        )
+        assert shifted_run.target == plain_run.target and shifted_run.image is records["rec"]["image"]
+        assert a.random() == b.random()  # nothing drawn for the shift: the run's later examples are unchanged too
+    moved = {
+        tuple(_bright_box(only.make_example("classification", records["classification"], random.Random(s)).image))
+        for s in range(10)
+    }
+    assert len(moved) > 1
+
+
+def test_an_unknown_task_to_shift_is_named():
+    from unified_vl.app.jobs import common
+
+    config = load_config(None, ["data.tasks={vqa: 1}", "data.augment.shift=0.1", "data.augment.tasks=[clasification]"])
+    with pytest.raises(ConfigError, match=r"data.augment.tasks: unknown task\(s\) \['clasification'\]"):
+        common.check_task_names(config)
+
+
 @pytest.mark.parametrize("value", ["0.5", "-0.1"])
 def test_shift_out_of_range_is_a_config_error(value):
     with pytest.raises(ConfigError, match=r"data.augment.shift must be in \[0, 0.5\)"):

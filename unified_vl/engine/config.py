@@ -67,6 +67,11 @@ class AugmentConfig:
     # The largest random translation per axis, as a fraction of the image side (0.0625: 4 pixels of
     # 64); boxes move with the image and stay whole. 0: off (the main job's default).
     shift: float = 0.0
+    # The tasks whose records are shifted; None: every task. A shift keeps boxes valid but not every
+    # text: a VQA record holds no box to bound it, and "is the red circle on the left of the image?"
+    # or a count can change when an object at the edge moves, so a recipe may shift only the tasks
+    # whose targets a small translation cannot change (classification, and the box tasks).
+    tasks: list[str] | None = None
 
 
 @dataclass

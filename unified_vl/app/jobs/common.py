@@ -140,11 +140,7 @@ def check_before_start(config: RunConfig) -> None:
         ConfigError: the message names the key, the value and what the data has.
         StorageError: ``data.path`` is not a complete dataset.
     """
-    import tasks
-
-    unknown = [t for t in config.data.tasks if t not in tasks.TASKS]
-    if unknown:
-        raise ConfigError(f"data.tasks: unknown task(s) {unknown}; known tasks: {', '.join(sorted(tasks.TASKS))}")
+    check_task_names(config)
     if config.data.path is None:
         from data_tools import synth
 
@@ -225,15 +221,22 @@ def training_data(config: RunConfig) -> TrainData:
         examples = functools.partial(_method_example, method.make_example, options=options)
     if config.data.augment.shift > 0:
         # Before the method's hook, so that CPT paints the boxes where the shifted image has them.
-        examples = functools.partial(_shifted_example, examples, max_shift=config.data.augment.shift)
+        only = config.data.augment.tasks
+        examples = functools.partial(
+            _shifted_example, examples, max_shift=config.data.augment.shift, only=None if only is None else set(only)
+        )
     datasets = {task: storage.load_split(config.data.path, task, config.data.train_split) for task in config.data.tasks}
     return TrainData(datasets, examples)
 
 
-def _shifted_example(inner, task_name: str, record: Mapping, rng: random.Random, *, max_shift: float) -> Example:
+def _shifted_example(
+    inner, task_name: str, record: Mapping, rng: random.Random, *, max_shift: float, only: set[str] | None
+) -> Example:
     import tasks
     from data_tools.augment import shift_record
 
+    if only is not None and task_name not in only:
+        return inner(task_name, record, rng)  # draws nothing: the example an unshifted run makes
     return inner(task_name, shift_record(tasks.get_task(task_name), record, rng, max_shift), rng)
 
 
@@ -241,13 +244,19 @@ def _method_example(hook, task_name: str, record: Mapping, rng: random.Random, *
     return hook(task_name, record, rng, options)
 
 
-def preflight(config: RunConfig) -> distributed.DistInfo:
-    """Checks that need no data (task names, batch arithmetic, precision), then joins the process group."""
+def check_task_names(config: RunConfig) -> None:
+    """Every task named in ``data.tasks`` and ``data.augment.tasks`` is a known task."""
     import tasks
 
-    unknown = [t for t in config.data.tasks if t not in tasks.TASKS]
-    if unknown:
-        raise ConfigError(f"data.tasks: unknown task(s) {unknown}; known tasks: {', '.join(sorted(tasks.TASKS))}")
+    for key, names in (("data.tasks", config.data.tasks), ("data.augment.tasks", config.data.augment.tasks or [])):
+        unknown = [t for t in names if t not in tasks.TASKS]
+        if unknown:
+            raise ConfigError(f"{key}: unknown task(s) {unknown}; known tasks: {', '.join(sorted(tasks.TASKS))}")
+
+
+def preflight(config: RunConfig) -> distributed.DistInfo:
+    """Checks that need no data (task names, batch arithmetic, precision), then joins the process group."""
+    check_task_names(config)
     derive(config, distributed.world_size_from_env())
     check_precision(config.train.precision)
     return distributed.init_distributed()
