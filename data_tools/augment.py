@@ -11,6 +11,13 @@ captions) and no crops that could cut an object the text mentions but no box mar
 the learning benchmark (`unified_vl.app.baselines`) uses the same kind of shift, after the random
 translations of Krizhevsky et al. 2012 and the pad-and-crop of CIFAR training (He et al. 2016, §4.2).
 
+With ``content_threshold`` the shift is also bounded by what the image shows, for records whose
+label depends on everything in the picture but holds no box (a class, the shape of the largest
+object): no pixel that stands out from the background leaves the image, and none is stretched by
+the repeated edge (`content_box`). The background is the median colour of the image's one-pixel
+frame, so this suits pictures on a plain background (digits, our world); a photo whose frame is not
+one colour has content at every edge and is not shifted at all.
+
 Which fields hold boxes comes from the task's field specifications (`tasks.FieldSpec.storage`:
 ``"box"``, ``["box"]``, or an object with a ``"box"`` member, such as detection's objects), so a new
 task's boxes are moved without code here.
@@ -69,7 +76,46 @@ def _translate(image: Image.Image, dx: int, dy: int) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(padded[top : top + h, left : left + w]))
 
 
-def shift_record(task, record: Mapping[str, Any], rng: random.Random, max_shift: float) -> dict[str, Any]:
+def content_box(image: Image.Image, threshold: int) -> tuple[int, int, int, int] | None:
+    """The pixel bounds ``(x1, y1, x2, y2)`` (exclusive ends) of what stands out from the background.
+
+    A pixel stands out when one of its channels differs from the median of the image's one-pixel frame
+    by more than ``threshold`` (of 255). None when nothing does.
+    """
+    pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
+    frame = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
+    background = np.median(frame, axis=0)
+    ys, xs = np.nonzero((np.abs(pixels - background) > threshold).any(axis=-1))
+    if len(xs) == 0:
+        return None
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def _content_range(image: Image.Image, threshold: int) -> tuple[int, int, int, int]:
+    """The whole-pixel shifts ``(lo_x, hi_x, lo_y, hi_y)`` that keep the content whole and unstretched."""
+    w, h = image.size
+    box = content_box(image, threshold)
+    if box is None:
+        return -w, w, -h, h
+    x1, y1, x2, y2 = box
+    # Content touching an edge pins that axis at 0 in the other direction too: moving away from the
+    # edge would repeat the edge's pixels, which are the content's, and so stretch it.
+    lo_x, hi_x = -x1, w - x2
+    lo_y, hi_y = -y1, h - y2
+    if x1 == 0:
+        hi_x = 0
+    if x2 == w:
+        lo_x = 0
+    if y1 == 0:
+        hi_y = 0
+    if y2 == h:
+        lo_y = 0
+    return lo_x, hi_x, lo_y, hi_y
+
+
+def shift_record(
+    task, record: Mapping[str, Any], rng: random.Random, max_shift: float, *, content_threshold: int | None = None
+) -> dict[str, Any]:
     """A copy of ``record`` with its image translated and its boxes moved with it.
 
     Args:
@@ -79,10 +125,14 @@ def shift_record(task, record: Mapping[str, Any], rng: random.Random, max_shift:
         rng: draws the shift (the trainer's per-example generator: reproducible from the seed).
         max_shift: the largest shift per axis, as a fraction of the image side (e.g. 0.0625: 4 pixels
             of a 64-pixel image).
+        content_threshold: when given, the shift is also narrowed so that every pixel that stands out
+            from the background by more than this (of 255, `content_box`) stays inside the image and
+            none is stretched by the repeated edge.
 
     Returns:
         The record, shifted by whole pixels drawn uniformly in ``[-max_shift * side, max_shift * side]``
-        per axis, narrowed so that every box stays inside the image.
+        per axis, narrowed so that every box (and with ``content_threshold`` the content) stays inside
+        the image.
     """
     out = dict(record)
     image = record.get("image")
@@ -98,6 +148,9 @@ def shift_record(task, record: Mapping[str, Any], rng: random.Random, max_shift:
     limit_x, limit_y = int(max_shift * w), int(max_shift * h)
     # The range of whole-pixel shifts that keep every box inside [0, width] x [0, height].
     lo_x, hi_x, lo_y, hi_y = -limit_x, limit_x, -limit_y, limit_y
+    if content_threshold is not None:
+        c_lo_x, c_hi_x, c_lo_y, c_hi_y = _content_range(image, content_threshold)
+        lo_x, hi_x, lo_y, hi_y = max(lo_x, c_lo_x), min(hi_x, c_hi_x), max(lo_y, c_lo_y), min(hi_y, c_hi_y)
     for x1, y1, x2, y2 in boxes:
         lo_x = max(lo_x, -int(np.floor(x1 / sx)))
         hi_x = min(hi_x, int(np.floor((w * sx - x2) / sx)))

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import tasks
-from data_tools.augment import shift_record
+from data_tools.augment import content_box, shift_record
 from unified_vl.engine.config import ConfigError, load_config
 
 
@@ -187,6 +187,72 @@ def test_only_the_named_tasks_are_shifted_and_the_others_draw_nothing(monkeypatc
         for s in range(10)
     }
     assert len(moved) > 1
+
+
+def _picture(size=64, background=200):
+    """A grey picture with a faint grey line across it (clutter) and a red square near the right edge."""
+    pixels = np.full((size, size, 3), background, np.uint8)
+    pixels[30, :] = background - 40  # a line from edge to edge, 40 levels off: not content at 64
+    pixels[10:20, 50:62] = (215, 40, 40)
+    return Image.fromarray(pixels)
+
+
+def test_content_box_finds_what_stands_out_from_the_background():
+    assert content_box(_picture(), 64) == (50, 10, 62, 20)
+    assert content_box(_picture(), 32) == (0, 10, 64, 31)  # a lower threshold takes the line in too
+    assert content_box(Image.new("RGB", (8, 8), (9, 9, 9)), 64) is None
+
+
+def test_the_content_stays_whole_and_unstretched():
+    classification = tasks.get_task("classification")
+    record = {"id": "c", "image": _picture(), "label": "square"}
+    seen = set()
+    for seed in range(60):
+        out = shift_record(classification, record, random.Random(seed), 0.25, content_threshold=64)
+        box = content_box(out["image"], 64)
+        assert box[2] - box[0] == 12 and box[3] - box[1] == 10  # the square, whole and no larger
+        assert box[2] <= 64
+        seen.add(box)
+    # 2 pixels of room on the right, 16 (the limit) on the left and both ways in y.
+    assert min(b[0] for b in seen) == 50 - 16 and max(b[0] for b in seen) == 52
+    assert min(b[1] for b in seen) == 0 and max(b[1] for b in seen) == 26
+    # Without the bound the same draws cut the square (or move it out of the picture altogether).
+    unbounded = [
+        content_box(shift_record(classification, record, random.Random(s), 0.25)["image"], 64) for s in range(60)
+    ]
+    assert any(b is None or b[2] - b[0] < 12 for b in unbounded)
+
+
+def test_content_at_an_edge_pins_that_axis():
+    classification = tasks.get_task("classification")
+    pixels = np.zeros((32, 32, 3), np.uint8)
+    pixels[0:8, 5:9] = 255  # touches the top edge
+    record = {"id": "c", "image": Image.fromarray(pixels), "label": "bar"}
+    boxes = {
+        content_box(shift_record(classification, record, random.Random(s), 0.25, content_threshold=64)["image"], 64)
+        for s in range(40)
+    }
+    assert {b[1] for b in boxes} == {0} and {b[3] for b in boxes} == {8}  # y never moves
+    assert len({b[0] for b in boxes}) > 3  # x still does
+
+
+def test_the_trainer_passes_the_content_threshold(monkeypatch):
+    from unified_vl.app.jobs import common
+
+    record = {"id": "c", "image": _picture(), "label": "square"}
+    monkeypatch.setattr("data_tools.storage.load_split", lambda path, task, split: [record])
+    args = ["data.path=/nowhere", "data.tasks={classification: 1}", "data.augment.shift=0.25"]
+    for extra, always_whole in (([], False), (["data.augment.content_threshold=64"], True)):
+        data = common.training_data(load_config(None, [*args, *extra]))
+        images = [data.make_example("classification", record, random.Random(s)).image for s in range(40)]
+        whole = all(content_box(i, 64)[2] - content_box(i, 64)[0] == 12 for i in images)
+        assert whole == always_whole
+
+
+@pytest.mark.parametrize("value", ["255", "-1"])
+def test_content_threshold_out_of_range_is_a_config_error(value):
+    with pytest.raises(ConfigError, match=r"data.augment.content_threshold must be in \[0, 255\)"):
+        load_config(None, ["data.tasks={vqa: 1}", f"data.augment.content_threshold={value}"])
 
 
 def test_an_unknown_task_to_shift_is_named():

@@ -223,21 +223,33 @@ def training_data(config: RunConfig) -> TrainData:
         # Before the method's hook, so that CPT paints the boxes where the shifted image has them.
         only = config.data.augment.tasks
         examples = functools.partial(
-            _shifted_example, examples, max_shift=config.data.augment.shift, only=None if only is None else set(only)
+            _shifted_example,
+            examples,
+            max_shift=config.data.augment.shift,
+            only=None if only is None else set(only),
+            content_threshold=config.data.augment.content_threshold,
         )
     datasets = {task: storage.load_split(config.data.path, task, config.data.train_split) for task in config.data.tasks}
     return TrainData(datasets, examples)
 
 
 def _shifted_example(
-    inner, task_name: str, record: Mapping, rng: random.Random, *, max_shift: float, only: set[str] | None
+    inner,
+    task_name: str,
+    record: Mapping,
+    rng: random.Random,
+    *,
+    max_shift: float,
+    only: set[str] | None,
+    content_threshold: int | None,
 ) -> Example:
     import tasks
     from data_tools.augment import shift_record
 
     if only is not None and task_name not in only:
         return inner(task_name, record, rng)  # draws nothing: the example an unshifted run makes
-    return inner(task_name, shift_record(tasks.get_task(task_name), record, rng, max_shift), rng)
+    shifted = shift_record(tasks.get_task(task_name), record, rng, max_shift, content_threshold=content_threshold)
+    return inner(task_name, shifted, rng)
 
 
 def _method_example(hook, task_name: str, record: Mapping, rng: random.Random, *, options) -> Example:
