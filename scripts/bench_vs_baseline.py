@@ -152,13 +152,15 @@ def ours_by_question_type(model_dir: Path, data: Path) -> dict[str, float]:
     return model_accuracy_by_question_type(model_dir, data, "test")
 
 
-def run_baseline(data: Path, task: str, *, budget: Budget, seed: int, out: Path, precision: str = "fp32") -> dict:
+def run_baseline(
+    data: Path, task: str, *, budget: Budget, seed: int, out: Path, precision: str = "fp32", scale: float = 0.0
+) -> dict:
     """The plain baseline in a fresh process with two threads (the cores our two processes use)."""
     from unified_vl.app.baselines import BaselineConfig
 
     command = [sys.executable, "-m", "unified_vl.app.baselines", f"--data={data}", f"--task={task}"]
     command += [*budget.baseline(BaselineConfig().batch_size), f"--seed={seed}", "--threads=2", f"--out={out}"]
-    command += [f"--precision={precision}"]
+    command += [f"--precision={precision}", f"--scale={scale}"]
     with open(out.with_suffix(".log"), "w") as log:
         status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
     if status != 0:
@@ -256,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         default="fp32",
         help="the baseline's precision (bf16: CPU autocast; give it when our recipe trains in bf16)",
     )
+    parser.add_argument(
+        "--baseline-scale",
+        type=float,
+        default=0.0,
+        help="the baseline's random zoom in [1 - S, 1 + S] (give it when our recipe sets data.augment.scale)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny data, 0.2-minute budget, one seed")
     args = parser.parse_args(argv)
     if args.quick:
@@ -293,6 +301,7 @@ def _run(args, rows: list[Row], recipe: list[str], budget: Budget) -> int:
                     seed=seed,
                     out=stem.with_suffix(".baseline.json"),
                     precision=args.baseline_precision,
+                    scale=args.baseline_scale,
                 )
                 entry["baseline"].append(
                     {"seed": seed, **{k: base[k] for k in ("metrics", "steps", "by_question_type")}}
@@ -309,6 +318,7 @@ def _run(args, rows: list[Row], recipe: list[str], budget: Budget) -> int:
                 "budget": budget.describe(),
                 "recipe": recipe,
                 "baseline_precision": args.baseline_precision,
+                "baseline_scale": args.baseline_scale,
                 "rows": results,
             },
             indent=2,

@@ -255,6 +255,63 @@ def test_content_threshold_out_of_range_is_a_config_error(value):
         load_config(None, ["data.tasks={vqa: 1}", f"data.augment.content_threshold={value}"])
 
 
+def test_a_zoom_scales_the_box_with_its_pixels():
+    rec = tasks.get_task("rec")
+    record = rec_record([24, 16, 40, 32])  # 16 x 16 in a 64 x 48 image
+    widths = set()
+    for seed in range(40):
+        out = shift_record(rec, record, random.Random(seed), 0.0625, max_scale=0.25)
+        x1, y1, x2, y2 = out["box"]
+        assert 0 <= x1 < x2 <= 64 and 0 <= y1 < y2 <= 48
+        assert abs((x2 - x1) - (y2 - y1)) < 0.5  # one factor on both axes (each side rounded to whole pixels)
+        # The bright pixels are where the moved box says (bilinear edges: within a pixel).
+        assert np.abs(np.subtract(_bright_box(out["image"]), out["box"])).max() <= 1
+        widths.add(round(x2 - x1, 3))
+    assert min(widths) < 14 and max(widths) > 18 and all(12 <= v <= 20 for v in widths)
+
+
+def test_a_zoom_keeps_the_content_whole_or_is_not_made():
+    classification = tasks.get_task("classification")
+    record = {"id": "c", "image": _picture(), "label": "square"}  # the square 2 pixels from the right edge
+    sizes = set()
+    for seed in range(60):
+        box = content_box(
+            shift_record(classification, record, random.Random(seed), 0.1, content_threshold=64, max_scale=0.3)[
+                "image"
+            ],
+            64,
+        )
+        width, height = box[2] - box[0], box[3] - box[1]
+        assert 8 <= width <= 17 and abs(width * 10 / 12 - height) <= 1.5  # the 12 x 10 square, whole
+        sizes.add(width)
+    assert min(sizes) < 11 and max(sizes) > 13  # shrunk and grown, where the room allowed
+    pixels = np.zeros((32, 32, 3), np.uint8)
+    pixels[0:8, 5:9] = 255  # content at the top edge: never zoomed (it would be cut or stretched)
+    edge = {"id": "e", "image": Image.fromarray(pixels), "label": "bar"}
+    for seed in range(20):
+        out = shift_record(classification, edge, random.Random(seed), 0.1, content_threshold=64, max_scale=0.3)
+        box = content_box(out["image"], 64)
+        assert (box[2] - box[0], box[3] - box[1]) == (4, 8)
+
+
+def test_the_trainer_zooms_without_a_shift(monkeypatch):
+    from unified_vl.app.jobs import common
+
+    record = rec_record([24, 16, 40, 32])
+    monkeypatch.setattr("data_tools.storage.load_split", lambda path, task, split: [record])
+    data = common.training_data(
+        load_config(None, ["data.path=/nowhere", "data.tasks={rec: 1}", "data.augment.scale=0.2"])
+    )
+    targets = {data.make_example("rec", record, random.Random(seed)).target for seed in range(10)}
+    assert len(targets) > 1
+
+
+@pytest.mark.parametrize("value", ["0.5", "-0.1"])
+def test_scale_out_of_range_is_a_config_error(value):
+    with pytest.raises(ConfigError, match=r"data.augment.scale must be in \[0, 0.5\)"):
+        load_config(None, ["data.tasks={vqa: 1}", f"data.augment.scale={value}"])
+
+
 def test_an_unknown_task_to_shift_is_named():
     from unified_vl.app.jobs import common
 

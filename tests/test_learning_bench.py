@@ -123,6 +123,18 @@ def test_baseline_trains_under_bf16_autocast_and_refuses_other_precisions(tmp_pa
         )
 
 
+def test_baseline_zoom_scales_about_the_centre_within_its_range():
+    images = torch.zeros(64, 3, 32, 32, dtype=torch.uint8)
+    images[:, :, 12:20, 12:20] = 255  # an 8-pixel square in the middle
+    zoomed = baselines._zoom(images, 0.25, torch.Generator().manual_seed(0))
+    assert zoomed.dtype == torch.uint8 and zoomed.shape == images.shape
+    widths = (zoomed[:, 0] > 127).sum(dim=2).max(dim=1).values  # the square's width in each image
+    assert widths.min() <= 7 and widths.max() >= 9 and 5 <= widths.min() and widths.max() <= 11  # 8 x [0.75, 1.25]
+    rows, cols = torch.nonzero(zoomed[0, 0] > 127, as_tuple=True)
+    assert abs(float(rows.float().mean()) - 15.5) < 0.6 and abs(float(cols.float().mean()) - 15.5) < 0.6  # centred
+    assert baselines._zoom(images, 0.0, torch.Generator()) is images
+
+
 @pytest.fixture(scope="module")
 def free_world(tmp_path_factory):
     out = tmp_path_factory.mktemp("free")

@@ -52,6 +52,9 @@ class BaselineConfig:
         weight_decay: AdamW's decoupled weight decay.
         warmup_steps: linear warm-up.
         shift: random translation of up to this many pixels (of ``image_size``) in training.
+        scale: a random zoom about the centre by a factor in ``[1 - scale, 1 + scale]`` before the shift
+            (bilinear, zero padding); 0: none. Our side's ``data.augment.scale``, so that a comparison can
+            give both sides the same augmentation.
         dropout: before the output layer.
         word_dim: question word embedding size (VQA).
         hidden: LSTM and MLP size (VQA).
@@ -69,6 +72,7 @@ class BaselineConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 50
     shift: int = 2
+    scale: float = 0.0
     dropout: float = 0.1
     word_dim: int = 64
     hidden: int = 256
@@ -257,6 +261,19 @@ def _shift(images: torch.Tensor, pixels: int, generator: torch.Generator) -> tor
     return torch.stack([padded[i, :, dy[i] : dy[i] + s, dx[i] : dx[i] + s] for i in range(b)])
 
 
+def _zoom(images: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """Each image zoomed about its centre by a factor drawn uniformly in [1 - scale, 1 + scale]."""
+    if scale <= 0:
+        return images
+    b = images.shape[0]
+    factor = 1 - scale + 2 * scale * torch.rand(b, generator=generator)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / factor  # output -> input coordinates: a factor > 1 enlarges
+    grid = nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    out = nn.functional.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.round().clamp(0, 255).to(images.dtype)
+
+
 def _autocast(precision: str):
     """torch's CPU autocast for ``bf16`` (convolutions, linear layers and the LSTM in bf16), else nothing."""
     if precision not in PRECISIONS:
@@ -380,7 +397,7 @@ def _fit(model, splits, classes, task_name, config, budget: _Budget, *, seed: in
         cursor += config.batch_size
         for group in optimizer.param_groups:
             group["lr"] = config.lr * _lr_factor(step, budget.progress(step), config.warmup_steps)
-        images = _normalise(_shift(train.images[batch], config.shift, generator))
+        images = _normalise(_shift(_zoom(train.images[batch], config.scale, generator), config.shift, generator))
         questions = train.questions[batch] if train.questions is not None else None
         with _autocast(config.precision):
             logits = model(images, questions)
@@ -459,12 +476,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="bf16: CPU autocast (default fp32)")
+    parser.add_argument("--scale", type=float, default=0.0, help="random zoom in [1 - S, 1 + S] (default 0: none)")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
     result = train_baseline(
         args.data,
         args.task,
-        config=BaselineConfig(precision=args.precision),
+        config=BaselineConfig(precision=args.precision, scale=args.scale),
         seed=args.seed,
         minutes=args.minutes,
         max_steps=args.max_steps,

@@ -79,6 +79,11 @@ class AugmentConfig:
     # change); pictures on a plain background. 64 sits above our world's grey clutter (lines at most
     # 40 from the background, speckle 12) and below its colours. None: off (boxes alone bound the shift).
     content_threshold: int | None = None
+    # A random zoom about the image's centre before the shift, by a factor in [1 - scale, 1 + scale]
+    # (torchvision's RandomAffine(scale=...)); boxes scale with the image, and a zoom that would push a
+    # box or the kept content out of the picture is not made. Uniform scaling keeps which object is the
+    # largest and what a digit is. 0: off.
+    scale: float = 0.0
 
 
 @dataclass
@@ -491,6 +496,10 @@ def validate(config: RunConfig) -> None:
     if not 0 <= d.augment.shift < 0.5:
         raise ConfigError(
             f"data.augment.shift must be in [0, 0.5) (a fraction of the image side), got {d.augment.shift!r}"
+        )
+    if not 0 <= d.augment.scale < 0.5:
+        raise ConfigError(
+            f"data.augment.scale must be in [0, 0.5) (the largest change of size), got {d.augment.scale!r}"
         )
     threshold = d.augment.content_threshold
     if threshold is not None and not 0 <= threshold < 255:

@@ -208,8 +208,8 @@ def training_data(config: RunConfig) -> TrainData:
     """The training split of every configured task, memory-mapped (images decode on access).
 
     Records become examples through the method's ``make_example`` when it has one (CPT paints the
-    image), else through the task's templates; with ``data.augment.shift`` each record's image is
-    first translated at random, its boxes with it (`data_tools.augment`).
+    image), else through the task's templates; with ``data.augment.shift`` (or ``scale``) each record's
+    image is first translated (zoomed) at random, its boxes with it (`data_tools.augment`).
     """
     from data_tools import storage
     from unified_vl.prompting import get_method
@@ -219,7 +219,7 @@ def training_data(config: RunConfig) -> TrainData:
     if method.make_example is not None:
         options = method.resolve_options(config.method.options)
         examples = functools.partial(_method_example, method.make_example, options=options)
-    if config.data.augment.shift > 0:
+    if config.data.augment.shift > 0 or config.data.augment.scale > 0:
         # Before the method's hook, so that CPT paints the boxes where the shifted image has them.
         only = config.data.augment.tasks
         examples = functools.partial(
@@ -228,6 +228,7 @@ def training_data(config: RunConfig) -> TrainData:
             max_shift=config.data.augment.shift,
             only=None if only is None else set(only),
             content_threshold=config.data.augment.content_threshold,
+            max_scale=config.data.augment.scale,
         )
     datasets = {task: storage.load_split(config.data.path, task, config.data.train_split) for task in config.data.tasks}
     return TrainData(datasets, examples)
@@ -242,13 +243,15 @@ def _shifted_example(
     max_shift: float,
     only: set[str] | None,
     content_threshold: int | None,
+    max_scale: float,
 ) -> Example:
     import tasks
     from data_tools.augment import shift_record
 
     if only is not None and task_name not in only:
         return inner(task_name, record, rng)  # draws nothing: the example an unshifted run makes
-    shifted = shift_record(tasks.get_task(task_name), record, rng, max_shift, content_threshold=content_threshold)
+    task = tasks.get_task(task_name)
+    shifted = shift_record(task, record, rng, max_shift, content_threshold=content_threshold, max_scale=max_scale)
     return inner(task_name, shifted, rng)
 
 
