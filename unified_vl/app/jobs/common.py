@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from unified_vl.engine import distributed
-from unified_vl.engine.config import ConfigError, RunConfig, allowed_keys, derive, load_config
+from unified_vl.engine.config import AugmentConfig, ConfigError, RunConfig, allowed_keys, derive, load_config
 from unified_vl.engine.trainer import Example, TrainData, check_precision
 
 EPILOG = "Config keys (set as KEY=VALUE, dotted; a YAML file sets the same keys as nested sections):\n  " + "\n  ".join(
@@ -221,37 +221,25 @@ def training_data(config: RunConfig) -> TrainData:
         examples = functools.partial(_method_example, method.make_example, options=options)
     if config.data.augment.shift > 0 or config.data.augment.scale > 0:
         # Before the method's hook, so that CPT paints the boxes where the shifted image has them.
-        only = config.data.augment.tasks
-        examples = functools.partial(
-            _shifted_example,
-            examples,
-            max_shift=config.data.augment.shift,
-            only=None if only is None else set(only),
-            content_threshold=config.data.augment.content_threshold,
-            max_scale=config.data.augment.scale,
-        )
+        examples = functools.partial(_shifted_example, examples, augment=config.data.augment)
     datasets = {task: storage.load_split(config.data.path, task, config.data.train_split) for task in config.data.tasks}
     return TrainData(datasets, examples)
 
 
-def _shifted_example(
-    inner,
-    task_name: str,
-    record: Mapping,
-    rng: random.Random,
-    *,
-    max_shift: float,
-    only: set[str] | None,
-    content_threshold: int | None,
-    max_scale: float,
-) -> Example:
+def _shifted_example(inner, task_name: str, record: Mapping, rng: random.Random, *, augment: AugmentConfig) -> Example:
     import tasks
     from data_tools.augment import shift_record
 
-    if only is not None and task_name not in only:
+    if augment.tasks is not None and task_name not in augment.tasks:
         return inner(task_name, record, rng)  # draws nothing: the example an unshifted run makes
-    task = tasks.get_task(task_name)
-    shifted = shift_record(task, record, rng, max_shift, content_threshold=content_threshold, max_scale=max_scale)
+    shifted = shift_record(
+        tasks.get_task(task_name),
+        record,
+        rng,
+        augment.shift,
+        content_threshold=augment.content_threshold,
+        max_scale=augment.scale,
+    )
     return inner(task_name, shifted, rng)
 
 
