@@ -346,6 +346,47 @@ def test_a_vit_of_depth_zero_leaves_the_conv_stem_alone_before_the_language_mode
         )
 
 
+def test_pooled_token_is_the_grids_mean_after_its_tokens(tokenizer, tmp_path):
+    # vision_pooled_token: the global average pool a CNN classifier reads, as one more image token.
+    vit = {"patch_size": 8, "embed_dim": 32, "depth": 0, "num_heads": 2}
+    fields = dict(vision_kwargs=vit, image_size=32, text_config=one_layer_t5(tokenizer), vision_stem="conv-deep")
+    torch.manual_seed(0)
+    plain = build_model(UnifiedVLConfig.from_preset("uvl-tiny", **fields), tokenizer)
+    torch.manual_seed(0)
+    model = build_model(UnifiedVLConfig.from_preset("uvl-tiny", vision_pooled_token=True, **fields), tokenizer)
+    assert (plain.visual.num_tokens, model.visual.num_tokens) == (16, 17)
+    model.eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = model.visual(pixels)  # (2, 17, D)
+        grid = model.visual._grid(pixels)  # (2, C, 4, 4)
+        expected = model.visual.norm(model.visual.proj(grid.mean(dim=(2, 3)))) + model.visual.pool_embed
+    assert tokens.shape == (2, 17, 32)
+    torch.testing.assert_close(tokens[:, -1], expected)
+    torch.testing.assert_close(tokens[:, :16], plain.eval().visual(pixels).detach())  # the grid's tokens unchanged
+    ids = torch.tensor([[5, 6, 1], [7, 1, 0]])
+    encoded, mask = model.encode(pixels, ids, ids.ne(0).long())
+    assert encoded.last_hidden_state.shape[1] == mask.shape[1] == 17 + 3  # the image in front of its prompt
+    model.train()
+    model(pixels, ids, ids.ne(0).long(), decoder_input_ids=ids).logits.square().mean().backward()
+    assert model.visual.pool_embed.grad.abs().sum() > 0
+    model.eval()
+    save_pretrained(model, UnifiedVLProcessor.from_config(model.config, tokenizer), tmp_path / "m")
+    loaded, _ = load_pretrained(tmp_path / "m")
+    assert loaded.config.vision_pooled_token is True and loaded.visual.num_tokens == 17
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.visual(pixels), model.visual(pixels))
+
+
+def test_pooled_token_errors_name_the_problem():
+    with pytest.raises(ValueError, match="vision_pooled_token must be true or false, got 'yes'"):
+        UnifiedVLConfig(vision_pooled_token="yes")
+    with pytest.raises(
+        ValueError, match="vision_pooled_token needs visual_mode='fused' .the grid's tokens., not 'prefix'"
+    ):
+        UnifiedVLConfig(vision_pooled_token=True, visual_mode="prefix")
+
+
 def test_conv_stem_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"vision_stem must be one of \('patch', 'conv', 'conv-deep'\), got 'hexagon'"):
         UnifiedVLConfig(vision_stem="hexagon")

@@ -121,6 +121,9 @@ class UnifiedVLConfig(PretrainedConfig):
             None keeps timm's (0.02). At 0.02 against patch tokens of std ~0.4 the backbone's attention
             starts blind to where a patch is; a larger value lets its blocks keep two objects apart
             from the first step (the reasoning behind `POSITION_INIT_STD` on the language model's side).
+        vision_pooled_token: ``"fused"`` mode only: one more image token after the grid's, the grid's
+            mean (the global average pool a CNN classifier reads, e.g. the benchmark's baseline), through
+            the same projection, with its own learned position.
         image_size: square input size in pixels; images are resized to it without cropping, so a
             box normalised by the original size stays valid.
         num_bins: number of location tokens (DESIGN.md §3; OFA uses 1000).
@@ -152,6 +155,7 @@ class UnifiedVLConfig(PretrainedConfig):
         vision_out_index: int | None = None,
         vision_stem: str = "patch",
         vision_position_std: float | None = None,
+        vision_pooled_token: bool = False,
         image_size: int = 64,
         num_bins: int = DEFAULT_NUM_BINS,
         visual_mode: str = "fused",
@@ -171,6 +175,10 @@ class UnifiedVLConfig(PretrainedConfig):
             or not vision_position_std > 0
         ):
             raise ValueError(f"vision_position_std must be a number > 0 or None, got {vision_position_std!r}")
+        if not isinstance(vision_pooled_token, bool):
+            raise ValueError(f"vision_pooled_token must be true or false, got {vision_pooled_token!r}")
+        if vision_pooled_token and visual_mode != "fused":
+            raise ValueError(f"vision_pooled_token needs visual_mode='fused' (the grid's tokens), not {visual_mode!r}")
         if not isinstance(prefix_length, int) or isinstance(prefix_length, bool) or prefix_length < 1:
             raise ValueError(f"prefix_length must be an integer >= 1, got {prefix_length!r}")
         if not isinstance(num_bins, int) or num_bins < 2:
@@ -193,6 +201,7 @@ class UnifiedVLConfig(PretrainedConfig):
         self.vision_out_index = vision_out_index
         self.vision_stem = vision_stem
         self.vision_position_std = vision_position_std
+        self.vision_pooled_token = vision_pooled_token
         self.image_size = image_size
         self.num_bins = num_bins
         self.visual_mode = visual_mode

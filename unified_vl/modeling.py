@@ -174,6 +174,8 @@ class VisualEmbedding(nn.Module):
         # the location outputs of grounding need.
         self.row_embed = nn.Parameter(torch.randn(self.grid_h, d) * POSITION_INIT_STD)  # (H, D)
         self.col_embed = nn.Parameter(torch.randn(self.grid_w, d) * POSITION_INIT_STD)  # (W, D)
+        # The grid's mean as one more token (config.vision_pooled_token), with a position of its own.
+        self.pool_embed = nn.Parameter(torch.randn(d) * POSITION_INIT_STD) if config.vision_pooled_token else None
 
     @property
     def num_patches(self) -> int:
@@ -182,7 +184,7 @@ class VisualEmbedding(nn.Module):
     @property
     def num_tokens(self) -> int:
         """Encoder positions one image takes."""
-        return self.num_patches
+        return self.num_patches + (self.pool_embed is not None)
 
     def _grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return backbone_grid(self.backbone, self.out_index, pixel_values, self.vision_prompt)  # (B, C, H, W)
@@ -191,7 +193,11 @@ class VisualEmbedding(nn.Module):
         grid = self._grid(pixel_values)  # (B, C, H, W)
         tokens = grid.flatten(2).transpose(1, 2)  # (B, N, C), raster order
         pos = (self.row_embed[:, None, :] + self.col_embed[None, :, :]).reshape(-1, self.row_embed.shape[-1])  # (N, D)
-        return self.norm(self.proj(tokens)) + pos  # (B, N, D)
+        tokens = self.norm(self.proj(tokens)) + pos  # (B, N, D)
+        if self.pool_embed is None:
+            return tokens
+        pooled = self.norm(self.proj(grid.mean(dim=(2, 3)))) + self.pool_embed  # (B, D)
+        return torch.cat([tokens, pooled[:, None]], dim=1)  # (B, N + 1, D)
 
 
 class VisualPrefix(nn.Module):

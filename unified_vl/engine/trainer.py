@@ -39,11 +39,14 @@ ARCH_FIELDS = (
     "vision_kwargs",
     "vision_out_index",
     "vision_stem",
+    "vision_pooled_token",
     "image_size",
     "num_bins",
     "visual_mode",
     "prefix_length",
 )
+# What a checkpoint saved before a field existed had: the field's default then.
+ARCH_DEFAULTS = {"vision_pooled_token": False}
 ARCH_TEXT_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads")
 
 
@@ -195,9 +198,9 @@ def check_architecture(saved: dict, model_config, where: Path) -> None:
     """Raises `CheckpointError` when the run's saved architecture differs from the model built now."""
     now = architecture(model_config)
     diffs = [
-        f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}"
+        f"{k}: checkpoint {saved.get(k, ARCH_DEFAULTS.get(k))!r} vs now {now[k]!r}"
         for k in now
-        if saved.get(k) != now[k] and k != "text_config"
+        if saved.get(k, ARCH_DEFAULTS.get(k)) != now[k] and k != "text_config"
     ]
     diffs += [
         f"text_config.{k}: checkpoint {saved.get('text_config', {}).get(k)!r} vs now {v!r}"
