@@ -37,6 +37,13 @@ def test_bench_generate(tmp_path):
     assert set(data) >= {"kv_cache", "vl_over_bare_t5", "predictor_over_generate"}
 
 
+def test_profile_train_step(tmp_path):
+    args = ["scripts/configs/learn_recipe.yaml", "model.overrides.image_size=32", "--micro-batch", "2", "--steps", "2"]
+    data = _run("profile_train_step.py", *args, tmp_path=tmp_path)
+    assert data["micro_batch"] == 2 and data["step_s"] > data["image_side_s"] > 0
+    assert 0 < data["image_side_share"] < 1 and "compiled_speedup" not in data
+
+
 @pytest.mark.slow
 def test_bench_train(tmp_path):
     args = ["--presets", "uvl-tiny", "--batches", "4", "--steps", "1", "--repeats", "1", "--threads", "1"]
