@@ -6,10 +6,10 @@ Builds the model a run config describes (as ``unified-vl pretrain`` does; ``data
 the config's validation reads here, is classification unless an override names it), then times,
 alternately and on one thread as each of the benchmark's two training processes runs: a full step
 (forward, backward and AdamW over a micro batch of random images and token ids of the given lengths)
-and the image side alone (backbone and projection, forward and backward). Prints a table of the medians (and ranges) and the image side's
-share of a step; ``--compile`` then times the step through ``torch.compile``: the first compiled step
-(the compilation) and the steps after it, as fractions of an eager step. Synthetic inputs: the
-figures are compute, not data loading.
+and the image side alone (backbone and projection, forward and backward). Prints a table of the
+medians (and ranges) and the image side's share of a step; ``--compile`` then times the step
+through ``torch.compile``: the first compiled step (the compilation) and the steps after it, as
+fractions of an eager step. Synthetic inputs: the figures are compute, not data loading.
 
 Expect (2-core AMD EPYC, docs/learning.md "The classification rows: time and capacity"): the recipe
 at micro batch 16 ~0.15-0.18 s a step, about half of it the convolutional stem; compiled, a first
