@@ -124,6 +124,11 @@ class UnifiedVLConfig(PretrainedConfig):
         vision_pooled_token: ``"fused"`` mode only: one more image token after the grid's, the grid's
             mean (the global average pool a CNN classifier reads, e.g. the benchmark's baseline), through
             the same projection, with its own learned position.
+        relation_tokens: ``"fused"`` mode only: 0 (off) or the number K of vectors a Relation Network
+            (Santoro et al. 2017) over the encoder's image tokens adds after the encoder's output, for the
+            decoder to read: every ordered pair of grid tokens, with their grid coordinates and the
+            question, through a shared MLP, averaged, then mapped to K vectors (`modeling.RelationNetwork`).
+            Needs exactly one image per prompt.
         image_size: square input size in pixels; images are resized to it without cropping, so a
             box normalised by the original size stays valid.
         num_bins: number of location tokens (DESIGN.md §3; OFA uses 1000).
@@ -156,6 +161,7 @@ class UnifiedVLConfig(PretrainedConfig):
         vision_stem: str = "patch",
         vision_position_std: float | None = None,
         vision_pooled_token: bool = False,
+        relation_tokens: int = 0,
         image_size: int = 64,
         num_bins: int = DEFAULT_NUM_BINS,
         visual_mode: str = "fused",
@@ -179,6 +185,12 @@ class UnifiedVLConfig(PretrainedConfig):
             raise ValueError(f"vision_pooled_token must be true or false, got {vision_pooled_token!r}")
         if vision_pooled_token and visual_mode != "fused":
             raise ValueError(f"vision_pooled_token needs visual_mode='fused' (the grid's tokens), not {visual_mode!r}")
+        if not isinstance(relation_tokens, int) or isinstance(relation_tokens, bool) or relation_tokens < 0:
+            raise ValueError(
+                f"relation_tokens must be an integer >= 0 (0: no Relation Network), got {relation_tokens!r}"
+            )
+        if relation_tokens and visual_mode != "fused":
+            raise ValueError(f"relation_tokens needs visual_mode='fused' (the grid's tokens), not {visual_mode!r}")
         if not isinstance(prefix_length, int) or isinstance(prefix_length, bool) or prefix_length < 1:
             raise ValueError(f"prefix_length must be an integer >= 1, got {prefix_length!r}")
         if not isinstance(num_bins, int) or num_bins < 2:
@@ -202,6 +214,7 @@ class UnifiedVLConfig(PretrainedConfig):
         self.vision_stem = vision_stem
         self.vision_position_std = vision_position_std
         self.vision_pooled_token = vision_pooled_token
+        self.relation_tokens = relation_tokens
         self.image_size = image_size
         self.num_bins = num_bins
         self.visual_mode = visual_mode

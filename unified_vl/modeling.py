@@ -9,6 +9,8 @@ Read top to bottom (VL-T5, Cho et al. 2021; OFA, Wang et al. 2022)::
       + type embedding 0
     input_ids (B, T) -> T5 token embeddings + type embedding 1
     each <image> placeholder widened to its image's vectors (B, L, D) -> T5 encoder -> T5 decoder -> logits
+      (config.relation_tokens = K > 0: a Relation Network over the encoder's grid tokens adds K vectors
+       after the encoder's output, which the decoder reads with the rest)
 
 A prompt without placeholders that comes with one image gets it in front, ``[image ; text]``, the
 layout of every model before interleaving. The attention mask is 1 on every image vector and follows
@@ -269,6 +271,43 @@ def interleave(
     return embeds, out_mask
 
 
+class RelationNetwork(nn.Module):
+    """``RN(O, q) = f(mean over i, j of g(o_i, o_j, q))`` over a grid of N objects (Santoro et al. 2017, eq. 1).
+
+    As in the paper's Sort-of-CLEVR model, the objects are the cells of a feature grid with their
+    coordinates appended, ``g`` sees every ordered pair of them with the question, and its outputs are
+    pooled before ``f``. Ours: the objects are the grid's tokens, the question the T5 encoder's output; ``g`` has
+    three layers of ``D`` units (the paper: four of 256) to stay cheap on a CPU, its first layer split
+    into a part per object and one for the question (the same linear map, computed once per object
+    rather than once per pair); the pairs are averaged rather than summed, so the output's scale does
+    not grow with the grid; ``f`` (two layers) ends in K vectors of width D through a LayerNorm, the
+    scale of the encoder's normalised output beside them.
+    """
+
+    def __init__(self, d: int, grid_h: int, grid_w: int, num_tokens: int):
+        super().__init__()
+        self.grid = (grid_h, grid_w)
+        self.first = nn.Linear(d + 2, d)  # o_i with its (x, y)
+        self.second = nn.Linear(d + 2, d, bias=False)  # o_j with its (x, y)
+        self.query = nn.Linear(d, d, bias=False)  # the question
+        self.g = nn.Sequential(nn.ReLU(), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU())
+        self.f = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, num_tokens * d))
+        self.norm = nn.LayerNorm(d)
+        self.num_tokens = num_tokens
+
+    def forward(self, objects: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
+        """``objects`` (B, N, D) in raster order, ``question`` (B, D) -> (B, K, D)."""
+        b, n, d = objects.shape
+        # (x, y) in [-1, 1], made here: a buffer would come back uninitialised from transformers' meta-device
+        # loading unless saved, and a grid's coordinates are not a weight.
+        rows, cols = (torch.linspace(-1, 1, k, dtype=objects.dtype, device=objects.device) for k in self.grid)
+        coords = torch.stack(torch.meshgrid(cols, rows, indexing="xy"), dim=-1).reshape(n, 2)  # (N, 2), raster order
+        located = torch.cat([objects, coords.expand(b, -1, -1)], dim=-1)  # (B, N, D + 2)
+        pairs = self.first(located)[:, :, None] + self.second(located)[:, None] + self.query(question)[:, None, None]
+        pooled = self.g(pairs).mean(dim=(1, 2))  # (B, D): over the N x N ordered pairs
+        return self.norm(self.f(pooled).view(b, self.num_tokens, d))
+
+
 class UnifiedVLForConditionalGeneration(PreTrainedModel):
     """Images + instruction -> text, with one T5 encoder-decoder over the interleaved image and text vectors."""
 
@@ -286,6 +325,12 @@ class UnifiedVLForConditionalGeneration(PreTrainedModel):
         # Type embeddings tell image tokens from text tokens (VL-T5 §3.1); zero-initialised so
         # that a pretrained T5's text path starts unchanged.
         self.type_embed = nn.Parameter(torch.zeros(2, d))  # (2, D): 0 = image, 1 = text
+        # config.relation_tokens: K vectors after the encoder's output from pairs of its grid tokens.
+        self.relation = (
+            RelationNetwork(d, self.visual.grid_h, self.visual.grid_w, config.relation_tokens)
+            if config.relation_tokens
+            else None
+        )
         # Prompt tuning / CoCoOp (unified_vl.prompting): ``encoder_prompt(image_tokens) -> (B, P, D)``
         # vectors put in front of the encoder input.
         self.encoder_prompt: nn.Module | None = None
@@ -308,6 +353,31 @@ class UnifiedVLForConditionalGeneration(PreTrainedModel):
         return list(self.visual.freezes)
 
     # -- encoder side -------------------------------------------------------------------------
+    def placeholders(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, num_images: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask, is_image)``, (B, T') each: where each image goes in the prompts.
+
+        A batch with no placeholder and one image per row gets one in front of each prompt.
+
+        Raises:
+            ValueError: the placeholders and the images do not pair up.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        token_id = self.config.image_token_id
+        is_image = input_ids == token_id if token_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+        if num_images == input_ids.shape[0] > 0 and not is_image.any():  # one image per row, in front
+            is_image = torch.cat([torch.ones_like(is_image[:, :1]), is_image], dim=1)  # (B, 1 + T)
+            input_ids = torch.cat([torch.zeros_like(input_ids[:, :1]), input_ids], dim=1)
+            attention_mask = torch.cat([torch.ones_like(attention_mask[:, :1]), attention_mask], dim=1)
+        if int(is_image.sum()) != num_images:
+            raise ValueError(
+                f"the prompts hold {int(is_image.sum())} image placeholders but pixel_values holds {num_images} "
+                "images; the processor pairs them (one <image> per image, in order)"
+            )
+        return input_ids, attention_mask, is_image
+
     def embed_inputs(
         self,
         pixel_values: torch.Tensor | None,
@@ -324,20 +394,8 @@ class UnifiedVLForConditionalGeneration(PreTrainedModel):
         Raises:
             ValueError: the placeholders and the images do not pair up.
         """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        token_id = self.config.image_token_id
-        is_image = input_ids == token_id if token_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
         num_images = 0 if pixel_values is None else pixel_values.shape[0]
-        if num_images == input_ids.shape[0] > 0 and not is_image.any():  # one image per row, in front
-            is_image = torch.cat([torch.ones_like(is_image[:, :1]), is_image], dim=1)  # (B, 1 + T)
-            input_ids = torch.cat([torch.zeros_like(input_ids[:, :1]), input_ids], dim=1)
-            attention_mask = torch.cat([torch.ones_like(attention_mask[:, :1]), attention_mask], dim=1)
-        if int(is_image.sum()) != num_images:
-            raise ValueError(
-                f"the prompts hold {int(is_image.sum())} image placeholders but pixel_values holds {num_images} "
-                "images; the processor pairs them (one <image> per image, in order)"
-            )
+        input_ids, attention_mask, is_image = self.placeholders(input_ids, attention_mask, num_images)
         visual = self.visual(pixel_values.to(self.dtype)) if num_images else None  # (K, N, D)
         # The placeholder is never looked up: its id may lie past the table of an older model.
         ids = input_ids.masked_fill(is_image, self.config.text_config.pad_token_id)
@@ -364,14 +422,59 @@ class UnifiedVLForConditionalGeneration(PreTrainedModel):
         *,
         adapter_names: Sequence[str] | None = None,
     ) -> tuple[BaseModelOutput, torch.Tensor]:
-        """Runs the T5 encoder; returns its output (B, [P +] L, D) and the matching mask (B, [P +] L).
+        """Runs the T5 encoder; returns its output (B, [P +] L [+ K], D) and the matching mask.
+
+        ``K``: the Relation Network's vectors (``config.relation_tokens``), after the encoder's output.
 
         ``adapter_names`` (one per row) pick each row's LoRA adapter (see :meth:`rows`).
         """
         with self.rows(adapter_names):
             embeds, mask = self.embed_inputs(pixel_values, input_ids, attention_mask)
             encoder_outputs = self.language_model.encoder(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
-        return encoder_outputs, mask
+        if self.relation is None:
+            return encoder_outputs, mask
+        return self.add_relation_tokens(encoder_outputs, embeds, mask, pixel_values, input_ids, attention_mask)
+
+    def add_relation_tokens(
+        self,
+        encoder_outputs: BaseModelOutput,
+        embeds: torch.Tensor,
+        mask: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+    ) -> tuple[BaseModelOutput, torch.Tensor]:
+        """The encoder's output (B, L, D) with the Relation Network's K vectors after it: (B, L + K, D).
+
+        Its objects are each row's grid tokens as they enter the encoder (``embeds``, (B, L, D): the
+        cells of a CNN's map, as in the paper), its question the mean of the encoder's outputs at the
+        row's text tokens (the paper: an LSTM's last state). Measured against the encoder's outputs at
+        the grid's tokens as the objects: docs/learning.md, "A Relation Network". The decoder's
+        cross-attention has no positions, so the K vectors can follow the padding.
+
+        Raises:
+            ValueError: a row without exactly one image.
+        """
+        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        _, _, is_image = self.placeholders(input_ids, attention_mask, num_images)
+        if not bool((is_image.sum(dim=1) == 1).all()):
+            raise ValueError(
+                "relation_tokens (a Relation Network over one image's grid) needs exactly one image per prompt"
+            )
+        hidden = encoder_outputs.last_hidden_state  # (B, L, D)
+        width = torch.where(is_image, self.visual.num_tokens, 1)  # (B, T): positions each token takes
+        first = ((width.cumsum(dim=1) - width) * is_image).sum(dim=1) + (mask.shape[1] - int(width.sum(dim=1).max()))
+        at = first[:, None] + torch.arange(self.visual.num_patches, device=hidden.device)  # (B, N): the grid's tokens
+        objects = embeds.gather(1, at[..., None].expand(-1, -1, embeds.shape[-1]))  # (B, N, D)
+        is_text = mask.clone()
+        is_text[:, : mask.shape[1] - int(width.sum(dim=1).max())] = 0  # a learned encoder prompt in front
+        is_text.scatter_(1, first[:, None] + torch.arange(self.visual.num_tokens, device=hidden.device), 0)
+        weights = is_text.to(hidden.dtype)[..., None]  # (B, L, 1)
+        question = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)  # (B, D)
+        extra = self.relation(objects, question)  # (B, K, D)
+        hidden = torch.cat([hidden, extra], dim=1)
+        mask = torch.cat([mask, mask.new_ones(extra.shape[:2])], dim=1)
+        return BaseModelOutput(last_hidden_state=hidden), mask
 
     def rows(self, adapter_names: Sequence[str] | None) -> contextlib.AbstractContextManager:
         """A context in which row ``i`` of every batch runs with adapter ``adapter_names[i]``.

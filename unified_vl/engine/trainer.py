@@ -40,13 +40,14 @@ ARCH_FIELDS = (
     "vision_out_index",
     "vision_stem",
     "vision_pooled_token",
+    "relation_tokens",
     "image_size",
     "num_bins",
     "visual_mode",
     "prefix_length",
 )
 # What a checkpoint saved before a field existed had: the field's default then.
-ARCH_DEFAULTS = {"vision_pooled_token": False}
+ARCH_DEFAULTS = {"vision_pooled_token": False, "relation_tokens": 0}
 ARCH_TEXT_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads")
 
 
