@@ -313,18 +313,18 @@ def test_fp16_on_cpu_is_refused(tmp_path):
         run(tmp_path, "fp16", "train.precision=fp16")
 
 
-def test_a_checkpoint_from_before_the_pooled_token_resumes_without_it(tmp_path):
+@pytest.mark.parametrize(
+    ("field", "value", "default"), [("vision_pooled_token", True, False), ("relation_tokens", 2, 0)]
+)
+def test_a_checkpoint_from_before_a_field_resumes_as_the_fields_default(tmp_path, field, value, default):
     from unified_vl.config import UnifiedVLConfig
     from unified_vl.engine.trainer import architecture, check_architecture
 
-    plain, pooled = (
-        UnifiedVLConfig.from_preset("uvl-tiny"),
-        UnifiedVLConfig.from_preset("uvl-tiny", vision_pooled_token=True),
-    )
-    older = {k: v for k, v in architecture(plain).items() if k != "vision_pooled_token"}  # saved before the field
-    check_architecture(older, plain, tmp_path)  # no error: it had no pooled token
-    with pytest.raises(CheckpointError, match="vision_pooled_token: checkpoint False vs now True"):
-        check_architecture(older, pooled, tmp_path)
+    plain, other = UnifiedVLConfig.from_preset("uvl-tiny"), UnifiedVLConfig.from_preset("uvl-tiny", **{field: value})
+    older = {k: v for k, v in architecture(plain).items() if k != field}  # saved before the field
+    check_architecture(older, plain, tmp_path)  # no error: it had the default
+    with pytest.raises(CheckpointError, match=f"{field}: checkpoint {default} vs now {value}"):
+        check_architecture(older, other, tmp_path)
 
 
 def test_checkpoint_of_another_architecture(stage0, tmp_path):

@@ -448,9 +448,8 @@ class UnifiedVLForConditionalGeneration(PreTrainedModel):
 
         Its objects are each row's grid tokens as they enter the encoder (``embeds``, (B, L, D): the
         cells of a CNN's map, as in the paper), its question the mean of the encoder's outputs at the
-        row's text tokens (the paper: an LSTM's last state). Measured against the encoder's outputs at
-        the grid's tokens as the objects: docs/learning.md, "A Relation Network". The decoder's
-        cross-attention has no positions, so the K vectors can follow the padding.
+        row's text tokens (the paper: an LSTM's last state). The decoder's cross-attention has no
+        positions, so the K vectors can follow the padding.
 
         Raises:
             ValueError: a row without exactly one image.
