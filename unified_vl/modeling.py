@@ -462,11 +462,12 @@ class UnifiedVLForConditionalGeneration(PreTrainedModel):
             )
         hidden = encoder_outputs.last_hidden_state  # (B, L, D)
         width = torch.where(is_image, self.visual.num_tokens, 1)  # (B, T): positions each token takes
-        first = ((width.cumsum(dim=1) - width) * is_image).sum(dim=1) + (mask.shape[1] - int(width.sum(dim=1).max()))
+        prompt = mask.shape[1] - int(width.sum(dim=1).max())  # a learned encoder prompt's vectors in front
+        first = ((width.cumsum(dim=1) - width) * is_image).sum(dim=1) + prompt
         at = first[:, None] + torch.arange(self.visual.num_patches, device=hidden.device)  # (B, N): the grid's tokens
         objects = embeds.gather(1, at[..., None].expand(-1, -1, embeds.shape[-1]))  # (B, N, D)
         is_text = mask.clone()
-        is_text[:, : mask.shape[1] - int(width.sum(dim=1).max())] = 0  # a learned encoder prompt in front
+        is_text[:, :prompt] = 0
         is_text.scatter_(1, first[:, None] + torch.arange(self.visual.num_tokens, device=hidden.device), 0)
         weights = is_text.to(hidden.dtype)[..., None]  # (B, L, 1)
         question = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)  # (B, D)
