@@ -11,6 +11,7 @@ from unified_vl.checkpoint import load_pretrained, save_pretrained
 from unified_vl.config import UnifiedVLConfig
 from unified_vl.modeling import RelationNetwork, build_model
 from unified_vl.processor import UnifiedVLProcessor
+from unified_vl.prompting.prompt_tuning import PromptVectors
 
 VIT = {"patch_size": 8, "embed_dim": 32, "depth": 0, "num_heads": 2}
 # Rows of different lengths: the image in front (no placeholder) or after some words (a placeholder).
@@ -34,8 +35,12 @@ def _batch(processor, prompts=PROMPTS, seed=0):
     return processor(images=[[image] for image in images], text=list(prompts))
 
 
-def test_relation_tokens_follow_the_encoders_output_and_read_the_grid_and_the_question(tokenizer):
+@pytest.mark.parametrize("prompt_length", [0, 3])
+def test_relation_tokens_follow_the_encoders_output_and_read_the_grid_and_the_question(tokenizer, prompt_length):
     plain, model, processor = _pair(tokenizer)
+    if prompt_length:  # prompt tuning's vectors in front of every row: neither object nor question
+        vectors = torch.randn(prompt_length, 32, generator=torch.Generator().manual_seed(1))
+        plain.encoder_prompt, model.encoder_prompt = PromptVectors(vectors), PromptVectors(vectors)
     batch = _batch(processor)
     with torch.no_grad():
         before, before_mask = plain.encode(**batch)
@@ -50,13 +55,14 @@ def test_relation_tokens_follow_the_encoders_output_and_read_the_grid_and_the_qu
     ids, token = batch["input_ids"], processor.image_token_id
     for row in range(2):
         start = int((ids[row] == token).nonzero()[0]) if (ids[row] == token).any() else 0
+        start += prompt_length
         objects = embeds[row, start : start + 16]
-        text = [i for i in range(int(before_mask[row].sum())) if not start <= i < start + 16]
+        text = [i for i in range(prompt_length, int(before_mask[row].sum())) if not start <= i < start + 16]
         question = before.last_hidden_state[row, text].mean(dim=0)
         with torch.no_grad():
             expected = model.relation(objects[None], question[None])[0]
         torch.testing.assert_close(hidden[row, length:], expected)
-    assert start > 0  # row 1's image comes after "look:": the test saw a placeholder after text
+    assert start > prompt_length  # row 1's image comes after "look:": the test saw a placeholder after text
 
 
 def test_relation_network_is_g_over_every_ordered_pair_with_coordinates_then_f():

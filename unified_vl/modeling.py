@@ -31,6 +31,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import timm
 import torch
@@ -239,9 +240,17 @@ VISUAL_MODULES: dict[str, type[nn.Module]] = {"fused": VisualEmbedding, "prefix"
 assert set(VISUAL_MODULES) == set(VISUAL_MODES), "unified_vl.config.VISUAL_MODES and VISUAL_MODULES disagree"
 
 
-def interleave(
-    text: torch.Tensor, mask: torch.Tensor, is_image: torch.Tensor, images: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+class EncoderInputs(NamedTuple):
+    """The T5 encoder's input, and where each image's vectors sit in it (None without images)."""
+
+    embeds: torch.Tensor  # (B, L, D)
+    mask: torch.Tensor  # (B, L)
+    image_rows: torch.Tensor | None = None  # (K,): the row of image k
+    image_at: torch.Tensor | None = None  # (K, N): the positions of image k's N vectors in its row
+    prompt: int = 0  # a learned encoder prompt's vectors, in front of every row
+
+
+def interleave(text: torch.Tensor, mask: torch.Tensor, is_image: torch.Tensor, images: torch.Tensor) -> EncoderInputs:
     """Widens each placeholder of ``text`` into its image's vectors.
 
     Args:
@@ -251,8 +260,9 @@ def interleave(
         images: (K, N, D) the images' vectors.
 
     Returns:
-        ``(embeds, mask)``, (B, L, D) and (B, L) with ``L`` the longest row's ``T + images * (N - 1)``;
-        a row keeps its tokens in order from position 0, so a shorter row ends in padding.
+        ``embeds`` (B, L, D) and ``mask`` (B, L) with ``L`` the longest row's ``T + images * (N - 1)``
+        (a row keeps its tokens in order from position 0, so a shorter row ends in padding), and where
+        the images went.
     """
     b, _, d = text.shape
     n = images.shape[1]
@@ -268,7 +278,7 @@ def interleave(
     at = (img_rows[:, None].expand(-1, n), offsets)
     embeds = embeds.index_put(at, images.to(embeds.dtype))
     out_mask = out_mask.index_put(at, out_mask.new_ones(offsets.shape))
-    return embeds, out_mask
+    return EncoderInputs(embeds, out_mask, img_rows, offsets)
 
 
 class RelationNetwork(nn.Module):
@@ -394,6 +404,16 @@ class UnifiedVLForConditionalGeneration(PreTrainedModel):
         Raises:
             ValueError: the placeholders and the images do not pair up.
         """
+        inputs = self.encoder_inputs(pixel_values, input_ids, attention_mask)
+        return inputs.embeds, inputs.mask
+
+    def encoder_inputs(
+        self,
+        pixel_values: torch.Tensor | None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> EncoderInputs:
+        """:meth:`embed_inputs` and where each image's vectors went (after a learned encoder prompt)."""
         num_images = 0 if pixel_values is None else pixel_values.shape[0]
         input_ids, attention_mask, is_image = self.placeholders(input_ids, attention_mask, num_images)
         visual = self.visual(pixel_values.to(self.dtype)) if num_images else None  # (K, N, D)
@@ -401,18 +421,23 @@ class UnifiedVLForConditionalGeneration(PreTrainedModel):
         ids = input_ids.masked_fill(is_image, self.config.text_config.pad_token_id)
         text = self.language_model.shared(ids) + self.type_embed[1]  # (B, T, D)
         if visual is None:
-            embeds, mask = text, attention_mask
+            inputs = EncoderInputs(text, attention_mask)
         else:
-            embeds, mask = interleave(text, attention_mask, is_image, visual + self.type_embed[0])  # (B, L, D)
+            inputs = interleave(text, attention_mask, is_image, visual + self.type_embed[0])  # (B, L, D)
         if self.encoder_prompt is not None:
             if visual is None or not bool((is_image.sum(dim=1) == 1).all()):
                 raise ValueError("a learned encoder prompt (prompt tuning, CoCoOp) needs exactly one image per prompt")
             # In front of everything: the distances between patch and text tokens, which T5's relative
             # position bias reads, stay those the pretrained model knows.
             prompt = self.encoder_prompt(visual)  # (B, P, D): row k's image is image k
-            embeds = torch.cat([prompt, embeds], dim=1)  # (B, P + L, D)
-            mask = torch.cat([mask.new_ones(prompt.shape[:2]), mask], dim=1)  # (B, P + L)
-        return embeds, mask
+            inputs = EncoderInputs(
+                torch.cat([prompt, inputs.embeds], dim=1),  # (B, P + L, D)
+                torch.cat([inputs.mask.new_ones(prompt.shape[:2]), inputs.mask], dim=1),  # (B, P + L)
+                inputs.image_rows,
+                inputs.image_at + prompt.shape[1],
+                prompt.shape[1],
+            )
+        return inputs
 
     def encode(
         self,
@@ -429,46 +454,39 @@ class UnifiedVLForConditionalGeneration(PreTrainedModel):
         ``adapter_names`` (one per row) pick each row's LoRA adapter (see :meth:`rows`).
         """
         with self.rows(adapter_names):
-            embeds, mask = self.embed_inputs(pixel_values, input_ids, attention_mask)
-            encoder_outputs = self.language_model.encoder(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
+            inputs = self.encoder_inputs(pixel_values, input_ids, attention_mask)
+            encoder_outputs = self.language_model.encoder(
+                inputs_embeds=inputs.embeds, attention_mask=inputs.mask, return_dict=True
+            )
         if self.relation is None:
-            return encoder_outputs, mask
-        return self.add_relation_tokens(encoder_outputs, embeds, mask, pixel_values, input_ids, attention_mask)
+            return encoder_outputs, inputs.mask
+        return self.add_relation_tokens(encoder_outputs, inputs)
 
     def add_relation_tokens(
-        self,
-        encoder_outputs: BaseModelOutput,
-        embeds: torch.Tensor,
-        mask: torch.Tensor,
-        pixel_values: torch.Tensor | None,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
+        self, encoder_outputs: BaseModelOutput, inputs: EncoderInputs
     ) -> tuple[BaseModelOutput, torch.Tensor]:
         """The encoder's output (B, L, D) with the Relation Network's K vectors after it: (B, L + K, D).
 
-        Its objects are each row's grid tokens as they enter the encoder (``embeds``, (B, L, D): the
-        cells of a CNN's map, as in the paper), its question the mean of the encoder's outputs at the
-        row's text tokens (the paper: an LSTM's last state). The decoder's cross-attention has no
-        positions, so the K vectors can follow the padding.
+        Its objects are each row's grid tokens as they enter the encoder (``inputs.embeds``: the cells
+        of a CNN's map, as in the paper), its question the mean of the encoder's outputs at the row's
+        text tokens (the paper: an LSTM's last state). The decoder's cross-attention has no positions,
+        so the K vectors can follow the padding.
 
         Raises:
             ValueError: a row without exactly one image.
         """
-        num_images = 0 if pixel_values is None else pixel_values.shape[0]
-        _, _, is_image = self.placeholders(input_ids, attention_mask, num_images)
-        if not bool((is_image.sum(dim=1) == 1).all()):
+        embeds, mask, rows, at, prompt = inputs
+        b = embeds.shape[0]
+        if rows is None or rows.shape[0] != b or not bool((rows == torch.arange(b, device=rows.device)).all()):
             raise ValueError(
                 "relation_tokens (a Relation Network over one image's grid) needs exactly one image per prompt"
             )
-        hidden = encoder_outputs.last_hidden_state  # (B, L, D)
-        width = torch.where(is_image, self.visual.num_tokens, 1)  # (B, T): positions each token takes
-        prompt = mask.shape[1] - int(width.sum(dim=1).max())  # a learned encoder prompt's vectors in front
-        first = ((width.cumsum(dim=1) - width) * is_image).sum(dim=1) + prompt
-        at = first[:, None] + torch.arange(self.visual.num_patches, device=hidden.device)  # (B, N): the grid's tokens
-        objects = embeds.gather(1, at[..., None].expand(-1, -1, embeds.shape[-1]))  # (B, N, D)
+        hidden = encoder_outputs.last_hidden_state  # (B, L, D); row k holds image k
+        grid = at[:, : self.visual.num_patches]  # (B, N): the grid's tokens (a pooled token follows them)
+        objects = embeds.gather(1, grid[..., None].expand(-1, -1, embeds.shape[-1]))  # (B, N, D)
         is_text = mask.clone()
         is_text[:, :prompt] = 0
-        is_text.scatter_(1, first[:, None] + torch.arange(self.visual.num_tokens, device=hidden.device), 0)
+        is_text.scatter_(1, at, 0)
         weights = is_text.to(hidden.dtype)[..., None]  # (B, L, 1)
         question = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)  # (B, D)
         extra = self.relation(objects, question)  # (B, K, D)
