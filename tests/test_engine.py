@@ -190,6 +190,101 @@ def test_keeps_the_last_k_and_the_best(tmp_path):
         export_checkpoint(tmp_path / "best", tmp_path / "x", tag="step_00000001")
 
 
+class _PeakingEvaluator:
+    """A fake validation metric that peaks at the third validation; remembers the weights each split saw."""
+
+    VALUES = [0.2, 0.5, 0.9, 0.4, 0.3, 0.1]
+
+    def __init__(self):
+        self.seen: list[tuple[str, dict[str, torch.Tensor]]] = []
+
+    def generate(self, model, processor, *, split, max_examples, rank, world_size, **keep):
+        self.seen.append((split, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+        return {}
+
+    def score(self, texts, *, split, max_examples, **written):
+        if split == "test":
+            return {"colors/test/acc": 0.0}
+        return {"colors/val/acc": self.VALUES[sum(s == "val" for s, _ in self.seen) - 1]}
+
+
+def test_final_weights_best_evaluates_and_exports_the_best_validations_weights(tmp_path, monkeypatch, capsys):
+    args = [
+        "data.tasks={colors: 1}",
+        TINY,
+        "train.global_batch_size=4",
+        "train.micro_batch_size=4",
+        "train.max_steps=6",
+        "train.num_threads=1",
+        "eval.every=1",
+        "eval.final_splits=[test]",
+        "eval.final_weights=best",
+        "checkpoint.every=2",
+        "checkpoint.best_metric=colors/val/acc",
+    ]
+
+    def fit(name: str, evaluator, *more: str):
+        config = load_config(None, [*args, f"output_dir={tmp_path / name}", *more])
+        return train(config, TrainData(DATA, make_example), evaluator=evaluator)
+
+    evaluator = _PeakingEvaluator()
+    result = fit("full", evaluator)
+    splits = [split for split, _ in evaluator.seen]
+    assert splits == ["val"] * 6 + ["test"]  # steps 1-5, the last step, then the final evaluation
+    third, last, tested = evaluator.seen[2][1], evaluator.seen[5][1], evaluator.seen[6][1]
+    exported = _weights(result.model_dir)
+    moved = 0
+    for key, value in third.items():
+        torch.testing.assert_close(tested[key], value, rtol=0, atol=0, msg=key)  # test saw step 3's weights
+        torch.testing.assert_close(exported[key], value, rtol=0, atol=0, msg=key)  # and so does the model folder
+        moved += not torch.equal(value, last[key])
+    assert moved > 10  # step 3's weights are not the last step's
+    assert "use the weights of step 3 (colors/val/acc = 0.9000, best of 6)" in capsys.readouterr().out
+    # The last checkpoint holds the last step's weights (to go on training), not the best.
+    at_6 = _weights(export_checkpoint(result.run_dir, tmp_path / "raw6", tag="step_00000006"))
+    assert all(torch.equal(at_6[key], last[key]) for key in last)
+
+    # Killed after the checkpoint of step 4 and resumed: the best (step 3) is carried by the checkpoint.
+    real_next_step = mixture.MixtureSampler.next_step
+
+    def killed_at_step_4(self):
+        if self.step == 4:
+            raise KeyboardInterrupt("killed")
+        return real_next_step(self)
+
+    evaluator = _PeakingEvaluator()
+    monkeypatch.setattr(mixture.MixtureSampler, "next_step", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        fit("part", evaluator)
+    monkeypatch.undo()
+    resumed = fit("part", evaluator, "resume=true")
+    assert [split for split, _ in evaluator.seen] == ["val"] * 6 + ["test"]
+    again = _weights(resumed.model_dir)
+    for key, value in exported.items():
+        torch.testing.assert_close(again[key], value, rtol=0, atol=1e-6, msg=key)
+
+    class Elsewhere(_PeakingEvaluator):
+        def score(self, texts, *, split, max_examples, **written):
+            return {f"shapes/{split}/acc": 0.5}
+
+    with pytest.raises(ValueError, match=r"compares 'colors/val/acc', which the validation did not report .*shapes/val"):
+        fit("other", Elsewhere())
+
+
+def test_final_weights_best_needs_validations_and_is_alone_in_choosing(tmp_path):
+    base = ["data.tasks={colors: 1}", "eval.final_weights=best"]
+    with pytest.raises(ConfigError, match=r"set eval.every > 0 and eval.splits \(now every=0"):
+        load_config(None, base)
+    with pytest.raises(ConfigError, match="eval.final_weights=best and train.ema_decay both choose"):
+        load_config(None, [*base, "eval.every=5", "train.ema_decay=0.9"])
+    with pytest.raises(ConfigError, match="ZeRO-3 shards them"):
+        load_config(None, [*base, "eval.every=5", "train.zero_stage=3"])
+    with pytest.raises(ConfigError, match="expected one of 'last', 'best'"):
+        load_config(None, ["data.tasks={colors: 1}", "eval.final_weights=first"])
+    with pytest.raises(ConfigError, match="this run has no evaluator"):
+        run(tmp_path, "no-eval", "eval.final_weights=best", "eval.every=2")
+
+
 def test_freeze_and_few_shot(tmp_path):
     seen = set()
 

@@ -58,6 +58,7 @@ class WeightAverage:
             raise ValueError(f"the decay of a weight average must be in (0, 1), got {decay!r}")
         # A float32 copy whatever the training precision: a bf16 average cannot hold a (1 - decay)
         # step of 0.002 (8 bits of mantissa), timm's docstring says as much.
+        self.decay = decay
         self.ema = _tied_safe_ema_class()(
             model, decay=decay, use_warmup=True, warmup_gamma=1.0, warmup_power=1.0, dtype=torch.float32
         )

@@ -32,6 +32,7 @@ import torch
 
 from unified_vl.checkpoint import CheckpointError, atomic_write_text
 from unified_vl.engine.distributed import DistInfo, all_reduce_sum, barrier
+from unified_vl.engine.selection import higher_is_better
 
 LATEST = "latest"  # DeepSpeed's file name, so deepspeed's load_checkpoint(tag=None) reads ours too
 INDEX = "index.json"
@@ -147,7 +148,7 @@ class CheckpointManager:
         return tag
 
     def _is_better(self, value: float, best: float) -> bool:
-        return value < best if "loss" in (self.best_metric or "") else value > best
+        return value > best if higher_is_better(self.best_metric or "") else value < best
 
     def _commit(self, tag: str, step: int, metrics: dict[str, float]) -> None:
         index = self.index()

@@ -29,6 +29,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 Weighting = Literal["explicit", "size", "temperature"]
 Schedule = Literal["cosine", "linear", "constant"]
 ZeroStage = Literal[0, 1, 2, 3]
+FinalWeights = Literal["last", "best"]
 
 
 class ConfigError(ValueError):
@@ -182,6 +183,10 @@ class EvalConfig:
     max_examples: int | None = 200  # per (task, split) during training; final evaluation uses all
     batch_size: int = 64
     num_beams: int = 1
+    # Which weights the final evaluation and the exported model use: "last" (the last step's) or "best"
+    # (those of the best validation during training, by checkpoint.best_metric: early stopping;
+    # unified_vl/engine/selection.py). "best" needs eval.every > 0 and eval.splits.
+    final_weights: FinalWeights = "last"
 
 
 @dataclass
@@ -543,10 +548,29 @@ def validate(config: RunConfig) -> None:
     positive("eval.max_examples", e.max_examples)
     positive("eval.batch_size", e.batch_size)
     positive("eval.num_beams", e.num_beams)
+    check_final_weights(config)
     positive("checkpoint.every", c.every, allow_zero=True)
     positive("checkpoint.keep_last", c.keep_last)
     if c.best_metric is not None and len(c.best_metric.split("/")) != 3:
         raise ConfigError(f"checkpoint.best_metric must be a metric key 'task/split/metric', got {c.best_metric!r}")
+
+
+def check_final_weights(config: RunConfig) -> None:
+    """``eval.final_weights=best`` needs validations to choose from and whole weights to keep."""
+    e, t = config.eval, config.train
+    if e.final_weights != "best":
+        return
+    if not e.every or not e.splits:
+        raise ConfigError(
+            "eval.final_weights=best chooses among validations during training: set eval.every > 0 and "
+            f"eval.splits (now every={e.every}, splits={e.splits})"
+        )
+    if t.ema_decay:
+        raise ConfigError("eval.final_weights=best and train.ema_decay both choose the final weights; set one")
+    if t.zero_stage == 3:
+        raise ConfigError(
+            "eval.final_weights=best keeps whole weights (train.zero_stage 0, 1 or 2); ZeRO-3 shards them"
+        )
 
 
 # T5Config integer fields that are sizes or counts (T5Config's docstring): at least 1.

@@ -30,6 +30,7 @@ from unified_vl.engine.config import ConfigError, Derived, RunConfig, deepspeed_
 from unified_vl.engine.export import SPEC, AdapterSpec, export_adapter, export_checkpoint, export_model
 from unified_vl.engine.mixture import MixtureSampler, few_shot_indices, mixture_probabilities, shard
 from unified_vl.engine.monitor import Monitor
+from unified_vl.engine.selection import BestWeights
 from unified_vl.prompting import get_method
 from unified_vl.tokenizer import loc_token_ids, model_vocab_size
 
@@ -625,15 +626,22 @@ def check_weights_finite(model: torch.nn.Module, step: int, *, what: str) -> Non
 
 
 def _resume(
-    run: _Run, engine, checkpoints: CheckpointManager, schedule: LRSchedule, average: WeightAverage | None
+    run: _Run,
+    engine,
+    checkpoints: CheckpointManager,
+    schedule: LRSchedule,
+    average: WeightAverage | None,
+    best: BestWeights | None,
 ) -> tuple[int, float]:
-    """Restores model, optimizer, scheduler (with its horizon), RNG, the sampler and the weight average;
-    returns (step, seconds)."""
+    """Restores model, optimizer, scheduler (with its horizon), RNG, the sampler, the weight average and
+    the best validation's weights; returns (step, seconds)."""
     t = run.config.train
     client = checkpoints.load(engine)
     run.sampler.load_state_dict(client["sampler"])
     if average is not None:
         average.load_state_dict(client.get("ema"), where=checkpoints.dir / str(checkpoints.latest_tag()))
+    if best is not None:
+        best.load_state_dict(client.get("best"))
     # The checkpoint restored the schedule; the config may have changed its length (training
     # longer). A time-bounded run keeps the horizon it measured.
     schedule.horizon = min(schedule.horizon, t.max_steps) if t.max_minutes is not None else t.max_steps
@@ -670,6 +678,35 @@ def _finish(
     return model_dir
 
 
+def _weight_keepers(
+    config: RunConfig, model: torch.nn.Module, evaluator: Evaluator | None
+) -> tuple[WeightAverage | None, BestWeights | None, str | None]:
+    """The weight average (``train.ema_decay``), the best validation's weights (``eval.final_weights``) and
+    the metric that ranks validations and checkpoints (``checkpoint.best_metric``, else the first eval
+    split's mean primary metric)."""
+    splits = config.eval.splits
+    best_metric = config.checkpoint.best_metric or (f"mean/{splits[0]}/primary" if evaluator and splits else None)
+    best = None
+    if config.eval.final_weights == "best":
+        if best_metric is None:
+            raise ConfigError(
+                "eval.final_weights=best needs validations during training, and this run has no evaluator"
+            )
+        best = BestWeights(best_metric)
+    return WeightAverage.of(model, config.train.ema_decay), best, best_metric
+
+
+def _use_final_weights(engine, monitor: Monitor, average: WeightAverage | None, best: BestWeights | None) -> None:
+    """Puts the weights the final evaluation and the export use into the model: the average, or the best
+    validation's, if the run keeps one (its last checkpoint holds the last step's weights, and the keeper)."""
+    if average is not None:
+        average.copy_to(engine.module)
+        monitor.write(f"the final evaluation and the exported model use the weight average (decay {average.decay})")
+    if best is not None:
+        best.copy_to(engine.module)
+        monitor.write(f"the final evaluation and the exported model use {best.describe()}")
+
+
 def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = None, job: str = "train") -> TrainResult:
     """Trains (or resumes) one run: build, initialize, then step / evaluate / checkpoint, then finish.
 
@@ -680,23 +717,28 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
     run = _build(config, data, job)
     dist, run_dir, processor = run.dist, run.run_dir, run.processor
     schedule = LRSchedule.of(config)
-    average = WeightAverage.of(run.model, t.ema_decay)  # a float32 copy, made before DeepSpeed casts the model
+    average, best, best_metric = _weight_keepers(config, run.model, evaluator)  # before DeepSpeed casts the model
     engine = initialize(run.model, config, run.derived, schedule)
-    best_metric = c.best_metric or (
-        f"mean/{config.eval.splits[0]}/primary" if evaluator and config.eval.splits else None
-    )
     checkpoints = CheckpointManager(run_dir / "checkpoints", dist=dist, keep_last=c.keep_last, best_metric=best_metric)
-    step, train_seconds = _resume(run, engine, checkpoints, schedule, average) if config.resume else (0, 0.0)
+    step, train_seconds = _resume(run, engine, checkpoints, schedule, average, best) if config.resume else (0, 0.0)
     budget = TimeBudget(t.max_minutes, max_steps=t.max_steps) if t.max_minutes is not None else None
     monitor = Monitor(run_dir, enabled=dist.is_main, total_steps=schedule.horizon, initial_step=step)
     monitor.write(_summary(run))
 
     def client_state() -> dict:
         state = {"step": step, "sampler": run.sampler.state_dict(), "train_seconds": train_seconds}
-        return state if average is None else {**state, "ema": average.state_dict()}
+        keepers = {"ema": average, "best": best}
+        return state | {key: keeper.state_dict() for key, keeper in keepers.items() if keeper is not None}
 
     def evaluate_now(splits, max_examples, **keep) -> dict[str, float]:
         return evaluate(engine, processor, evaluator, config, dist, splits=splits, max_examples=max_examples, **keep)
+
+    def validate() -> dict[str, float]:
+        values = evaluate_now(config.eval.splits, config.eval.max_examples)
+        monitor.eval(step, values)
+        if best is not None:
+            best.offer(engine.module, step, values)
+        return values
 
     losses: list[float] = []
     start_step, start_seconds, tic = step, train_seconds, time.perf_counter()
@@ -726,8 +768,7 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
         time_up = t.max_minutes is not None and train_seconds >= t.max_minutes * 60
         done = step >= schedule.horizon or time_up
         if evaluator and config.eval.every and step % config.eval.every == 0 and not done:
-            metrics = evaluate_now(config.eval.splits, config.eval.max_examples)
-            monitor.eval(step, metrics)
+            metrics = validate()
         if c.every and step % c.every == 0 and not done:
             check_weights_finite(engine.module, step, what=f"the checkpoint of step {step}")
             checkpoints.save(engine, step, client_state(), metrics)
@@ -738,14 +779,11 @@ def train(config: RunConfig, data: TrainData, *, evaluator: Evaluator | None = N
 
     # -- the end: checkpoint, final evaluation, export -----------------------------------------
     if evaluator and config.eval.every and step != last_saved:
-        metrics = evaluate_now(config.eval.splits, config.eval.max_examples)
-        monitor.eval(step, metrics)
+        metrics = validate()
     if step != last_saved:
         check_weights_finite(engine.module, step, what=f"the checkpoint of step {step}")
         checkpoints.save(engine, step, client_state(), metrics)
-    if average is not None:  # the final evaluation and the export use the average (the checkpoint has both)
-        average.copy_to(engine.module)
-        monitor.write(f"the final evaluation and the exported model use the weight average (decay {t.ema_decay})")
+    _use_final_weights(engine, monitor, average, best)
     keep = {"predictions_dir": run_dir / "predictions"}  # the final evaluation keeps its predictions
     final = evaluate_now(config.eval.final_splits, None, **keep) if evaluator and config.eval.final_splits else {}
     model_dir = _finish(run, engine, checkpoints, monitor, step=step, final=final)
