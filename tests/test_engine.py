@@ -267,7 +267,9 @@ def test_final_weights_best_evaluates_and_exports_the_best_validations_weights(t
         def score(self, texts, *, split, max_examples, **written):
             return {f"shapes/{split}/acc": 0.5}
 
-    with pytest.raises(ValueError, match=r"compares 'colors/val/acc', which the validation did not report .*shapes/val"):
+    with pytest.raises(
+        ValueError, match=r"compares 'colors/val/acc', which the validation did not report .*shapes/val"
+    ):
         fit("other", Elsewhere())
 
 
