@@ -497,6 +497,105 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, stage0):
     np.testing.assert_allclose(json.loads(out.read_text()), one, rtol=1e-5)
 
 
+def _average_batch_norm_on_rank(rank: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from unified_vl.engine.distributed import average_batch_norm_statistics
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(rank)  # the convolution's weights differ between the ranks
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+    model[1].running_mean.copy_(torch.tensor([1.0, -2.0]) * (rank + 1))
+    model[1].running_var.fill_(2.0 * (rank + 1))
+    conv = model[0].weight.detach().clone()
+    average_batch_norm_statistics(model)
+    torch.save(
+        {"mean": model[1].running_mean, "var": model[1].running_var, "conv_kept": torch.equal(conv, model[0].weight)},
+        f"{out}.{rank}",
+    )
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes importing the package: about 20 s
+def test_batch_norm_statistics_are_averaged_over_the_ranks_and_nothing_else(tmp_path):
+    torch.multiprocessing.spawn(
+        _average_batch_norm_on_rank, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2, join=True
+    )
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"out.{rank}")
+        torch.testing.assert_close(got["mean"], torch.tensor([1.5, -3.0]))  # ([1, -2] + [2, -4]) / 2
+        torch.testing.assert_close(got["var"], torch.tensor([3.0, 3.0]))
+        assert got["conv_kept"]  # the weights are DeepSpeed's to keep in step, not averaged here
+    # One process (no process group): nothing to average, nothing changes.
+    model = torch.nn.BatchNorm1d(2)
+    model.running_mean.fill_(5.0)
+    from unified_vl.engine.distributed import average_batch_norm_statistics
+
+    average_batch_norm_statistics(model)
+    assert model.running_mean.tolist() == [5.0, 5.0]
+
+
+BATCH_NORM_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+import torch.distributed as dist
+from unified_vl.engine.config import load_config
+from unified_vl.engine.trainer import TrainData, train
+from test_engine import DATA, TINY, _BatchNormRecorder, make_example
+recorder = _BatchNormRecorder()
+args = ["data.tasks={{colors: 1}}", TINY, "model.overrides.vision_stem=conv", "train.global_batch_size=8",
+        "train.micro_batch_size=4", "train.max_steps=4", "train.num_threads=1", "eval.every=2",
+        "eval.final_splits=[test]", "output_dir={tmp}/bn"]
+result = train(load_config(None, args), TrainData(DATA, make_example), evaluator=recorder)
+Path("{tmp}/seen.{{}}.json".format(dist.get_rank())).write_text(json.dumps(recorder.seen))
+"""
+
+
+class _BatchNormRecorder:
+    """Remembers BatchNorm's running statistics in the model each evaluation of this rank ran with."""
+
+    def __init__(self):
+        self.seen: list[dict[str, list[float]]] = []
+
+    def generate(self, model, processor, *, split, max_examples, rank, world_size, **keep):
+        self.seen.append(
+            {k: v.tolist() for k, v in model.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+        )
+        return {}
+
+    def score(self, texts, *, split, max_examples, **written):
+        return {f"colors/{split}/acc": 0.0}
+
+
+@pytest.mark.slow
+def test_every_rank_evaluates_and_rank_0_exports_the_same_batch_norm_statistics(tmp_path):
+    # Each rank's BatchNorm layers keep running statistics of that rank's micro batches (DeepSpeed syncs
+    # gradients, not buffers): without averaging them, rank 1 would score its share of a split with
+    # another model than the one rank 0 exports.
+    script = tmp_path / "bn.py"
+    script.write_text(BATCH_NORM_SCRIPT.format(tests=str(Path(__file__).parent), tmp=str(tmp_path)))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        str(script),
+    ]
+    subprocess.run(cmd, check=True, timeout=600, cwd=tmp_path)
+    ranks = [json.loads((tmp_path / f"seen.{r}.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 3  # steps 2 and 4, then the final evaluation
+    assert len(ranks[0][0]) >= 2  # the conv stem's BatchNorm layers
+    assert any(np.any(np.asarray(v) != 0) for k, v in ranks[0][0].items() if k.endswith("mean"))  # they moved
+    for at_0, at_1 in zip(*ranks, strict=True):
+        for key, value in at_0.items():
+            np.testing.assert_allclose(at_1[key], value, rtol=1e-6, err_msg=key)
+    exported = _weights(tmp_path / "bn" / "model")
+    for key, value in ranks[0][-1].items():
+        np.testing.assert_allclose(exported[key].numpy(), value, rtol=1e-6, err_msg=key)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [["train.zero_stage=2"], ["train.zero_stage=3", "train.offload_params=true"]])
 def test_zero_offload_trains_and_exports(extra, tmp_path):

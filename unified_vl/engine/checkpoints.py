@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from unified_vl.checkpoint import CheckpointError, atomic_write_text
-from unified_vl.engine.distributed import DistInfo, all_reduce_sum, barrier
+from unified_vl.engine.distributed import DistInfo, all_reduce_sum, average_batch_norm_statistics, barrier
 from unified_vl.engine.selection import higher_is_better
 
 LATEST = "latest"  # DeepSpeed's file name, so deepspeed's load_checkpoint(tag=None) reads ours too
@@ -117,6 +117,7 @@ class CheckpointManager:
         """
         tag = tag_for(step)
         folder = self.dir / tag
+        average_batch_norm_statistics(engine.module)  # rank 0 saves the model every rank evaluates
         if self.dist.is_main and folder.exists():  # a partial folder of a killed save, or a re-save
             shutil.rmtree(folder)
         barrier()

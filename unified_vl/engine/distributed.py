@@ -160,3 +160,22 @@ def all_reduce_sum(values: list[float]) -> list[float]:
         t = t.cuda()
     dist.all_reduce(t)
     return t.cpu().tolist()
+
+
+def average_batch_norm_statistics(model: Any) -> None:
+    """Averages BatchNorm's running statistics over the ranks (all ranks must call this), in place.
+
+    Each rank's BatchNorm layers (a convolutional stem, a timm CNN backbone) keep statistics of that
+    rank's micro batches only: DeepSpeed averages gradients, not buffers. Called before every
+    evaluation, checkpoint and export, so that every rank scores its share of a split with the model
+    rank 0 saves. timm's ``distribute_bn`` with ``reduce=True``, as timm's train.py runs it before each
+    evaluation (the mean of the ranks' variances, not the pooled variance: the per-rank means differ
+    little once the ranks have seen thousands of batches).
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    from timm.utils import distribute_bn
+
+    distribute_bn(model, dist.get_world_size(), reduce=True)

@@ -662,6 +662,7 @@ def _finish(
         return None
     kind = "adapter" if run.adapter is not None else "model"
     check_weights_finite(engine.module, step, what=f"the {kind} folder")  # never export a NaN model
+    distributed.average_batch_norm_statistics(engine.module)  # the statistics of every rank's batches
     if run.adapter is not None:  # only the method's own weights, and the base they belong to
         model_dir = export_adapter(
             engine, run.adapter, run.adapter_keys, run.run_dir / kind, dist=dist, zero_stage=t.zero_stage
@@ -818,6 +819,7 @@ def evaluate(
     ``predictions_dir/{split}.jsonl``.
     """
     engine.eval()
+    distributed.average_batch_norm_statistics(engine.module)  # every rank scores the same model
     rank, world = (0, 1) if config.train.zero_stage == 3 else (dist.rank, dist.world_size)
     keep = {} if predictions_dir is None else {"with_scores": True}
     metrics: dict[str, float] = {}
