@@ -372,6 +372,9 @@ class Task:
         present: ``present(prediction, score) -> mapping``: how a prediction is shown to users (the
             `Predictor`'s results and the server's JSON), e.g. ``{"answer": "red"}``; JSON-ready
             values only. Default: ``{"task": name, "prediction": prediction}``.
+        order_by_position: ``order_by_position(record) -> record`` with its list of boxes (and what
+            pairs with them) in reading order, for training with ``data.target_order=position``;
+            None: the task's target holds no list of boxes to order.
     """
 
     name: str
@@ -391,6 +394,7 @@ class Task:
     decoding_source: Callable[[Record], str | None] | None = None
     metric_keys: tuple[str, ...] = ()
     present: Callable[[Any, float], Mapping[str, Any]] | None = None
+    order_by_position: Callable[[Record], Record] | None = None
     description: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:

@@ -324,3 +324,30 @@ def test_an_unknown_task_to_shift_is_named():
 def test_shift_out_of_range_is_a_config_error(value):
     with pytest.raises(ConfigError, match=r"data.augment.shift must be in \[0, 0.5\)"):
         load_config(None, ["data.tasks={vqa: 1}", f"data.augment.shift={value}"])
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.125])
+def test_the_trainer_writes_grounding_targets_in_reading_order_when_configured(monkeypatch, shift):
+    from unified_vl.app.jobs import common
+
+    record = {
+        "id": "g1",
+        "image": _square_image([40, 28, 56, 44]),
+        "width": 64,
+        "height": 48,
+        "caption": "a low square and a high square",
+        "phrases": ["a low square", "a high square"],
+        "boxes": [[40, 28, 56, 44], [8, 4, 24, 20]],
+    }
+    monkeypatch.setattr("data_tools.storage.load_split", lambda path, task, split: [record])
+    args = ["data.path=/nowhere", "data.tasks={grounding: 1}", f"data.augment.shift={shift}"]
+    for order, first in (("record", "a low square<loc_"), ("position", "a high square<loc_")):
+        data = common.training_data(load_config(None, [*args, f"data.target_order={order}"]))
+        for seed in range(5):
+            assert data.make_example("grounding", record, random.Random(seed)).target.startswith(first), (order, seed)
+    assert record["phrases"][0] == "a low square"  # the stored record is never reordered in place
+
+
+def test_an_unknown_target_order_is_a_config_error():
+    with pytest.raises(ConfigError, match="target_order"):
+        load_config(None, ["data.target_order=area"])

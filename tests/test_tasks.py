@@ -166,6 +166,18 @@ def check_candidates(task: Task) -> None:
             assert len(boxes.parse_loc_bins(task.target(record))) == 4
 
 
+def check_order_by_position(task: Task) -> None:
+    """A reordered record is a valid record with the same gold (the metric is order-free); reordering twice changes nothing."""
+    if task.order_by_position is None:
+        return
+    for record in task.examples:
+        ordered = task.order_by_position(copy.deepcopy(record))
+        task.validate(ordered)
+        as_is = task.evaluate([task.gold(record)], [record])
+        assert task.evaluate([task.gold(ordered)], [record]) == as_is, (task.name, record["id"])
+        assert task.order_by_position(copy.deepcopy(ordered)) == ordered, (task.name, record["id"])
+
+
 CONTRACT = [
     check_examples,
     check_templates,
@@ -176,6 +188,7 @@ CONTRACT = [
     check_missing_and_wrong_fields,
     check_garbage_scores_zero,
     check_candidates,
+    check_order_by_position,
 ]
 
 
@@ -305,6 +318,27 @@ def test_grounding_copies_phrases_from_the_caption_and_describes_regions_freely(
     assert task.source(phrase_record) == "a red circle"  # squashed, as the prompt writes it
     assert task.source(region_record) is None
     assert tasks.get_task("vqa").source({"question": "q?"}) is None
+
+
+def test_grounding_in_reading_order_sorts_phrases_by_box_centre_and_keeps_regions():
+    task = tasks.get_task("grounding")
+    record = {
+        "id": "g",
+        "width": 64,
+        "height": 64,
+        "caption": "a red circle, a blue square and a green cross",
+        "phrases": ["a red circle", "a blue square", "a green cross"],
+        # centres: (40, 40), (56, 8), (8, 40): the square's row first, then the other row left to right
+        "boxes": [[32, 32, 48, 48], [48, 0, 64, 16], [0, 30, 16, 50]],
+    }
+    ordered = task.order_by_position(record)
+    assert ordered["phrases"] == ["a blue square", "a green cross", "a red circle"]
+    assert ordered["boxes"] == [[48, 0, 64, 16], [0, 30, 16, 50], [32, 32, 48, 48]]
+    assert record["phrases"][0] == "a red circle"  # the stored record is not changed
+    assert task.target(ordered).startswith("a blue square<loc_")
+    region = {"id": "r", "width": 8, "height": 8, "region": [0, 0, 4, 4], "description": "a red circle"}
+    assert task.order_by_position(region) is region
+    assert tasks.get_task("vqa").order_by_position is None
 
 
 # --------------------------------------------------------------------------------------------

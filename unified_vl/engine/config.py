@@ -30,6 +30,7 @@ Weighting = Literal["explicit", "size", "temperature"]
 Schedule = Literal["cosine", "linear", "constant"]
 ZeroStage = Literal[0, 1, 2, 3]
 FinalWeights = Literal["last", "best"]
+TargetOrder = Literal["record", "position"]
 
 
 class ConfigError(ValueError):
@@ -102,6 +103,10 @@ class DataConfig:
     cache_dir: str | None = None  # where the synthetic world and trained tokenizers go; None: ~/.cache/unified-vl
     synth: SynthConfig = field(default_factory=SynthConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # The order of a target that lists boxes (grounding's phrases; tasks with `order_by_position`):
+    # "record": as the record lists them (the caption's order); "position": reading order, by box
+    # centre (docs/learning.md, "Grounding in reading order"). Evaluation is order-free either way.
+    target_order: TargetOrder = "record"
 
 
 @dataclass

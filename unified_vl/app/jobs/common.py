@@ -209,7 +209,8 @@ def training_data(config: RunConfig) -> TrainData:
 
     Records become examples through the method's ``make_example`` when it has one (CPT paints the
     image), else through the task's templates; with ``data.augment.shift`` (or ``scale``) each record's
-    image is first translated (zoomed) at random, its boxes with it (`data_tools.augment`).
+    image is first translated (zoomed) at random, its boxes with it (`data_tools.augment`); with
+    ``data.target_order=position`` a target that lists boxes lists them in reading order.
     """
     from data_tools import storage
     from unified_vl.prompting import get_method
@@ -219,6 +220,9 @@ def training_data(config: RunConfig) -> TrainData:
     if method.make_example is not None:
         options = method.resolve_options(config.method.options)
         examples = functools.partial(_method_example, method.make_example, options=options)
+    if config.data.target_order == "position":
+        # Inside the shift: the order is that of the boxes the example is made from.
+        examples = functools.partial(_ordered_example, examples)
     if config.data.augment.shift > 0 or config.data.augment.scale > 0:
         # Before the method's hook, so that CPT paints the boxes where the shifted image has them.
         examples = functools.partial(_shifted_example, examples, augment=config.data.augment)
@@ -241,6 +245,13 @@ def _shifted_example(inner, task_name: str, record: Mapping, rng: random.Random,
         max_scale=augment.scale,
     )
     return inner(task_name, shifted, rng)
+
+
+def _ordered_example(inner, task_name: str, record: Mapping, rng: random.Random) -> Example:
+    import tasks
+
+    reorder = tasks.get_task(task_name).order_by_position
+    return inner(task_name, record if reorder is None else reorder(record), rng)
 
 
 def _method_example(hook, task_name: str, record: Mapping, rng: random.Random, *, options) -> Example:
