@@ -261,3 +261,38 @@ def test_bench_vs_baseline_quick_runs_both_sides_end_to_end(tmp_path):
     for side in ("ours", "baseline"):
         assert 0.0 <= entry[side][0]["metrics"]["classification/test/top1"] <= 1.0
     assert "| digits | classification | top1 |" in out.read_text()
+
+
+def test_grounding_errors_sorts_each_gold_phrase_and_reads_the_output_order(tmp_path, monkeypatch, capsys):
+    module = _script("grounding_errors")
+    a, b, c = [0, 0, 10, 10], [40, 0, 50, 10], [0, 40, 10, 50]  # reading order: a, b, c
+    rows = [
+        # right, right, swapped onto b: "another object"; written in the record's order, not reading order
+        {"task": "grounding", "gold": [["x", c], ["y", b], ["z", a]], "prediction": [["x", c], ["y", b], ["z", b]]},
+        # written c-first: neither order; "w" boxed nowhere, "v" not written
+        {
+            "task": "grounding",
+            "gold": [["u", c], ["w", a], ["v", b]],
+            "prediction": [["w", [20, 20, 30, 30]], ["u", c]],
+        },
+        {"task": "grounding", "gold": [["p", b], ["q", a]], "prediction": [["q", a], ["p", b]]},  # reading order
+        {"task": "grounding", "gold": "a region's description", "prediction": "a red circle"},  # not counted
+        {"task": "vqa", "gold": "red", "prediction": "red"},
+    ]
+    run = tmp_path / "run"
+    (run / "predictions").mkdir(parents=True)
+    (run / "predictions" / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    scores = module.score_file(run / "predictions" / "test.jsonl")
+    assert scores["phrases"] == 8
+    assert scores["right"] == 5 / 8 and scores["another object"] == 1 / 8
+    assert scores["elsewhere"] == 1 / 8 and scores["not written"] == 1 / 8
+    assert scores["record order"] == 1 / 2 and scores["reading order"] == 1 / 2  # of the two fully written records
+    monkeypatch.setattr(sys, "argv", ["grounding_errors.py", str(run), "--out", str(tmp_path / "t.md")])
+    module.main()
+    assert "| 8 | 0.625 | 0.125 | 0.125 | 0.125 | 0.50 | 0.50 |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "t.json").read_text())[f"{run}:test"]["right"] == 0.625
+    bad = tmp_path / "bad"
+    (bad / "predictions").mkdir(parents=True)
+    (bad / "predictions" / "test.jsonl").write_text(json.dumps({"task": "grounding", "gold": [["x"]]}) + "\n")
+    with pytest.raises(SystemExit, match=r"test.jsonl:1: gold must be a list of \[phrase, box\] pairs"):
+        module.score_file(bad / "predictions" / "test.jsonl")
