@@ -25,6 +25,20 @@ def _bright_box(image: Image.Image) -> list[int]:
     return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
 
 
+def grounding_record(caption: str, boxes: dict[str, list], image_size=(64, 48)) -> dict:
+    """A phrase-grounding record of a 64 x 48 picture whose first phrase's box is a white square."""
+    first = next(iter(boxes.values()))
+    return {
+        "id": "g1",
+        "image": _square_image(first, image_size),
+        "width": image_size[0],
+        "height": image_size[1],
+        "caption": caption,
+        "phrases": list(boxes),
+        "boxes": [list(b) for b in boxes.values()],
+    }
+
+
 def rec_record(box, image_size=(64, 48), **extra):
     return {
         "id": "r1",
@@ -104,15 +118,7 @@ def test_detection_objects_and_grounding_boxes_move():
     assert _bright_box(out["image"]) == [int(v) for v in out["objects"][0]["box"]]
 
     grounding = tasks.get_task("grounding")
-    record = {
-        "id": "g1",
-        "image": _square_image([10, 10, 20, 20]),
-        "width": 64,
-        "height": 48,
-        "caption": "a square and a dot",
-        "phrases": ["a square", "a dot"],
-        "boxes": [[10, 10, 20, 20], [50, 40, 54, 44]],
-    }
+    record = grounding_record("a square and a dot", {"a square": [10, 10, 20, 20], "a dot": [50, 40, 54, 44]})
     grounding.validate(record)
     out = shift_record(grounding, record, random.Random(2), 0.125)
     grounding.validate(out)
@@ -330,15 +336,9 @@ def test_shift_out_of_range_is_a_config_error(value):
 def test_the_trainer_writes_grounding_targets_in_reading_order_when_configured(monkeypatch, shift):
     from unified_vl.app.jobs import common
 
-    record = {
-        "id": "g1",
-        "image": _square_image([40, 28, 56, 44]),
-        "width": 64,
-        "height": 48,
-        "caption": "a low square and a high square",
-        "phrases": ["a low square", "a high square"],
-        "boxes": [[40, 28, 56, 44], [8, 4, 24, 20]],
-    }
+    record = grounding_record(
+        "a low square and a high square", {"a low square": [40, 28, 56, 44], "a high square": [8, 4, 24, 20]}
+    )
     monkeypatch.setattr("data_tools.storage.load_split", lambda path, task, split: [record])
     args = ["data.path=/nowhere", "data.tasks={grounding: 1}", f"data.augment.shift={shift}"]
     for order, first in (("record", "a low square<loc_"), ("position", "a high square<loc_")):
