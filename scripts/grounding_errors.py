@@ -47,10 +47,9 @@ def classify(prediction, phrases: list[str], gold_boxes: list[list[float]]) -> t
 
 
 def reading_order(gold_boxes: list[list[float]]) -> list[int]:
-    return sorted(
-        range(len(gold_boxes)),
-        key=lambda g: ((gold_boxes[g][1] + gold_boxes[g][3]) / 2, (gold_boxes[g][0] + gold_boxes[g][2]) / 2),
-    )
+    from tasks import boxes
+
+    return sorted(range(len(gold_boxes)), key=lambda g: boxes.reading_order_key(gold_boxes[g]))
 
 
 def score_file(path: Path) -> dict[str, float]:

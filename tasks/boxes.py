@@ -146,6 +146,11 @@ def iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def reading_order_key(box: Sequence[float]) -> tuple[float, float]:
+    """Sort key of reading order: the box centre's y (top to bottom), then its x (left to right)."""
+    return ((box[1] + box[3]) / 2, (box[0] + box[2]) / 2)
+
+
 def box_union(boxes: Sequence[Sequence[float]]) -> list[float]:
     """The smallest box holding all ``boxes`` (Flickr30k Entities' merged-box protocol)."""
     if not boxes:

@@ -94,14 +94,13 @@ def _by_position(record: Record) -> Record:
     The metric matches phrases by their text, so the order of a target is free; the record's own order
     (the caption's) asks the decoder to find the object each next phrase names, where reading order
     lets it take the objects one after another and name each. Sequence models of boxes choose an
-    order for the same reason (Chen et al. 2022, Pix2Seq, §3.1 and Table 4, compares random, area and
-    distance-to-origin orders).
+    order for the same reason (Chen et al. 2022, Pix2Seq, compares random, area and
+    distance-to-origin orders of its object sequences).
     """
     if is_region_record(record):
         return record
     pairs = sorted(
-        zip(record["phrases"], record["boxes"], strict=True),
-        key=lambda pair: ((pair[1][1] + pair[1][3]) / 2, (pair[1][0] + pair[1][2]) / 2),
+        zip(record["phrases"], record["boxes"], strict=True), key=lambda pair: boxes.reading_order_key(pair[1])
     )
     return {**record, "phrases": [p for p, _ in pairs], "boxes": [b for _, b in pairs]}
 
