@@ -189,6 +189,57 @@ def answer_vocabulary(records: Sequence[Record], *, min_count: int = 1) -> list[
     return sorted(a for a, c in counts.items() if c >= min_count)
 
 
+class QuestionPrior:
+    """A question-only answer model from training counts: ``p(answer | question)``.
+
+    The bias model of a product of experts (Clark et al. 2019, "Don't Take the Easy Way Out:
+    Ensemble Based Methods for Avoiding Known Dataset Biases", EMNLP; their VQA-CP bias is the answer
+    distribution of the question's type). Here a question's own answers come first, backed off to its
+    VQAv2 ``question_type`` and then to all answers by Dirichlet smoothing of strength ``beta``
+    (MacKay & Peto 1995): ``p(a | q) = (c(q, a) + beta p(a | type)) / (c(q) + beta)``, and the same
+    from the type to all answers. Data whose questions rarely repeat (VQAv2) thus gets the paper's
+    question-type prior; data that repeats its questions (our synthetic world) gets the sharper one
+    that a question-only network would learn. Answers are each record's target
+    (`most_common_answer`); questions are compared lower-cased, whitespace squashed.
+
+    Args:
+        records: the training records (``question``, ``answers``, optional ``question_type``).
+        beta: the smoothing strength (> 0).
+    """
+
+    def __init__(self, records: Sequence[Record], *, beta: float = 1.0):
+        if not beta > 0:
+            raise ValueError(f"QuestionPrior: beta must be > 0, got {beta!r}")
+        self.beta = float(beta)
+        self.by_question: dict[str, Counter] = {}
+        self.by_type: dict[str, Counter] = {}
+        overall: Counter = Counter()
+        for record in records:
+            answer = most_common_answer(record["answers"])
+            overall[answer] += 1
+            self.by_question.setdefault(self.key(record["question"]), Counter())[answer] += 1
+            self.by_type.setdefault(record.get("question_type") or "", Counter())[answer] += 1
+        if not overall:
+            raise ValueError("QuestionPrior: no training records to count answers from")
+        total = sum(overall.values())
+        self.overall = {a: c / total for a, c in overall.items()}
+
+    @staticmethod
+    def key(question: str) -> str:
+        return squash(question).lower()
+
+    def _backoff(self, counts: Counter | None, base: dict[str, float]) -> dict[str, float]:
+        if not counts:
+            return base
+        n = sum(counts.values())
+        return {a: (counts.get(a, 0) + self.beta * p) / (n + self.beta) for a, p in base.items()}
+
+    def __call__(self, question: str, question_type: str | None = None) -> dict[str, float]:
+        """``{answer: probability}`` over every training answer (sums to 1)."""
+        by_type = self._backoff(self.by_type.get(question_type or ""), self.overall)
+        return self._backoff(self.by_question.get(self.key(question)), by_type)
+
+
 EXAMPLES = [
     {
         "id": "vqa-0", "image": None, "width": 64, "height": 64, "question_id": 420, "image_id": 42,

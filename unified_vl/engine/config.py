@@ -169,6 +169,14 @@ class TrainConfig:
     # spread evenly over the vocabulary (Szegedy et al. 2016). A regulariser against over-confident
     # answers on small data; the logged training losses include it. 0: off (the main job).
     label_smoothing: float = 0.0
+    # A product of experts with a question-only answer prior on the VQA records, the prior's weight
+    # (Clark et al. 2019, "bias product"): in training the first answer token is scored by
+    # softmax(logits + w log p_prior(token | question)); generation and evaluation use the model
+    # alone. The model is then not taught what the question alone predicts, so an answer never seen
+    # after a question in training (a colour-shape pair held out) is not learnt away. The prior is
+    # counted from the training split (`tasks.vqa.QuestionPrior`); the logged VQA loss is the
+    # product's. The jobs need vqa in data.tasks. 0: off (the main job).
+    answer_prior: float = 0.0
     # An exponential moving average of the weights (Polyak & Juditsky 1992), kept in float32 by timm's
     # ModelEmaV3: a plain average of the weights after each optimizer step until the decay reaches this
     # cap (decay_t = min(cap, (t - 1) / t)), then an average over about 1 / (1 - cap) steps. The final
@@ -537,6 +545,12 @@ def validate(config: RunConfig) -> None:
     positive("train.loc_sigma", t.loc_sigma, allow_zero=True)
     if isinstance(t.label_smoothing, bool) or not 0 <= t.label_smoothing < 1:
         raise ConfigError(f"train.label_smoothing must be a number in [0, 1), got {t.label_smoothing!r}")
+    if (
+        isinstance(t.answer_prior, bool)
+        or not isinstance(t.answer_prior, (int, float))
+        or not 0 <= t.answer_prior < 100
+    ):
+        raise ConfigError(f"train.answer_prior must be a number in [0, 100), got {t.answer_prior!r}")
     if isinstance(t.ema_decay, bool) or not isinstance(t.ema_decay, (int, float)) or not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay must be a number in [0, 1), got {t.ema_decay!r}")
     if t.ema_decay and t.zero_stage == 3:

@@ -8,6 +8,7 @@ target) and an `Evaluator`. DeepSpeed is imported here and in the other ``engine
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -27,6 +28,7 @@ from unified_vl.engine import distributed
 from unified_vl.engine.averaging import WeightAverage
 from unified_vl.engine.checkpoints import CheckpointManager
 from unified_vl.engine.config import ConfigError, Derived, RunConfig, deepspeed_config, derive, dump_yaml
+from unified_vl.engine.debias import FirstTokenPrior
 from unified_vl.engine.export import SPEC, AdapterSpec, export_adapter, export_checkpoint, export_model
 from unified_vl.engine.mixture import MixtureSampler, few_shot_indices, mixture_probabilities, shard
 from unified_vl.engine.monitor import Monitor
@@ -101,6 +103,9 @@ class TrainData:
 
     datasets: Mapping[str, Sequence]
     make_example: Callable[[str, Mapping, random.Random], Example]
+    # ``answer_prior(task, index) -> {target text: probability}`` or None: the question-only prior of
+    # record ``index`` of ``datasets[task]``, for ``train.answer_prior`` (None: that record has none).
+    answer_prior: Callable[[str, int], Mapping[str, float] | None] | None = None
 
 
 @dataclass
@@ -343,6 +348,7 @@ def token_losses(
     loc_ids: torch.Tensor | None = None,
     loc_sigma: float = 0.0,
     label_smoothing: float = 0.0,
+    first_token_bias: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row summed cross-entropy (B,) and target token counts (B,).
 
@@ -351,6 +357,8 @@ def token_losses(
     With ``label_smoothing = e > 0`` every target is mixed with the uniform distribution over the
     vocabulary, ``(1 - e) target + e / V`` (Szegedy et al. 2016, "Rethinking the Inception
     Architecture", section 7; the same loss as ``torch.nn.CrossEntropyLoss(label_smoothing=e)``).
+    With ``first_token_bias = (bias (B, V), rows (B,))`` the first target token of the rows marked is
+    scored by ``softmax(logits + bias)``: a product of experts with a prior (`engine.debias`).
     """
     mask = labels != -100  # (B, L)
     logp = logits.float().log_softmax(dim=-1)  # (B, L, V)
@@ -364,8 +372,16 @@ def token_losses(
             grid = torch.arange(len(loc_ids), device=labels.device, dtype=torch.float32)  # (num_bins,)
             soft = torch.softmax(-((grid[None, :] - bins[is_loc][:, None]) ** 2) / (2 * loc_sigma**2), dim=-1)
             nll = nll.masked_scatter(is_loc, -(soft * logp[is_loc][:, loc_ids]).sum(-1))  # (N_loc,) into (B, L)
-    if label_smoothing > 0:
-        nll = (1 - label_smoothing) * nll - label_smoothing * logp.mean(dim=-1)
+    smooth = logp.mean(dim=-1) if label_smoothing > 0 else None  # (B, L)
+    if first_token_bias is not None:
+        bias, rows = (x.to(logits.device) for x in first_token_bias)
+        logp0 = (logits[:, 0].float() + bias).log_softmax(dim=-1)  # (B, V)
+        nll0 = -logp0.gather(-1, labels[:, :1].clamp(min=0))[:, 0]  # (B,)
+        nll = torch.cat([torch.where(rows, nll0, nll[:, 0])[:, None], nll[:, 1:]], dim=1)
+        if smooth is not None:
+            smooth = torch.cat([torch.where(rows, logp0.mean(dim=-1), smooth[:, 0])[:, None], smooth[:, 1:]], dim=1)
+    if smooth is not None:
+        nll = (1 - label_smoothing) * nll - label_smoothing * smooth
     nll = nll * mask
     return nll.sum(dim=1), mask.sum(dim=1)
 
@@ -413,6 +429,7 @@ class _Run:
     mixture: dict[str, float]
     adapter: AdapterSpec | None = None  # what an adapter-saving method exports, with ...
     adapter_keys: tuple[str, ...] = ()  # ... the names of its weights
+    prior: FirstTokenPrior | None = None  # train.answer_prior's bias on the first answer token
 
 
 def _few_shot(config: RunConfig, data: TrainData) -> TrainData:
@@ -421,7 +438,11 @@ def _few_shot(config: RunConfig, data: TrainData) -> TrainData:
     if missing:
         raise ConfigError(f"data.tasks names {missing} but no training records were given for them")
     datasets = {task: data.datasets[task] for task in config.data.tasks}
-    shots, seed = config.data.shots, config.train.seed
+    shots, seed, prior = config.data.shots, config.train.seed, data.answer_prior
+    if config.train.answer_prior and prior is None:
+        raise ConfigError(
+            "train.answer_prior is set but the training data brings no answer prior (TrainData.answer_prior)"
+        )
     if shots:
         small = {task: len(ds) for task, ds in datasets.items() if len(ds) < shots}
         if small:
@@ -429,7 +450,13 @@ def _few_shot(config: RunConfig, data: TrainData) -> TrainData:
         datasets = {
             task: _Subset(ds, few_shot_indices(len(ds), shots, seed=seed, task=task)) for task, ds in datasets.items()
         }
-    return TrainData(datasets, data.make_example)
+        if prior is not None:  # the sampler's indices are into the shots; the prior's into the split
+            prior = functools.partial(_prior_of_shot, prior, datasets)
+    return TrainData(datasets, data.make_example, prior)
+
+
+def _prior_of_shot(prior, shots: Mapping[str, _Subset], task: str, index: int):
+    return prior(task, shots[task].indices[index])
 
 
 def _build(config: RunConfig, data: TrainData, job: str) -> _Run:
@@ -465,6 +492,8 @@ def _build(config: RunConfig, data: TrainData, job: str) -> _Run:
     mixture = mixture_probabilities(sizes, d.tasks, weighting=d.weighting, temperature=d.temperature)
     sampler = MixtureSampler(sizes, mixture, seed=t.seed, global_batch_size=t.global_batch_size)
     run = _Run(config, dist, derived, run_dir, model, processor, data, sampler, mixture, adapter, adapter_keys)
+    if t.answer_prior:
+        run.prior = FirstTokenPrior(processor.tokenizer, t.answer_prior)
     if dist.is_main:
         suffix = "" if not config.resume else f"-resume-{time.strftime('%Y%m%d-%H%M%S')}"
         atomic_write_text(run_dir / f"config{suffix}.yaml", dump_yaml(config, derived))
@@ -578,8 +607,17 @@ def _train_step(engine, run: _Run, step: int, loc_ids: torch.Tensor) -> StepLoss
         # No labels into the model: its own loss would be a second cross-entropy over the same logits.
         decoder_input_ids = engine.module.language_model.prepare_decoder_input_ids_from_labels(labels=labels)
         out = engine(**batch, decoder_input_ids=decoder_input_ids)
+        prior = None
+        if run.prior is not None:
+            rows = [run.data.answer_prior(task, index) for _, task, index in micro]
+            prior = run.prior(rows, out.logits.shape[-1])
         ce, count = token_losses(
-            out.logits, labels, loc_ids=loc_ids, loc_sigma=t.loc_sigma, label_smoothing=t.label_smoothing
+            out.logits,
+            labels,
+            loc_ids=loc_ids,
+            loc_sigma=t.loc_sigma,
+            label_smoothing=t.label_smoothing,
+            first_token_bias=prior,
         )  # (B,), (B,)
         if t.loss_reduction == "sample":
             loss = (ce / count.clamp(min=1)).mean()

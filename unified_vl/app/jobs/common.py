@@ -14,7 +14,7 @@ import json
 import os
 import random
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +169,7 @@ def check_before_start(config: RunConfig) -> None:
 
 
 def check_tasks_and_data(config: RunConfig) -> None:
-    """Every configured task has a training split in the data folder.
+    """Every configured task has a training split in the data folder (and vqa is one, for ``train.answer_prior``).
 
     Raises:
         ConfigError: a task the data folder lacks (the message lists what it has).
@@ -184,6 +184,11 @@ def check_tasks_and_data(config: RunConfig) -> None:
                 f"data.tasks names {task!r} but the data folder {config.data.path} has no "
                 f"{task}/{config.data.train_split}; it has: {have}"
             )
+    if config.train.answer_prior and "vqa" not in config.data.tasks:
+        raise ConfigError(
+            f"train.answer_prior={config.train.answer_prior} weighs a prior over VQA answers, but data.tasks "
+            f"has no vqa (it has {', '.join(config.data.tasks)})"
+        )
 
 
 def record_images(record: Mapping) -> Any:
@@ -227,7 +232,36 @@ def training_data(config: RunConfig) -> TrainData:
         # Before the method's hook, so that CPT paints the boxes where the shifted image has them.
         examples = functools.partial(_shifted_example, examples, augment=config.data.augment)
     datasets = {task: storage.load_split(config.data.path, task, config.data.train_split) for task in config.data.tasks}
-    return TrainData(datasets, examples)
+    return TrainData(datasets, examples, answer_prior_of(datasets) if config.train.answer_prior else None)
+
+
+def _column(records: Sequence, name: str) -> list:
+    """One field of every record; a datasets.Dataset reads the column without decoding the images."""
+    names = getattr(records, "column_names", None)
+    if names is not None:
+        return list(records[name]) if name in names else [None] * len(records)
+    return [record.get(name) for record in records]
+
+
+def answer_prior_of(datasets: Mapping[str, Sequence]) -> Callable[[str, int], Mapping[str, float] | None]:
+    """``train.answer_prior``'s question-only prior for each VQA training record (`tasks.vqa.QuestionPrior`).
+
+    Counted from the whole training split; other tasks' records have none.
+    """
+    from tasks.vqa import QuestionPrior
+
+    vqa = datasets["vqa"]
+    questions, answers, types = (_column(vqa, name) for name in ("question", "answers", "question_type"))
+    rows = [
+        {"question": q, "answers": a, "question_type": t} for q, a, t in zip(questions, answers, types, strict=True)
+    ]
+    # Memoised per question: a synthetic world repeats a few hundred questions; VQAv2 repeats few.
+    prior = functools.lru_cache(maxsize=4096)(QuestionPrior(rows))
+
+    def answer_prior(task: str, index: int) -> Mapping[str, float] | None:
+        return prior(questions[index], types[index]) if task == "vqa" else None
+
+    return answer_prior
 
 
 def _shifted_example(inner, task_name: str, record: Mapping, rng: random.Random, *, augment: AugmentConfig) -> Example:
