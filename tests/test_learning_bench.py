@@ -296,3 +296,38 @@ def test_grounding_errors_sorts_each_gold_phrase_and_reads_the_output_order(tmp_
     (bad / "predictions" / "test.jsonl").write_text(json.dumps({"task": "grounding", "gold": [["x"]]}) + "\n")
     with pytest.raises(SystemExit, match=r"test.jsonl:1: gold must be a list of \[phrase, box\] pairs"):
         module.score_file(bad / "predictions" / "test.jsonl")
+
+
+def test_vqa_unseen_answers_splits_the_questions_by_what_followed_them_in_training(tmp_path, monkeypatch, capsys):
+    module = _script("vqa_unseen_answers")
+    seen = {"what color is the circle?": {"blue", "green"}, "how many circles are there?": {"1", "2"}}
+    records = [
+        {"id": "a", "question": "What color is the  circle?", "answers": ["red"] * 10},  # unseen, missed as trained
+        {"id": "b", "question": "what color is the circle?", "answers": ["red"] * 10},  # unseen, right
+        {"id": "c", "question": "what color is the circle?", "answers": ["blue"] * 10},  # seen, right
+        {"id": "d", "question": "how many circles are there?", "answers": ["2"] * 10},  # seen, missed
+        {"id": "e", "question": "is it raining?", "answers": ["no"] * 10},  # never asked in training: unseen
+    ]
+    predictions = {"a": "green", "b": "red", "c": "blue", "d": "3", "e": None}
+    scores = module.score(predictions, records, seen)
+    assert scores["unseen questions"] == 3 and scores["unseen accuracy"] == pytest.approx(1 / 3)
+    assert scores["seen questions"] == 2 and scores["seen accuracy"] == pytest.approx(1 / 2)
+    assert scores["unseen misses answered as after training"] == pytest.approx(1 / 2)  # "green" of a, None of e
+    with pytest.raises(SystemExit, match="record 'b': no prediction"):
+        module.score({"a": "red"}, records, seen)
+    # End to end on a stored world: a run that answers every heldout question with its gold answer.
+    data = tmp_path / "data"
+    synth.generate(str(data), num_images=8, num_eval_images=4, image_size=32, seed=0, log=lambda *a: None)
+    heldout = storage.load_split(data, "vqa", "heldout")
+    run = tmp_path / "run"
+    (run / "predictions").mkdir(parents=True)
+    lines = [
+        {"id": r["id"], "task": "vqa", "prediction": r["answers"][0]} for r in heldout.select_columns(["id", "answers"])
+    ]
+    (run / "predictions" / "heldout.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    monkeypatch.setattr(sys, "argv", ["x", str(run), "--data", str(data), "--out", str(tmp_path / "u.md")])
+    module.main()
+    result = json.loads((tmp_path / "u.json").read_text())[f"{run}:heldout"]
+    assert result["unseen questions"] > 0 and result["unseen questions"] + result["seen questions"] == len(heldout)
+    assert result["unseen accuracy"] > 0.5 and result["seen accuracy"] > 0.5  # 10 noisy answerers, first one kept
+    assert "| heldout |" in capsys.readouterr().out
