@@ -63,15 +63,14 @@ def main() -> None:
     from benchlib import markdown_table, report
 
     from data_tools import storage
-    from tasks.vqa import QuestionPrior, most_common_answer
+    from tasks.vqa import QuestionPrior
 
     def records(split: str) -> list[dict]:
         ds = storage.load_split(args.data, "vqa", split).select_columns(["id", "question", "answers"])
         return list(ds)
 
-    seen: dict[str, set] = {}
-    for record in records(args.train_split):
-        seen.setdefault(QuestionPrior.key(record["question"]), set()).add(most_common_answer(record["answers"]))
+    # The prior's own per-question counts: the targets that followed each question in training.
+    seen = {key: set(counts) for key, counts in QuestionPrior(records(args.train_split)).by_question.items()}
     splits = {split: records(split) for split in args.split}
     rows, data = [], {}
     for run in args.runs:
