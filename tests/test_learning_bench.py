@@ -331,3 +331,44 @@ def test_vqa_unseen_answers_splits_the_questions_by_what_followed_them_in_traini
     assert result["unseen questions"] > 0 and result["unseen questions"] + result["seen questions"] == len(heldout)
     assert result["unseen accuracy"] > 0.5 and result["seen accuracy"] > 0.5  # 10 noisy answerers, first one kept
     assert "| heldout |" in capsys.readouterr().out
+
+
+def test_vqa_binding_errors_tells_another_objects_attribute_from_one_not_in_the_picture(tmp_path, monkeypatch, capsys):
+    module = _script("vqa_binding_errors")
+    objects = {"test-000001": [{"label": "red circle"}, {"label": "blue square"}]}
+    records = [
+        {"id": "test-000001-q0", "question_type": "what color is the", "answers": ["red"] * 10},  # right
+        {"id": "test-000001-q1", "question_type": "what color is the", "answers": ["red"] * 10},  # the square's
+        {"id": "test-000001-q2", "question_type": "what shape is the", "answers": ["square"] * 10},  # the circle's
+        {"id": "test-000001-q3", "question_type": "what shape is the", "answers": ["square"] * 10},  # no cross here
+        {"id": "test-000001-q4", "question_type": "how many", "answers": ["2"] * 10},  # not an attribute question
+    ]
+    predictions = {
+        "test-000001-q0": "red",
+        "test-000001-q1": "blue",
+        "test-000001-q2": "circle",
+        "test-000001-q3": "cross",
+        "test-000001-q4": "3",
+    }
+    scores = module.score(predictions, records, objects)
+    assert scores == {"questions": 4, "right": 0.25, "another object's": 0.5, "not in the picture": 0.25}
+    # A colour question answered with a shape word in the picture is not another object's colour.
+    assert module.score({"test-000001-q1": "square"}, records[1:2], objects)["not in the picture"] == 1.0
+    with pytest.raises(SystemExit, match="record 'test-000001-q0': no prediction"):
+        module.score({}, records[:1], objects)
+    with pytest.raises(SystemExit, match="record 'test-000001-q0': no detection record 'test-000001'"):
+        module.score(predictions, records[:1], {})
+    # End to end on a stored world: a run that answers every test question with its first answerer's answer.
+    data = tmp_path / "data"
+    synth.generate(str(data), num_images=8, num_eval_images=4, image_size=32, seed=0, log=lambda *a: None)
+    test = list(storage.load_split(data, "vqa", "test").select_columns(["id", "answers"]))
+    run = tmp_path / "run"
+    (run / "predictions").mkdir(parents=True)
+    lines = [{"id": r["id"], "task": "vqa", "prediction": r["answers"][0]} for r in test]
+    (run / "predictions" / "test.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    monkeypatch.setattr(sys, "argv", ["x", str(run), "--data", str(data), "--out", str(tmp_path / "b.md")])
+    module.main()
+    result = json.loads((tmp_path / "b.json").read_text())[f"{run}:test"]
+    assert result["questions"] > 0 and result["right"] > 0.5  # 10 noisy answerers, the first one's answer kept
+    assert result["right"] + result["another object's"] + result["not in the picture"] == pytest.approx(1.0)
+    assert "| test |" in capsys.readouterr().out
