@@ -15,7 +15,6 @@ table, and the numbers as JSON beside it.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -60,7 +59,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
-    from benchlib import markdown_table, report
+    from benchlib import markdown_table, report, run_predictions
 
     from data_tools import storage
     from tasks.vqa import QuestionPrior
@@ -75,11 +74,7 @@ def main() -> None:
     rows, data = [], {}
     for run in args.runs:
         for split, split_records in splits.items():
-            path = Path(run) / "predictions" / f"{split}.jsonl"
-            if not path.is_file():
-                raise SystemExit(f"{path}: no such predictions file (a run writes it at its final evaluation)")
-            rows_of_file = (json.loads(line) for line in path.read_text().splitlines())
-            predictions = {row["id"]: row.get("prediction") for row in rows_of_file if row.get("task") == "vqa"}
+            predictions = run_predictions(run, split, "vqa")
             scores = score(predictions, split_records, seen)
             data[f"{run}:{split}"] = scores
             rows.append(
