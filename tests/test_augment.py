@@ -351,3 +351,45 @@ def test_the_trainer_writes_grounding_targets_in_reading_order_when_configured(m
 def test_an_unknown_target_order_is_a_config_error():
     with pytest.raises(ConfigError, match="target_order"):
         load_config(None, ["data.target_order=area"])
+
+
+def test_the_learning_recipe_shifts_classification_records_within_their_content(monkeypatch):
+    """scripts/configs/learn_recipe.yaml: classification moved (content kept whole), VQA untouched."""
+    from pathlib import Path
+
+    from unified_vl.app.jobs import common
+    from unified_vl.app.jobs.pretrain import MAIN_JOB
+
+    recipe = Path(__file__).resolve().parents[1] / "scripts" / "configs" / "learn_recipe.yaml"
+    middle = _square_image([24, 16, 40, 32])
+    at_left = _square_image([0, 16, 16, 32])  # content at the left edge: x is pinned, y may move
+    records = {
+        "vqa": {
+            "id": "q1",
+            "image": middle,
+            "question": "what color is the square?",
+            "answers": ["white"],
+            "answer_type": "other",
+        },
+        "classification": {"id": "c1", "image": middle, "label": "square"},
+    }
+    monkeypatch.setattr("data_tools.storage.load_split", lambda path, task, split: [records[task]])
+    args = ["data.path=/nowhere", "data.tasks={vqa: 1, classification: 1}"]
+    data = common.training_data(load_config(recipe, args, defaults=MAIN_JOB))
+    plain = common.training_data(load_config(recipe, [*args, "data.augment.shift=0"], defaults=MAIN_JOB))
+    for seed in range(6):
+        a, b = random.Random(seed), random.Random(seed)
+        ours, theirs = data.make_example("vqa", records["vqa"], a), plain.make_example("vqa", records["vqa"], b)
+        assert ours.image is middle and ours.target == theirs.target
+        assert a.random() == b.random()
+    moved = {
+        tuple(_bright_box(data.make_example("classification", records["classification"], random.Random(s)).image))
+        for s in range(20)
+    }
+    # up to int(0.1 x 64) = 6 pixels across and int(0.1 x 48) = 4 down, the square whole
+    assert len(moved) > 1 and all(
+        abs(x1 - 24) <= 6 and abs(y1 - 16) <= 4 and (x2 - x1, y2 - y1) == (16, 16) for x1, y1, x2, y2 in moved
+    )
+    left = {"id": "c2", "image": at_left, "label": "square"}
+    boxes = {tuple(_bright_box(data.make_example("classification", left, random.Random(s)).image)) for s in range(20)}
+    assert {b[0] for b in boxes} == {0} and len({b[1] for b in boxes}) > 1
