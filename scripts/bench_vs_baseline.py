@@ -153,14 +153,22 @@ def ours_by_question_type(model_dir: Path, data: Path) -> dict[str, float]:
 
 
 def run_baseline(
-    data: Path, task: str, *, budget: Budget, seed: int, out: Path, precision: str = "fp32", scale: float = 0.0
+    data: Path,
+    task: str,
+    *,
+    budget: Budget,
+    seed: int,
+    out: Path,
+    precision: str = "fp32",
+    scale: float = 0.0,
+    mixup: float = 0.0,
 ) -> dict:
     """The plain baseline in a fresh process with two threads (the cores our two processes use)."""
     from unified_vl.app.baselines import BaselineConfig
 
     command = [sys.executable, "-m", "unified_vl.app.baselines", f"--data={data}", f"--task={task}"]
     command += [*budget.baseline(BaselineConfig().batch_size), f"--seed={seed}", "--threads=2", f"--out={out}"]
-    command += [f"--precision={precision}", f"--scale={scale}"]
+    command += [f"--precision={precision}", f"--scale={scale}", f"--mixup={mixup}"]
     with open(out.with_suffix(".log"), "w") as log:
         status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
     if status != 0:
@@ -264,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="the baseline's random zoom in [1 - S, 1 + S] (give it when our recipe sets data.augment.scale)",
     )
+    parser.add_argument(
+        "--baseline-mixup",
+        type=float,
+        default=0.0,
+        help="the baseline's mixup Beta(a, a) on classification (give it when our recipe sets train.mixup)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny data, 0.2-minute budget, one seed")
     args = parser.parse_args(argv)
     if args.quick:
@@ -302,6 +316,7 @@ def _run(args, rows: list[Row], recipe: list[str], budget: Budget) -> int:
                     out=stem.with_suffix(".baseline.json"),
                     precision=args.baseline_precision,
                     scale=args.baseline_scale,
+                    mixup=args.baseline_mixup,
                 )
                 entry["baseline"].append(
                     {"seed": seed, **{k: base[k] for k in ("metrics", "steps", "by_question_type")}}
@@ -319,6 +334,7 @@ def _run(args, rows: list[Row], recipe: list[str], budget: Budget) -> int:
                 "recipe": recipe,
                 "baseline_precision": args.baseline_precision,
                 "baseline_scale": args.baseline_scale,
+                "baseline_mixup": args.baseline_mixup,
                 "rows": results,
             },
             indent=2,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 import re
 import subprocess
 import sys
@@ -102,6 +103,22 @@ def test_baseline_classifier_learns_and_is_scored_by_the_task_metric(tmp_path):
     assert result.steps == 30 and [step for step, _ in result.history] == [15, 30]
     assert result.metrics == {"classification/test/top1": 1.0}
     assert result.val_metric == 1.0
+
+
+def test_baseline_mixup_mixes_pairs_of_the_batch_and_still_learns(tmp_path):
+    from data_tools.converters import convert
+
+    images = torch.arange(4 * 3 * 2 * 2, dtype=torch.float32).reshape(4, 3, 2, 2)
+    mixed, partners, lam = baselines._mixup(images, 0.4, random.Random(0), torch.Generator().manual_seed(0))
+    assert 0 < lam < 1 and sorted(partners.tolist()) == [0, 1, 2, 3]
+    assert torch.allclose(mixed, lam * images + (1 - lam) * images[partners])
+    raw = _colour_folder(tmp_path / "raw")
+    convert("imagefolder", inputs=[raw], out=tmp_path / "data", log=lambda *_: None)
+    config = baselines.BaselineConfig(width=4, batch_size=16, evals=2, warmup_steps=2, lr=1e-2, mixup=0.4)
+    result = baselines.train_baseline(
+        str(tmp_path / "data"), "classification", config=config, max_steps=30, log=lambda *_: None
+    )
+    assert result.steps == 30 and result.metrics == {"classification/test/top1": 1.0}
 
 
 def test_baseline_trains_under_bf16_autocast_and_refuses_other_precisions(tmp_path):

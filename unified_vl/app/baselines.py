@@ -63,6 +63,8 @@ class BaselineConfig:
         precision: ``fp32``, or ``bf16``: forward passes under torch's CPU autocast (weights and AdamW stay
             float32), the speed our side gets from ``train.precision=bf16``, so that a comparison can give both
             sides the same trick.
+        mixup: classification only, mixup's Beta(a, a) (Zhang et al. 2018: images mixed in pairs within a batch,
+            the loss mixed alike; one lambda per batch); 0: off. Our side's ``train.mixup``, for a fair comparison.
     """
 
     image_size: int | None = None
@@ -79,6 +81,7 @@ class BaselineConfig:
     evals: int = 10
     max_answers: int = 3000
     precision: str = "fp32"
+    mixup: float = 0.0
 
 
 @dataclass
@@ -274,6 +277,15 @@ def _zoom(images: torch.Tensor, scale: float, generator: torch.Generator) -> tor
     return out.round().clamp(0, 255).to(images.dtype)
 
 
+def _mixup(
+    images: torch.Tensor, alpha: float, mix: random.Random, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """mixup (Zhang et al. 2018): ``lam x + (1 - lam) x[partners]``, one ``lam ~ Beta(alpha, alpha)`` per batch."""
+    lam = mix.betavariate(alpha, alpha)
+    partners = torch.randperm(images.shape[0], generator=generator)
+    return lam * images + (1 - lam) * images[partners], partners, lam
+
+
 def _autocast(precision: str):
     """torch's CPU autocast for ``bf16`` (convolutions, linear layers and the LSTM in bf16), else nothing."""
     if precision not in PRECISIONS:
@@ -387,6 +399,7 @@ def _fit(model, splits, classes, task_name, config, budget: _Budget, *, seed: in
     usable = torch.nonzero(train.labels >= 0).flatten()  # answers outside the kept classes are not trained on
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(seed)
+    mix = random.Random(seed)  # mixup's lambdas (torch has no seeded Beta sampler)
     best, best_state, history, step, next_eval = -1.0, None, [], 0, 1
     order = usable[torch.randperm(len(usable), generator=generator)]
     cursor = 0
@@ -399,9 +412,14 @@ def _fit(model, splits, classes, task_name, config, budget: _Budget, *, seed: in
             group["lr"] = config.lr * _lr_factor(step, budget.progress(step), config.warmup_steps)
         images = _normalise(_shift(_zoom(train.images[batch], config.scale, generator), config.shift, generator))
         questions = train.questions[batch] if train.questions is not None else None
+        targets, partners, lam = train.labels[batch], None, 1.0
+        if config.mixup and questions is None:  # a VQA answer belongs to its own question: not mixed
+            images, partners, lam = _mixup(images, config.mixup, mix, generator)
         with _autocast(config.precision):
             logits = model(images, questions)
-        loss = nn.functional.cross_entropy(logits.float(), train.labels[batch])
+        loss = lam * nn.functional.cross_entropy(logits.float(), targets)
+        if partners is not None:
+            loss = loss + (1 - lam) * nn.functional.cross_entropy(logits.float(), targets[partners])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -477,12 +495,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="bf16: CPU autocast (default fp32)")
     parser.add_argument("--scale", type=float, default=0.0, help="random zoom in [1 - S, 1 + S] (default 0: none)")
+    parser.add_argument("--mixup", type=float, default=0.0, help="classification: mixup's Beta(a, a) (default 0: none)")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
     result = train_baseline(
         args.data,
         args.task,
-        config=BaselineConfig(precision=args.precision, scale=args.scale),
+        config=BaselineConfig(precision=args.precision, scale=args.scale, mixup=args.mixup),
         seed=args.seed,
         minutes=args.minutes,
         max_steps=args.max_steps,

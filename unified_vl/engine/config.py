@@ -184,6 +184,13 @@ class TrainConfig:
     # checkpoint's weights are the trained ones (the average rides along in each checkpoint, so a
     # resumed run goes on with it). 0: off (the main job).
     ema_decay: float = 0.0
+    # mixup (Zhang et al. 2018, "mixup: Beyond Empirical Risk Minimization"): the images of a micro
+    # batch's rows of `mixup_tasks` are mixed in pairs, lambda x_i + (1 - lambda) x_j with one lambda
+    # ~ Beta(a, a) per micro batch, and the loss is lambda CE(y_i) + (1 - lambda) CE(y_j). A row is only
+    # paired with rows of the same prompt (a classification instruction; a VQA answer belongs to its own
+    # question), so the target stays an answer to the prompt read. This value is `a`; 0: off (the main job).
+    mixup: float = 0.0
+    mixup_tasks: list[str] = field(default_factory=lambda: ["classification"])
 
 
 @dataclass
@@ -543,16 +550,7 @@ def validate(config: RunConfig) -> None:
     positive("train.num_threads", t.num_threads)
     positive("train.local_processes", t.local_processes)
     positive("train.loc_sigma", t.loc_sigma, allow_zero=True)
-    if isinstance(t.label_smoothing, bool) or not 0 <= t.label_smoothing < 1:
-        raise ConfigError(f"train.label_smoothing must be a number in [0, 1), got {t.label_smoothing!r}")
-    if (
-        isinstance(t.answer_prior, bool)
-        or not isinstance(t.answer_prior, (int, float))
-        or not 0 <= t.answer_prior < 100
-    ):
-        raise ConfigError(f"train.answer_prior must be a number in [0, 100), got {t.answer_prior!r}")
-    if isinstance(t.ema_decay, bool) or not isinstance(t.ema_decay, (int, float)) or not 0 <= t.ema_decay < 1:
-        raise ConfigError(f"train.ema_decay must be a number in [0, 1), got {t.ema_decay!r}")
+    check_training_extras(t)
     if t.ema_decay and t.zero_stage == 3:
         raise ConfigError(
             "train.ema_decay needs whole weights on every rank (train.zero_stage 0, 1 or 2); ZeRO-3 shards them"
@@ -572,6 +570,24 @@ def validate(config: RunConfig) -> None:
     positive("checkpoint.keep_last", c.keep_last)
     if c.best_metric is not None and len(c.best_metric.split("/")) != 3:
         raise ConfigError(f"checkpoint.best_metric must be a metric key 'task/split/metric', got {c.best_metric!r}")
+
+
+def check_training_extras(t: TrainConfig) -> None:
+    """The ranges of the loss's and the weights' optional extras (smoothing, prior, average, mixup)."""
+    if isinstance(t.label_smoothing, bool) or not 0 <= t.label_smoothing < 1:
+        raise ConfigError(f"train.label_smoothing must be a number in [0, 1), got {t.label_smoothing!r}")
+    if (
+        isinstance(t.answer_prior, bool)
+        or not isinstance(t.answer_prior, (int, float))
+        or not 0 <= t.answer_prior < 100
+    ):
+        raise ConfigError(f"train.answer_prior must be a number in [0, 100), got {t.answer_prior!r}")
+    if isinstance(t.ema_decay, bool) or not isinstance(t.ema_decay, (int, float)) or not 0 <= t.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay must be a number in [0, 1), got {t.ema_decay!r}")
+    if isinstance(t.mixup, bool) or not isinstance(t.mixup, (int, float)) or not 0 <= t.mixup <= 10:
+        raise ConfigError(
+            f"train.mixup must be a number in [0, 10] (the Beta distribution's a; 0: off), got {t.mixup!r}"
+        )
 
 
 def check_final_weights(config: RunConfig) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from transformers.modeling_outputs import BaseModelOutput
 
 from unified_vl.adapters import base_identity, method_weights
 from unified_vl.checkpoint import CheckpointError, atomic_write_text
@@ -386,6 +387,67 @@ def token_losses(
     return nll.sum(dim=1), mask.sum(dim=1)
 
 
+def mixup_partners(
+    input_ids: torch.Tensor, row_tasks: Sequence[str], tasks: Sequence[str], rng: random.Random
+) -> list[int]:
+    """For each row of a micro batch, the row whose image and target it is mixed with (itself: not mixed).
+
+    Rows of ``tasks`` are shuffled among the rows with the same prompt (``input_ids``): a classification
+    instruction is one prompt, and a VQA answer is an answer to its own question only.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, task in enumerate(row_tasks):
+        if task in tasks:
+            groups.setdefault(tuple(input_ids[i].tolist()), []).append(i)
+    partner = list(range(len(row_tasks)))
+    for rows in groups.values():
+        shuffled = list(rows)
+        rng.shuffle(shuffled)
+        for i, j in zip(rows, shuffled, strict=True):
+            partner[i] = j
+    return partner
+
+
+def mixup_forward(
+    engine, batch: Mapping[str, torch.Tensor], labels: torch.Tensor, partner: Sequence[int], lam: float, **loss_kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """mixup's per-row losses (B,) and target token counts (B,) (``train.mixup``; Zhang et al. 2018).
+
+    Row i reads ``lam x_i + (1 - lam) x_partner(i)`` and is scored ``lam CE(y_i) + (1 - lam) CE(y_partner(i))``,
+    its count mixed the same way (a per-token mean of the two targets; exact when they are as long).
+    The encoder runs once; the decoder reads the mixed rows twice, once per target, in one pass.
+    ``loss_kwargs`` go to :func:`token_losses` for both targets, but ``first_token_bias`` (the answer prior's
+    rows are each row's own) to the first only.
+    """
+    pixel_values = batch["pixel_values"]
+    if pixel_values.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"train.mixup needs one image per record; this micro batch has {pixel_values.shape[0]} images "
+            f"for {labels.shape[0]} records"
+        )
+    b = labels.shape[0]
+    other = torch.tensor(list(partner), device=labels.device)
+    mixed = [i for i in range(b) if partner[i] != i]
+    pixels = lam * pixel_values + (1 - lam) * pixel_values[other]
+    encoder_outputs, mask = engine.module.encode(pixels, batch["input_ids"], batch.get("attention_mask"))
+    rows = torch.tensor(mixed, dtype=torch.long, device=labels.device)
+    hidden = encoder_outputs.last_hidden_state
+    second = labels[other][rows]  # (M, L): the partners' targets, padded as the batch's
+    prepare = engine.module.language_model.prepare_decoder_input_ids_from_labels
+    out = engine(
+        encoder_outputs=BaseModelOutput(last_hidden_state=torch.cat([hidden, hidden[rows]])),
+        encoder_attention_mask=torch.cat([mask, mask[rows]]),
+        decoder_input_ids=torch.cat([prepare(labels=labels), prepare(labels=second)]),
+    )
+    ce, count = token_losses(out.logits[:b], labels, **loss_kwargs)
+    ce_b, count_b = token_losses(
+        out.logits[b:], second, **{k: v for k, v in loss_kwargs.items() if k != "first_token_bias"}
+    )
+    ce = ce.index_put((rows,), lam * ce[rows] + (1 - lam) * ce_b)
+    count = count.to(ce.dtype).index_put((rows,), lam * count[rows] + (1 - lam) * count_b)
+    return ce, count
+
+
 def check_precision(precision: str) -> None:
     if precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError(
@@ -604,21 +666,23 @@ def _train_step(engine, run: _Run, step: int, loc_ids: torch.Tensor) -> StepLoss
         batch, row_tasks = collate(micro, run.data, run.processor, seed=t.seed, step=step)
         labels = batch.pop("labels").to(engine.device)
         batch = {k: v.to(engine.device) for k, v in batch.items()}
-        # No labels into the model: its own loss would be a second cross-entropy over the same logits.
-        decoder_input_ids = engine.module.language_model.prepare_decoder_input_ids_from_labels(labels=labels)
-        out = engine(**batch, decoder_input_ids=decoder_input_ids)
         prior = None
         if run.prior is not None:
             rows = [run.data.answer_prior(task, index) for _, task, index in micro]
-            prior = run.prior(rows, out.logits.shape[-1])
-        ce, count = token_losses(
-            out.logits,
-            labels,
-            loc_ids=loc_ids,
-            loc_sigma=t.loc_sigma,
-            label_smoothing=t.label_smoothing,
-            first_token_bias=prior,
-        )  # (B,), (B,)
+            prior = run.prior(rows, engine.module.language_model.config.vocab_size)  # the logits' width
+        loss_kwargs = dict(loc_ids=loc_ids, loc_sigma=t.loc_sigma, label_smoothing=t.label_smoothing)
+        partner, lam = list(range(len(micro))), 1.0
+        if t.mixup:
+            rng = random.Random(f"mixup:{t.seed}:{step}:{micro[0][0]}")  # the micro batch's first slot
+            partner = mixup_partners(batch["input_ids"], row_tasks, t.mixup_tasks, rng)
+            lam = rng.betavariate(t.mixup, t.mixup)
+        if partner != list(range(len(micro))):
+            ce, count = mixup_forward(engine, batch, labels, partner, lam, first_token_bias=prior, **loss_kwargs)
+        else:
+            # No labels into the model: its own loss would be a second cross-entropy over the same logits.
+            decoder_input_ids = engine.module.language_model.prepare_decoder_input_ids_from_labels(labels=labels)
+            out = engine(**batch, decoder_input_ids=decoder_input_ids)
+            ce, count = token_losses(out.logits, labels, first_token_bias=prior, **loss_kwargs)  # (B,), (B,)
         if t.loss_reduction == "sample":
             loss = (ce / count.clamp(min=1)).mean()
         else:  # every target token counts once: T5's own loss

@@ -1,0 +1,102 @@
+"""train.mixup: images mixed in pairs of rows with the same prompt, the loss mixed alike (Zhang et al. 2018)."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+from test_engine import DATA, NO_DROPOUT, WORDS, run
+
+from unified_vl.engine.config import ConfigError, load_config
+from unified_vl.engine.trainer import Example, TrainData, mixup_forward, mixup_partners, token_losses
+
+
+def test_partners_are_rows_of_the_named_tasks_with_the_same_prompt():
+    prompts = torch.tensor([[5, 6, 1], [5, 6, 1], [7, 6, 1], [5, 6, 1], [5, 6, 1], [7, 6, 1], [5, 6, 1]])
+    tasks = ["classification", "classification", "classification", "vqa", "classification", "classification", "vqa"]
+    seen = set()
+    for seed in range(40):
+        partner = mixup_partners(prompts, tasks, ["classification"], random.Random(seed))
+        # A VQA row is never mixed, and no row with another prompt or task is its partner.
+        assert partner[3] == 3 and partner[6] == 6
+        assert sorted(partner[i] for i in (0, 1, 4)) == [0, 1, 4]
+        assert sorted(partner[i] for i in (2, 5)) == [2, 5]
+        seen.add(tuple(partner))
+    assert len(seen) > 4  # drawn from the generator, not fixed
+    assert mixup_partners(prompts, tasks, [], random.Random(0)) == list(range(7))
+
+
+class _Engine:
+    """What `mixup_forward` needs of DeepSpeed's engine: calling it and its module."""
+
+    def __init__(self, model):
+        self.module = model
+
+    def __call__(self, **kwargs):
+        return self.module(**kwargs)
+
+
+def test_the_loss_is_lambda_times_the_rows_target_plus_the_rest_times_its_partners(tiny_model, processor):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(4)]
+    targets = ["red", "blue circle", "green", "square"]  # a two-word target beside one-word ones
+    batch = processor(images, ["classify the image."] * 4, targets)
+    labels = batch.pop("labels")
+    partner, lam = [1, 0, 2, 0], 0.3  # row 2 keeps its own image; row 3 reads row 0's as well
+    ce, count = mixup_forward(_Engine(tiny_model), batch, labels, partner, lam, label_smoothing=0.1)
+
+    mixed = lam * batch["pixel_values"] + (1 - lam) * batch["pixel_values"][partner]
+    prepare = tiny_model.language_model.prepare_decoder_input_ids_from_labels
+
+    def plain(target_labels):
+        out = tiny_model(
+            pixel_values=mixed,
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            decoder_input_ids=prepare(labels=target_labels),
+        )
+        return token_losses(out.logits, target_labels, label_smoothing=0.1)  # both targets smoothed
+
+    ce_a, n_a = plain(labels)
+    ce_b, n_b = plain(labels[partner])
+    assert ce.tolist() == pytest.approx((lam * ce_a + (1 - lam) * ce_b).tolist(), rel=1e-5)
+    assert count.tolist() == pytest.approx((lam * n_a + (1 - lam) * n_b).tolist())
+    assert count[1].item() != n_a[1].item()  # "blue circle" mixed with the shorter "red"
+    assert ce[2].item() == pytest.approx(ce_a[2].item(), rel=1e-5)
+    with pytest.raises(ValueError, match="train.mixup needs one image per record; this micro batch has 3 images for 4"):
+        mixup_forward(_Engine(tiny_model), {**batch, "pixel_values": batch["pixel_values"][:3]}, labels, partner, lam)
+
+
+def _one_prompt_per_task(task: str, record: dict, rng: random.Random) -> Example:
+    return Example(record["image"], f"{task}: name it", record["word"])
+
+
+def test_a_run_mixes_only_the_named_tasks_rows(tmp_path):
+    data = TrainData(DATA, _one_prompt_per_task)
+    args = [NO_DROPOUT, "checkpoint.export=false", "train.max_steps=3", "train.micro_batch_size=8"]
+    plain = run(tmp_path, "plain", *args, data=data).losses
+    # Naming a task the data does not have mixes nothing: the same losses, to the bit.
+    assert run(tmp_path, "none", *args, "train.mixup=0.4", "train.mixup_tasks=[vqa]", data=data).losses == plain
+    mixed = run(tmp_path, "mixed", *args, "train.mixup=0.4", "train.mixup_tasks=[colors]", data=data).losses
+    # At the first step both are near log(vocabulary); the mixed targets then train another model.
+    assert all(np.isfinite(mixed)) and abs(mixed[-1] - plain[-1]) > 5e-3
+    # The same seed mixes the same pairs with the same lambda.
+    assert run(tmp_path, "again", *args, "train.mixup=0.4", "train.mixup_tasks=[colors]", data=data).losses == mixed
+    assert set(WORDS) >= {r["word"] for r in DATA["colors"]}
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.mixup=-0.2", "train.mixup must be a number in [0, 10] (the Beta distribution's a; 0: off), got -0.2"),
+        ("train.mixup=11", "train.mixup must be a number in [0, 10] (the Beta distribution's a; 0: off), got 11.0"),
+        ("train.mixup=true", "train.mixup: expected float, got str 'true'"),
+        ("train.mixup_tasks=[1]", "train.mixup_tasks[0]: expected str, got int 1"),
+    ],
+)
+def test_bad_mixup_settings_are_refused(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, ["data.tasks={vqa: 1}", override])
