@@ -78,8 +78,8 @@ def test_a_run_mixes_only_the_named_tasks_rows(tmp_path):
     data = TrainData(DATA, _one_prompt_per_task)
     args = [NO_DROPOUT, "checkpoint.export=false", "train.max_steps=3", "train.micro_batch_size=8"]
     plain = run(tmp_path, "plain", *args, data=data).losses
-    # Naming a task the data does not have mixes nothing: the same losses, to the bit.
-    assert run(tmp_path, "none", *args, "train.mixup=0.4", "train.mixup_tasks=[vqa]", data=data).losses == plain
+    # Turned off, the tasks named do nothing: the same losses, to the bit.
+    assert run(tmp_path, "off", *args, "train.mixup=0", "train.mixup_tasks=[colors]", data=data).losses == plain
     mixed = run(tmp_path, "mixed", *args, "train.mixup=0.4", "train.mixup_tasks=[colors]", data=data).losses
     # At the first step both are near log(vocabulary); the mixed targets then train another model.
     assert all(np.isfinite(mixed)) and abs(mixed[-1] - plain[-1]) > 5e-3
@@ -100,3 +100,13 @@ def test_a_run_mixes_only_the_named_tasks_rows(tmp_path):
 def test_bad_mixup_settings_are_refused(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, ["data.tasks={vqa: 1}", override])
+
+
+def test_mixup_must_name_a_task_that_is_trained():
+    message = (
+        "train.mixup mixes the records of train.mixup_tasks (classification), and data.tasks (vqa, rec) trains "
+        "none of them; name one, e.g. train.mixup_tasks=[classification]"
+    )
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, ["data.tasks={vqa: 1, rec: 1}", "train.mixup=0.2"])
+    assert load_config(None, ["data.tasks={vqa: 1, rec: 1}", "train.mixup=0.2", "train.mixup_tasks=[rec]"]).train.mixup

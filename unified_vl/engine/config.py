@@ -551,6 +551,11 @@ def validate(config: RunConfig) -> None:
     positive("train.local_processes", t.local_processes)
     positive("train.loc_sigma", t.loc_sigma, allow_zero=True)
     check_training_extras(t)
+    if t.mixup and not set(t.mixup_tasks) & set(d.tasks):
+        raise ConfigError(
+            f"train.mixup mixes the records of train.mixup_tasks ({', '.join(t.mixup_tasks) or 'none'}), and "
+            f"data.tasks ({', '.join(d.tasks)}) trains none of them; name one, e.g. train.mixup_tasks=[classification]"
+        )
     if t.ema_decay and t.zero_stage == 3:
         raise ConfigError(
             "train.ema_decay needs whole weights on every rank (train.zero_stage 0, 1 or 2); ZeRO-3 shards them"
