@@ -83,8 +83,12 @@ def test_a_run_mixes_only_the_named_tasks_rows(tmp_path):
     mixed = run(tmp_path, "mixed", *args, "train.mixup=0.4", "train.mixup_tasks=[colors]", data=data).losses
     # At the first step both are near log(vocabulary); the mixed targets then train another model.
     assert all(np.isfinite(mixed)) and abs(mixed[-1] - plain[-1]) > 5e-3
-    # The same seed mixes the same pairs with the same lambda.
+    # The same seed mixes the same pairs with the same lambda, and ZeRO-3's sharded weights train alike.
     assert run(tmp_path, "again", *args, "train.mixup=0.4", "train.mixup_tasks=[colors]", data=data).losses == mixed
+    sharded = run(
+        tmp_path, "zero3", *args, "train.mixup=0.4", "train.mixup_tasks=[colors]", "train.zero_stage=3", data=data
+    )
+    np.testing.assert_allclose(sharded.losses, mixed, rtol=1e-5)
     assert set(WORDS) >= {r["word"] for r in DATA["colors"]}
 
 

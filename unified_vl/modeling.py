@@ -521,13 +521,16 @@ class UnifiedVLForConditionalGeneration(PreTrainedModel):
         encoder_outputs: BaseModelOutput | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         adapter_names: Sequence[str] | None = None,
+        encoder_rows: torch.Tensor | None = None,
         **kwargs,
     ) -> Seq2SeqLMOutput:
         """Teacher-forced pass; with ``labels`` (B, L), -100 outside the target, returns the loss.
 
         ``encoder_outputs`` with ``encoder_attention_mask`` (both from :meth:`encode`) skip the
-        encoder, e.g. to score several candidates against one encoded input. ``adapter_names``:
-        each row's LoRA adapter (:meth:`rows`).
+        encoder, e.g. to score several candidates against one encoded input. ``encoder_rows`` (B',):
+        the encoded row each decoder row reads, so that one pass scores several targets per input
+        (mixup's two, `engine.trainer.mixup_forward`); None: row for row. ``adapter_names``: each row's
+        LoRA adapter (:meth:`rows`).
         """
         if encoder_outputs is None:
             if input_ids is None:
@@ -535,6 +538,9 @@ class UnifiedVLForConditionalGeneration(PreTrainedModel):
             encoder_outputs, encoder_attention_mask = self.encode(
                 pixel_values, input_ids, attention_mask, adapter_names=adapter_names
             )
+        if encoder_rows is not None:
+            encoder_outputs = BaseModelOutput(last_hidden_state=encoder_outputs.last_hidden_state[encoder_rows])
+            encoder_attention_mask = encoder_attention_mask[encoder_rows]
         with self.rows(adapter_names):
             return self.language_model(
                 encoder_outputs=encoder_outputs,

@@ -20,7 +20,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from transformers.modeling_outputs import BaseModelOutput
 
 from unified_vl.adapters import base_identity, method_weights
 from unified_vl.checkpoint import CheckpointError, atomic_write_text
@@ -427,17 +426,16 @@ def mixup_forward(
         )
     b = labels.shape[0]
     other = torch.tensor(list(partner), device=labels.device)
-    mixed = [i for i in range(b) if partner[i] != i]
-    pixels = lam * pixel_values + (1 - lam) * pixel_values[other]
-    encoder_outputs, mask = engine.module.encode(pixels, batch["input_ids"], batch.get("attention_mask"))
-    rows = torch.tensor(mixed, dtype=torch.long, device=labels.device)
-    hidden = encoder_outputs.last_hidden_state
-    second = labels[other][rows]  # (M, L): the partners' targets, padded as the batch's
+    rows = torch.tensor([i for i in range(b) if partner[i] != i], dtype=torch.long, device=labels.device)
+    second = labels[other[rows]]  # (M, L): the mixed rows' partners' targets, padded as the batch's
     prepare = engine.module.language_model.prepare_decoder_input_ids_from_labels
+    # Through the engine's own forward (ZeRO-3 gathers the weights there); the encoder runs once.
     out = engine(
-        encoder_outputs=BaseModelOutput(last_hidden_state=torch.cat([hidden, hidden[rows]])),
-        encoder_attention_mask=torch.cat([mask, mask[rows]]),
+        pixel_values=lam * pixel_values + (1 - lam) * pixel_values[other],
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
         decoder_input_ids=torch.cat([prepare(labels=labels), prepare(labels=second)]),
+        encoder_rows=torch.cat([torch.arange(b, device=labels.device), rows]),
     )
     ce, count = token_losses(out.logits[:b], labels, **loss_kwargs)
     ce_b, count_b = token_losses(
