@@ -103,6 +103,8 @@ def test_baseline_classifier_learns_and_is_scored_by_the_task_metric(tmp_path):
     assert result.steps == 30 and [step for step, _ in result.history] == [15, 30]
     assert result.metrics == {"classification/test/top1": 1.0}
     assert result.val_metric == 1.0
+    test = storage.load_split(str(tmp_path / "data"), "classification", "test", decode_images=False)
+    assert result.test_predictions == dict(zip(test["id"], test["label"], strict=True))  # every test image, by id
 
 
 def test_baseline_mixup_mixes_pairs_of_the_batch_and_still_learns(tmp_path):

@@ -96,6 +96,9 @@ class BaselineResult:
     parameters: int
     history: list[tuple[int, float]] = field(default_factory=list)  # (step, val primary metric)
     by_question_type: dict[str, float] = field(default_factory=dict)  # VQA accuracy per question type on test
+    # Test record id -> the text the best weights predicted (what ours writes to predictions/test.jsonl),
+    # so that the two sides' misses can be compared image by image.
+    test_predictions: dict[str, str] = field(default_factory=dict)
 
 
 def words(text: str) -> list[str]:
@@ -445,6 +448,7 @@ def _fit(model, splits, classes, task_name, config, budget: _Budget, *, seed: in
         parameters=sum(p.numel() for p in model.parameters()),
         history=history,
         by_question_type=accuracy_by_question_type(texts, splits["test"].records) if task_name == "vqa" else {},
+        test_predictions={r["id"]: text for r, text in zip(splits["test"].records, texts, strict=True)},
     )
 
 
