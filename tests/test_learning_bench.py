@@ -391,3 +391,44 @@ def test_vqa_binding_errors_tells_another_objects_attribute_from_one_not_in_the_
     assert result["questions"] > 0 and result["right"] > 0.5  # 10 noisy answerers, the first one's answer kept
     assert result["right"] + result["another object's"] + result["not in the picture"] == pytest.approx(1.0)
     assert "| test |" in capsys.readouterr().out
+
+
+def test_classification_misses_tells_steady_misses_shared_by_both_sides_from_one_sides_own(tmp_path, capsys):
+    from data_tools.converters import convert
+
+    module = _script("classification_misses")
+    convert("imagefolder", inputs=[_colour_folder(tmp_path / "raw", n=4)], out=tmp_path / "data", log=lambda *_: None)
+    test = storage.load_split(str(tmp_path / "data"), "classification", "test", decode_images=False)
+    gold = dict(zip(test["id"], test["label"], strict=True))
+    ids = sorted(gold)
+    flip = {"red": "blue", "blue": "red"}
+    hard, ours_own, base_once = ids[0], ids[1], ids[2]  # hard: both sides miss it in every run
+
+    def wrong(*keys):
+        return {k: (flip[v] if k in keys else v) for k, v in gold.items()}
+
+    for name, predicted in (("r0", wrong(hard, ours_own)), ("r1", wrong(hard, ours_own, base_once))):
+        (tmp_path / name / "predictions").mkdir(parents=True)
+        rows = [{"id": k, "task": "classification", "split": "test", "prediction": v} for k, v in predicted.items()]
+        rows.append({"id": "q", "task": "vqa", "prediction": "red"})  # another task's rows are not read
+        (tmp_path / name / "predictions" / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    for name, predicted in (("b0.json", wrong(hard, base_once)), ("b1.json", wrong(hard))):
+        (tmp_path / name).write_text(json.dumps({"metrics": {}, "test_predictions": predicted}))
+    out = tmp_path / "m.md"
+    args = ["--data", str(tmp_path / "data"), "--ours", str(tmp_path / "r0"), str(tmp_path / "r1")]
+    module.main([*args, "--baseline", str(tmp_path / "b0.json"), str(tmp_path / "b1.json"), "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "| ours | 2, 3 | 2 | 1 | 1 |" in text  # hard + ours_own every run; only hard is the baseline's too
+    assert "| baseline | 2, 1 | 1 | 1 | 1 |" in text
+    assert f"| {ours_own} | {gold[ours_own]} | {flip[gold[ours_own]]}, {flip[gold[ours_own]]} | " in text
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["sides"]["ours"]["every_run"] == sorted([hard, ours_own])
+    assert report["sides"]["baseline"]["some_run"] == sorted([hard, base_once])
+    (tmp_path / "old.json").write_text(json.dumps({"metrics": {}}))
+    with pytest.raises(ValueError, match="old.json: no 'test_predictions'"):
+        module.main([*args, "--baseline", str(tmp_path / "old.json")])
+    (tmp_path / "short.json").write_text(json.dumps({"test_predictions": {ids[0]: "red"}}))
+    with pytest.raises(
+        ValueError, match=r"short.json: its predictions do not cover the data's test split \(15 test ids"
+    ):
+        module.main([*args, "--baseline", str(tmp_path / "short.json")])
