@@ -50,7 +50,10 @@ def test_layers_and_dotted_overrides(tmp_path):
         (["train.zero_stage=4"], "expected one of 0, 1, 2, 3"),
         (["train.precision=fp8"], "expected one of 'fp32', 'bf16', 'fp16'"),
         (["train.offload_params=true"], "needs train.zero_stage=3"),
-        (["model.overrides.depth=3"], "model.overrides: unknown field 'depth'; allowed: image_size"),
+        (
+            ["model.overrides.depth=3"],
+            "model.overrides: unknown field 'depth'; allowed: image_position_std, image_size",
+        ),
         (["model.overrides.text_config.layers=3"], "unknown T5Config field 'layers'"),
         (["model.init=/x", "model.preset=uvl-tiny"], "model.init fixes the architecture"),
         (["model.preset=uvl-huge"], "unknown preset 'uvl-huge'; known: uvl-tiny"),

@@ -378,6 +378,42 @@ def test_pooled_token_is_the_grids_mean_after_its_tokens(tokenizer, tmp_path):
         torch.testing.assert_close(loaded.visual(pixels), model.visual(pixels))
 
 
+def test_image_positions_can_start_at_zero_and_the_grid_is_then_shift_equivariant(tokenizer, tmp_path):
+    # image_position_std=0: row/column embeddings start at zero; None keeps POSITION_INIT_STD's draws.
+    vit = {"patch_size": 8, "embed_dim": 32, "depth": 0, "num_heads": 2}
+    fields = dict(vision_kwargs=vit, image_size=64, text_config=one_layer_t5(tokenizer), vision_stem="conv-deep")
+    torch.manual_seed(0)
+    default = build_model(UnifiedVLConfig.from_preset("uvl-tiny", **fields), tokenizer)
+    torch.manual_seed(0)
+    half = build_model(UnifiedVLConfig.from_preset("uvl-tiny", image_position_std=0.5, **fields), tokenizer)
+    torch.manual_seed(0)
+    model = build_model(UnifiedVLConfig.from_preset("uvl-tiny", image_position_std=0, **fields), tokenizer)
+    assert torch.equal(default.visual.row_embed, half.visual.row_embed)  # the default is 0.5, same draws
+    assert 0.4 < float(default.visual.row_embed.detach().std()) < 0.6
+    assert not model.visual.row_embed.any() and not model.visual.col_embed.any()
+    # With the ViT's own position embedding zeroed too, moving the picture by one token (8 pixels)
+    # moves the interior tokens by one grid column: nothing left says where a token is.
+    with torch.no_grad():
+        model.visual.backbone.pos_embed.zero_()
+    model.eval()
+    pixels = torch.zeros(1, 3, 64, 64)
+    pixels[..., 20:36, 20:36] = torch.randn(1, 3, 16, 16)
+    moved = torch.roll(pixels, shifts=8, dims=-1)
+    with torch.no_grad():
+        grid, grid_moved = model.visual(pixels).view(8, 8, -1), model.visual(moved).view(8, 8, -1)
+    torch.testing.assert_close(grid_moved[2:6, 3:6], grid[2:6, 2:5])
+    assert not torch.allclose(grid[2:6, 3:6], grid[2:6, 2:5])  # the content itself differs token to token
+    ids = torch.tensor([[5, 6, 1]])
+    model.train()
+    model(pixels, ids, ids.ne(0).long(), decoder_input_ids=ids).logits.square().mean().backward()
+    assert model.visual.row_embed.grad.abs().sum() > 0  # positions are learnt as the loss asks
+    save_pretrained(model, UnifiedVLProcessor.from_config(model.config, tokenizer), tmp_path / "m")
+    assert load_pretrained(tmp_path / "m")[0].config.image_position_std == 0
+    for bad in (-0.1, "0.5", True):
+        with pytest.raises(ValueError, match=f"image_position_std must be a number >= 0 or None, got {bad!r}"):
+            UnifiedVLConfig(image_position_std=bad)
+
+
 def test_pooled_token_errors_name_the_problem():
     with pytest.raises(ValueError, match="vision_pooled_token must be true or false, got 'yes'"):
         UnifiedVLConfig(vision_pooled_token="yes")

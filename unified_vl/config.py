@@ -121,6 +121,11 @@ class UnifiedVLConfig(PretrainedConfig):
             None keeps timm's (0.02). At 0.02 against patch tokens of std ~0.4 the backbone's attention
             starts blind to where a patch is; a larger value lets its blocks keep two objects apart
             from the first step (the reasoning behind `POSITION_INIT_STD` on the language model's side).
+        image_position_std: ``"fused"`` mode only: initial standard deviation of the grid tokens' row and
+            column embeddings on the language model's side; None keeps `modeling.POSITION_INIT_STD` (0.5,
+            readable from the first step, which grounding's location outputs need). 0 starts them at zero:
+            the tokens start translation-equivariant (as a CNN's global pool is invariant) and learn
+            positions only as far as the loss asks for them.
         vision_pooled_token: ``"fused"`` mode only: one more image token after the grid's, the grid's
             mean (the global average pool a CNN classifier reads, e.g. the benchmark's baseline), through
             the same projection, with its own learned position.
@@ -161,6 +166,7 @@ class UnifiedVLConfig(PretrainedConfig):
         vision_stem: str = "patch",
         vision_position_std: float | None = None,
         vision_pooled_token: bool = False,
+        image_position_std: float | None = None,
         relation_tokens: int = 0,
         image_size: int = 64,
         num_bins: int = DEFAULT_NUM_BINS,
@@ -181,6 +187,12 @@ class UnifiedVLConfig(PretrainedConfig):
             or not vision_position_std > 0
         ):
             raise ValueError(f"vision_position_std must be a number > 0 or None, got {vision_position_std!r}")
+        if image_position_std is not None and (
+            isinstance(image_position_std, bool)
+            or not isinstance(image_position_std, (int, float))
+            or not image_position_std >= 0
+        ):
+            raise ValueError(f"image_position_std must be a number >= 0 or None, got {image_position_std!r}")
         if not isinstance(vision_pooled_token, bool):
             raise ValueError(f"vision_pooled_token must be true or false, got {vision_pooled_token!r}")
         if vision_pooled_token and visual_mode != "fused":
@@ -214,6 +226,7 @@ class UnifiedVLConfig(PretrainedConfig):
         self.vision_stem = vision_stem
         self.vision_position_std = vision_position_std
         self.vision_pooled_token = vision_pooled_token
+        self.image_position_std = image_position_std
         self.relation_tokens = relation_tokens
         self.image_size = image_size
         self.num_bins = num_bins

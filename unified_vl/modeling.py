@@ -175,8 +175,10 @@ class VisualEmbedding(nn.Module):
         # The patch features leave the LayerNorm at unit scale; position starts at a comparable scale
         # (std 0.5, not ViT's 0.02) so that where a patch is can be read from the first step, which
         # the location outputs of grounding need.
-        self.row_embed = nn.Parameter(torch.randn(self.grid_h, d) * POSITION_INIT_STD)  # (H, D)
-        self.col_embed = nn.Parameter(torch.randn(self.grid_w, d) * POSITION_INIT_STD)  # (W, D)
+        # config.image_position_std replaces that scale (0: positions start at zero, learnt as needed).
+        std = POSITION_INIT_STD if config.image_position_std is None else config.image_position_std
+        self.row_embed = nn.Parameter(torch.randn(self.grid_h, d) * std)  # (H, D)
+        self.col_embed = nn.Parameter(torch.randn(self.grid_w, d) * std)  # (W, D)
         # The grid's mean as one more token (config.vision_pooled_token), with a position of its own.
         self.pool_embed = nn.Parameter(torch.randn(d) * POSITION_INIT_STD) if config.vision_pooled_token else None
 
