@@ -124,16 +124,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", nargs="+", required=True, type=Path, help="the baseline's result files")
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown here (and .json beside it)")
     args = parser.parse_args(argv)
+    for flag, paths in (("--ours", args.ours), ("--baseline", args.baseline)):
+        twice = sorted({str(p) for p in paths if paths.count(p) > 1})
+        if twice:
+            parser.error(f"{flag} names {', '.join(twice)} more than once; give each run once")
     gold = gold_labels(args.data)
     sides = {"ours": [], "baseline": []}
     for run in args.ours:
         predicted = ours_predictions(run)
         _check_ids(predicted, gold, str(run))
-        sides["ours"].append((run.name, predicted))
+        sides["ours"].append((str(run), predicted))
     for path in args.baseline:
         predicted = baseline_predictions(path)
         _check_ids(predicted, gold, str(path))
-        sides["baseline"].append((path.name, predicted))
+        sides["baseline"].append((str(path), predicted))
     report = compare(gold, sides)
     text = markdown(report, gold, sides)
     print(text, end="")

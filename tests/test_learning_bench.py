@@ -424,6 +424,9 @@ def test_classification_misses_tells_steady_misses_shared_by_both_sides_from_one
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["sides"]["ours"]["every_run"] == sorted([hard, ours_own])
     assert report["sides"]["baseline"]["some_run"] == sorted([hard, base_once])
+    with pytest.raises(SystemExit):
+        module.main([*args, str(tmp_path / "r0"), "--baseline", str(tmp_path / "b0.json")])
+    assert "--ours names " + str(tmp_path / "r0") + " more than once" in capsys.readouterr().err
     (tmp_path / "old.json").write_text(json.dumps({"metrics": {}}))
     with pytest.raises(ValueError, match="old.json: no 'test_predictions'"):
         module.main([*args, "--baseline", str(tmp_path / "old.json")])
