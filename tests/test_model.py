@@ -346,14 +346,22 @@ def test_a_vit_of_depth_zero_leaves_the_conv_stem_alone_before_the_language_mode
         )
 
 
+def _seeded_conv_deep_models(tokenizer, image_size: int, *variants: dict):
+    """One small conv-deep model (8-pixel tokens) per variant of config fields, each built from seed 0."""
+    vit = {"patch_size": 8, "embed_dim": 32, "depth": 0, "num_heads": 2}
+    fields = dict(
+        vision_kwargs=vit, image_size=image_size, text_config=one_layer_t5(tokenizer), vision_stem="conv-deep"
+    )
+    models = []
+    for variant in variants:
+        torch.manual_seed(0)
+        models.append(build_model(UnifiedVLConfig.from_preset("uvl-tiny", **fields, **variant), tokenizer))
+    return models
+
+
 def test_pooled_token_is_the_grids_mean_after_its_tokens(tokenizer, tmp_path):
     # vision_pooled_token: the global average pool a CNN classifier reads, as one more image token.
-    vit = {"patch_size": 8, "embed_dim": 32, "depth": 0, "num_heads": 2}
-    fields = dict(vision_kwargs=vit, image_size=32, text_config=one_layer_t5(tokenizer), vision_stem="conv-deep")
-    torch.manual_seed(0)
-    plain = build_model(UnifiedVLConfig.from_preset("uvl-tiny", **fields), tokenizer)
-    torch.manual_seed(0)
-    model = build_model(UnifiedVLConfig.from_preset("uvl-tiny", vision_pooled_token=True, **fields), tokenizer)
+    plain, model = _seeded_conv_deep_models(tokenizer, 32, {}, {"vision_pooled_token": True})
     assert (plain.visual.num_tokens, model.visual.num_tokens) == (16, 17)
     model.eval()
     pixels = torch.randn(2, 3, 32, 32)
@@ -380,14 +388,9 @@ def test_pooled_token_is_the_grids_mean_after_its_tokens(tokenizer, tmp_path):
 
 def test_image_positions_can_start_at_zero_and_the_grid_is_then_shift_equivariant(tokenizer, tmp_path):
     # image_position_std=0: row/column embeddings start at zero; None keeps POSITION_INIT_STD's draws.
-    vit = {"patch_size": 8, "embed_dim": 32, "depth": 0, "num_heads": 2}
-    fields = dict(vision_kwargs=vit, image_size=64, text_config=one_layer_t5(tokenizer), vision_stem="conv-deep")
-    torch.manual_seed(0)
-    default = build_model(UnifiedVLConfig.from_preset("uvl-tiny", **fields), tokenizer)
-    torch.manual_seed(0)
-    half = build_model(UnifiedVLConfig.from_preset("uvl-tiny", image_position_std=0.5, **fields), tokenizer)
-    torch.manual_seed(0)
-    model = build_model(UnifiedVLConfig.from_preset("uvl-tiny", image_position_std=0, **fields), tokenizer)
+    default, half, model = _seeded_conv_deep_models(
+        tokenizer, 64, {}, {"image_position_std": 0.5}, {"image_position_std": 0}
+    )
     assert torch.equal(default.visual.row_embed, half.visual.row_embed)  # the default is 0.5, same draws
     assert 0.4 < float(default.visual.row_embed.detach().std()) < 0.6
     assert not model.visual.row_embed.any() and not model.visual.col_embed.any()
