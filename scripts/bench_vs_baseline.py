@@ -162,13 +162,14 @@ def run_baseline(
     precision: str = "fp32",
     scale: float = 0.0,
     mixup: float = 0.0,
+    sam: float = 0.0,
 ) -> dict:
     """The plain baseline in a fresh process with two threads (the cores our two processes use)."""
     from unified_vl.app.baselines import BaselineConfig
 
     command = [sys.executable, "-m", "unified_vl.app.baselines", f"--data={data}", f"--task={task}"]
     command += [*budget.baseline(BaselineConfig().batch_size), f"--seed={seed}", "--threads=2", f"--out={out}"]
-    command += [f"--precision={precision}", f"--scale={scale}", f"--mixup={mixup}"]
+    command += [f"--precision={precision}", f"--scale={scale}", f"--mixup={mixup}", f"--sam={sam}"]
     with open(out.with_suffix(".log"), "w") as log:
         status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
     if status != 0:
@@ -278,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="the baseline's mixup Beta(a, a) on classification (give it when our recipe sets train.mixup)",
     )
+    parser.add_argument(
+        "--baseline-sam",
+        type=float,
+        default=0.0,
+        help="the baseline's SAM radius rho (give it when our recipe sets train.sam_rho)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny data, 0.2-minute budget, one seed")
     args = parser.parse_args(argv)
     if args.quick:
@@ -317,6 +324,7 @@ def _run(args, rows: list[Row], recipe: list[str], budget: Budget) -> int:
                     precision=args.baseline_precision,
                     scale=args.baseline_scale,
                     mixup=args.baseline_mixup,
+                    sam=args.baseline_sam,
                 )
                 entry["baseline"].append(
                     {"seed": seed, **{k: base[k] for k in ("metrics", "steps", "by_question_type")}}
@@ -335,6 +343,7 @@ def _run(args, rows: list[Row], recipe: list[str], budget: Budget) -> int:
                 "baseline_precision": args.baseline_precision,
                 "baseline_scale": args.baseline_scale,
                 "baseline_mixup": args.baseline_mixup,
+                "baseline_sam": args.baseline_sam,
                 "rows": results,
             },
             indent=2,

@@ -123,6 +123,31 @@ def test_baseline_mixup_mixes_pairs_of_the_batch_and_still_learns(tmp_path):
     assert result.steps == 30 and result.metrics == {"classification/test/top1": 1.0}
 
 
+def test_baseline_sam_steps_from_the_original_weights_and_still_learns(tmp_path, monkeypatch):
+    from data_tools.converters import convert
+
+    raw = _colour_folder(tmp_path / "raw")
+    convert("imagefolder", inputs=[raw], out=tmp_path / "data", log=lambda *_: None)
+    calls = {"ascend": 0, "back": 0}
+    ascend, back = baselines.sharpness.ascend, baselines.sharpness.descend_back
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(baselines.sharpness, "ascend", counted("ascend", ascend))
+    monkeypatch.setattr(baselines.sharpness, "descend_back", counted("back", back))
+    config = baselines.BaselineConfig(width=4, batch_size=16, evals=2, warmup_steps=2, lr=1e-2, sam=0.05)
+    result = baselines.train_baseline(
+        str(tmp_path / "data"), "classification", config=config, max_steps=30, log=lambda *_: None
+    )
+    assert calls == {"ascend": 30, "back": 30}  # one perturbation per step, always undone before the step
+    assert result.steps == 30 and result.metrics == {"classification/test/top1": 1.0}
+
+
 def test_baseline_trains_under_bf16_autocast_and_refuses_other_precisions(tmp_path):
     from data_tools.converters import convert
 

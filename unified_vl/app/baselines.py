@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import io
 import math
 import random
@@ -34,6 +35,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+
+from unified_vl.engine import sharpness
 
 TASKS = ("classification", "vqa")
 PRECISIONS = ("fp32", "bf16")
@@ -65,6 +68,8 @@ class BaselineConfig:
             sides the same trick.
         mixup: classification only, mixup's Beta(a, a) (Zhang et al. 2018: images mixed in pairs within a batch,
             the loss mixed alike; one lambda per batch); 0: off. Our side's ``train.mixup``, for a fair comparison.
+        sam: SAM's radius rho (Foret et al. 2021; ``unified_vl.engine.sharpness``): each step's gradient is
+            taken at ``w + rho g / ||g||``; 0: off. Our side's ``train.sam_rho``, for a fair comparison.
     """
 
     image_size: int | None = None
@@ -82,6 +87,7 @@ class BaselineConfig:
     max_answers: int = 3000
     precision: str = "fp32"
     mixup: float = 0.0
+    sam: float = 0.0
 
 
 @dataclass
@@ -393,6 +399,16 @@ def train_baseline(
     return _fit(model, splits, classes, task_name, config, budget, seed=seed, log=log)
 
 
+def _batch_loss(model, images, questions, targets, partners, lam: float, precision: str) -> torch.Tensor:
+    """The batch's cross-entropy (mixup's two targets weighted by ``lam`` when ``partners`` is given)."""
+    with _autocast(precision):
+        logits = model(images, questions)
+    loss = lam * nn.functional.cross_entropy(logits.float(), targets)
+    if partners is not None:
+        loss = loss + (1 - lam) * nn.functional.cross_entropy(logits.float(), targets[partners])
+    return loss
+
+
 def _fit(model, splits, classes, task_name, config, budget: _Budget, *, seed: int, log) -> BaselineResult:
     """The loop: batches, steps, validation every tenth of the budget, the best weights scored on test."""
     import tasks
@@ -400,7 +416,8 @@ def _fit(model, splits, classes, task_name, config, budget: _Budget, *, seed: in
     primary = tasks.get_task(task_name).primary_metric
     train = splits["train"]
     usable = torch.nonzero(train.labels >= 0).flatten()  # answers outside the kept classes are not trained on
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    parameters = list(model.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     mix = random.Random(seed)  # mixup's lambdas (torch has no seeded Beta sampler)
     best, best_state, history, step, next_eval = -1.0, None, [], 0, 1
@@ -418,13 +435,16 @@ def _fit(model, splits, classes, task_name, config, budget: _Budget, *, seed: in
         targets, partners, lam = train.labels[batch], None, 1.0
         if config.mixup and questions is None:  # a VQA answer belongs to its own question: not mixed
             images, partners, lam = _mixup(images, config.mixup, mix, generator)
-        with _autocast(config.precision):
-            logits = model(images, questions)
-        loss = lam * nn.functional.cross_entropy(logits.float(), targets)
-        if partners is not None:
-            loss = loss + (1 - lam) * nn.functional.cross_entropy(logits.float(), targets[partners])
+        batch_loss = functools.partial(_batch_loss, model, images, questions, targets, partners, lam, config.precision)
+        perturbation = None
+        if config.sam:  # the gradient at the worst nearby weights, as our side's train.sam_rho
+            with sharpness.batch_norm_statistics_kept(model):
+                perturbation = sharpness.ascend(parameters, batch_loss(), config.sam)
+        loss = batch_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if perturbation is not None:
+            sharpness.descend_back(parameters, perturbation)
         optimizer.step()
         step += 1
         if budget.progress(step) >= next_eval / config.evals or budget.progress(step) >= 1.0:
@@ -500,12 +520,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="bf16: CPU autocast (default fp32)")
     parser.add_argument("--scale", type=float, default=0.0, help="random zoom in [1 - S, 1 + S] (default 0: none)")
     parser.add_argument("--mixup", type=float, default=0.0, help="classification: mixup's Beta(a, a) (default 0: none)")
+    parser.add_argument("--sam", type=float, default=0.0, help="SAM's radius rho (default 0: plain AdamW steps)")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
     result = train_baseline(
         args.data,
         args.task,
-        config=BaselineConfig(precision=args.precision, scale=args.scale, mixup=args.mixup),
+        config=BaselineConfig(precision=args.precision, scale=args.scale, mixup=args.mixup, sam=args.sam),
         seed=args.seed,
         minutes=args.minutes,
         max_steps=args.max_steps,

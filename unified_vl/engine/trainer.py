@@ -24,10 +24,10 @@ import torch
 from unified_vl.adapters import base_identity, method_weights
 from unified_vl.checkpoint import CheckpointError, atomic_write_text
 from unified_vl.config import UnifiedVLConfig
-from unified_vl.engine import distributed
+from unified_vl.engine import distributed, sharpness
 from unified_vl.engine.averaging import WeightAverage
 from unified_vl.engine.checkpoints import CheckpointManager
-from unified_vl.engine.config import ConfigError, Derived, RunConfig, deepspeed_config, derive, dump_yaml
+from unified_vl.engine.config import ConfigError, Derived, RunConfig, TrainConfig, deepspeed_config, derive, dump_yaml
 from unified_vl.engine.debias import FirstTokenPrior
 from unified_vl.engine.export import SPEC, AdapterSpec, export_adapter, export_checkpoint, export_model
 from unified_vl.engine.mixture import MixtureSampler, few_shot_indices, mixture_probabilities, shard
@@ -660,6 +660,7 @@ def _train_step(engine, run: _Run, step: int, loc_ids: torch.Tensor) -> StepLoss
     # the order is a function of the step alone, so every world size cuts the same batches.
     slots.sort(key=lambda slot: (tasks.index(slot[1]), slot[0]))
     losses = StepLosses(tasks)
+    trainable = [p for p in engine.module.parameters() if p.requires_grad] if t.sam_rho else []
     for micro in shard(slots, rank=run.dist.rank, world_size=run.dist.world_size, micro_batch_size=t.micro_batch_size):
         batch, row_tasks = collate(micro, run.data, run.processor, seed=t.seed, step=step)
         labels = batch.pop("labels").to(engine.device)
@@ -668,27 +669,55 @@ def _train_step(engine, run: _Run, step: int, loc_ids: torch.Tensor) -> StepLoss
         if run.prior is not None:
             rows = [run.data.answer_prior(task, index) for _, task, index in micro]
             prior = run.prior(rows, engine.module.language_model.config.vocab_size)  # the logits' width
-        loss_kwargs = dict(loc_ids=loc_ids, loc_sigma=t.loc_sigma, label_smoothing=t.label_smoothing)
         partner, lam = list(range(len(micro))), 1.0
         if t.mixup:
             rng = random.Random(f"mixup:{t.seed}:{step}:{micro[0][0]}")  # the micro batch's first slot
             partner = mixup_partners(batch["input_ids"], row_tasks, t.mixup_tasks, rng)
             lam = rng.betavariate(t.mixup, t.mixup)
-        if partner != list(range(len(micro))):
-            ce, count = mixup_forward(engine, batch, labels, partner, lam, first_token_bias=prior, **loss_kwargs)
+        forward = functools.partial(
+            _micro_loss, t=t, batch=batch, labels=labels, partner=partner, lam=lam, prior=prior, loc_ids=loc_ids
+        )
+        if t.sam_rho:  # the gradient is taken at the worst nearby weights (unified_vl/engine/sharpness.py)
+            with sharpness.batch_norm_statistics_kept(engine.module):
+                # The loss at the weights themselves is what the log shows. Through the bare module:
+                # DeepSpeed refuses any backward through its forward but its own engine.backward.
+                logged, ce, count = forward(_Bare(engine.module))
+                perturbation = sharpness.ascend(trainable, logged, t.sam_rho)
+            engine.backward(forward(engine)[0])
+            sharpness.descend_back(trainable, perturbation)
         else:
-            # No labels into the model: its own loss would be a second cross-entropy over the same logits.
-            decoder_input_ids = engine.module.language_model.prepare_decoder_input_ids_from_labels(labels=labels)
-            out = engine(**batch, decoder_input_ids=decoder_input_ids)
-            ce, count = token_losses(out.logits, labels, first_token_bias=prior, **loss_kwargs)  # (B,), (B,)
-        if t.loss_reduction == "sample":
-            loss = (ce / count.clamp(min=1)).mean()
-        else:  # every target token counts once: T5's own loss
-            loss = ce.sum() / count.sum().clamp(min=1)
-        engine.backward(loss)
+            logged, ce, count = forward(engine)
+            engine.backward(logged)
         engine.step()
-        losses.add(loss.detach(), row_tasks, ce.detach(), count)
+        losses.add(logged.detach(), row_tasks, ce.detach(), count)
     return losses
+
+
+class _Bare:
+    """The model called as DeepSpeed's engine is (``engine(**batch)``, ``engine.module``), without the engine."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def __call__(self, **kwargs):
+        return self.module(**kwargs)
+
+
+def _micro_loss(engine, *, t: TrainConfig, batch, labels, partner, lam, prior, loc_ids):
+    """One micro batch's ``(loss, per-row cross-entropy (B,), target token counts (B,))``."""
+    loss_kwargs = dict(loc_ids=loc_ids, loc_sigma=t.loc_sigma, label_smoothing=t.label_smoothing)
+    if partner != list(range(len(partner))):
+        ce, count = mixup_forward(engine, batch, labels, partner, lam, first_token_bias=prior, **loss_kwargs)
+    else:
+        # No labels into the model: its own loss would be a second cross-entropy over the same logits.
+        decoder_input_ids = engine.module.language_model.prepare_decoder_input_ids_from_labels(labels=labels)
+        out = engine(**batch, decoder_input_ids=decoder_input_ids)
+        ce, count = token_losses(out.logits, labels, first_token_bias=prior, **loss_kwargs)  # (B,), (B,)
+    if t.loss_reduction == "sample":
+        loss = (ce / count.clamp(min=1)).mean()
+    else:  # every target token counts once: T5's own loss
+        loss = ce.sum() / count.sum().clamp(min=1)
+    return loss, ce, count
 
 
 def check_step_finite(step: int, loss: float, task_losses: Mapping[str, float], grad_norm: Any, lr: float) -> None:
