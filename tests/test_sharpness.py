@@ -81,6 +81,9 @@ def test_a_run_with_sam_trains_another_model_reproducibly(tmp_path):
     # ZeRO-2's gradient hooks do not fire on the perturbation's gradient: it trains as stage 0 does.
     stage2 = run(tmp, "zero2", *args, "train.sam_rho=0.05", "train.zero_stage=2").losses
     np.testing.assert_allclose(stage2, sam, rtol=1e-5)
+    # In bf16 the perturbation moves DeepSpeed's bf16 copy of the weights; the step still comes from fp32 masters.
+    bf16 = run(tmp, "bf16", *args, "train.sam_rho=0.05", "train.precision=bf16").losses
+    np.testing.assert_allclose(bf16, sam, rtol=0.05)
 
 
 @pytest.mark.parametrize(
