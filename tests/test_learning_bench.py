@@ -298,13 +298,17 @@ def test_bench_vs_baseline_quick_runs_both_sides_end_to_end(tmp_path):
     out = tmp_path / "table.md"
     command = [sys.executable, str(ROOT / "scripts" / "bench_vs_baseline.py"), "--quick", f"--out={out}"]
     command += ["--rows", "digits/classification", f"--work={tmp_path / 'work'}"]
+    # and a user's folder beside the built-in row (an ImageFolder of 32-pixel images through `data convert`)
+    command += [f"--data={_convert_folder(tmp_path)}", "--task=classification"]
     subprocess.run(command, check=True, cwd=ROOT, timeout=900)
     raw = json.loads(out.with_suffix(".json").read_text())
-    entry = raw["rows"]["digits/classification"]
-    assert len(entry["ours"]) == len(entry["baseline"]) == 1
-    for side in ("ours", "baseline"):
-        assert 0.0 <= entry[side][0]["metrics"]["classification/test/top1"] <= 1.0
+    assert list(raw["rows"]) == ["digits/classification", "shapes/classification"]
+    for entry in raw["rows"].values():
+        assert len(entry["ours"]) == len(entry["baseline"]) == 1
+        for side in ("ours", "baseline"):
+            assert 0.0 <= entry[side][0]["metrics"]["classification/test/top1"] <= 1.0
     assert "| digits | classification | top1 |" in out.read_text()
+    assert "| shapes | classification | top1 |" in out.read_text()
 
 
 def test_grounding_errors_sorts_each_gold_phrase_and_reads_the_output_order(tmp_path, monkeypatch, capsys):
@@ -460,3 +464,68 @@ def test_classification_misses_tells_steady_misses_shared_by_both_sides_from_one
         ValueError, match=r"short.json: its predictions do not cover the data's test split \(15 test ids"
     ):
         module.main([*args, "--baseline", str(tmp_path / "short.json")])
+
+
+def _shapes_folder(root: Path, *, splits=("train", "val", "test"), per_class: int = 12) -> Path:
+    """An ImageFolder of two classes a CNN tells apart: a red or a blue square, anywhere."""
+    rng = random.Random(0)
+    for split in splits:
+        for label, colour in (("red", (230, 30, 30)), ("blue", (30, 30, 230))):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = np.zeros((32, 32, 3), np.uint8)
+                x0, y0 = rng.randrange(2, 20), rng.randrange(2, 20)
+                pixels[y0 : y0 + 10, x0 : x0 + 10] = colour
+                Image.fromarray(pixels).save(folder / f"{i:02d}.png")
+    return root
+
+
+def _convert_folder(tmp_path: Path, **kw) -> Path:
+    from data_tools.converters import convert
+
+    root = _shapes_folder(tmp_path / "raw", **kw)
+    convert("imagefolder", inputs=[root], images=(), out=tmp_path / "shapes", log=lambda *_: None)
+    return tmp_path / "shapes"
+
+
+def test_bench_takes_a_users_data_folder_as_one_more_row(tmp_path):
+    """--data/--task: a folder from `data convert` runs as a row of its own, named by --name."""
+    data = _convert_folder(tmp_path)
+    out = tmp_path / "mine.md"
+    command = [sys.executable, str(ROOT / "scripts" / "bench_vs_baseline.py"), f"--out={out}", "--sides=baseline"]
+    command += [f"--data={data}", "--task=classification", "--name=my shapes", "--examples=6400", "--seeds", "0"]
+    command += [f"--work={tmp_path / 'work'}"]
+    subprocess.run(command, check=True, cwd=ROOT, timeout=300, capture_output=True)
+    raw = json.loads(out.with_suffix(".json").read_text())
+    assert list(raw["rows"]) == ["my-shapes/classification"]  # the built-in rows are not run
+    (run,) = raw["rows"]["my-shapes/classification"]["baseline"]
+    assert run["metrics"]["classification/test/top1"] == 1.0  # 24 test images, the square's colour decides
+    assert "| my shapes | classification | top1 | - | 1.000 ± 0.000 | - |" in out.read_text()
+    assert not (tmp_path / "work" / "data").exists()  # a user's folder is used as it is; nothing is made
+
+
+def test_bench_refuses_a_data_folder_it_cannot_score_naming_what_it_holds(tmp_path, capsys):
+    bench = _script("bench_vs_baseline")
+    with pytest.raises(ValueError, match=r"no val / test split \(it has: train 24\).*split folders"):
+        bench.folder_row(_convert_folder(tmp_path / "a", splits=("train",)), "classification")
+    data = _convert_folder(tmp_path / "b")
+    with pytest.raises(ValueError, match=r"holds no vqa records \(its tasks: classification\)"):
+        bench.folder_row(data, "vqa")
+    with pytest.raises(ValueError, match=r"--task 'rec': the baselines exist for classification, vqa only"):
+        bench.folder_row(data, "rec")
+    with pytest.raises(ValueError, match=r"--data .*nowhere.*has no manifest.json"):
+        bench.folder_row(tmp_path / "nowhere", "classification")
+    row = bench.folder_row(data, "classification")
+    assert (row.name, row.source, row.folder) == ("shapes", "shapes", data.resolve())
+    # The command line: --data and --task go together, and a row's name cannot take a built-in row's place.
+    for argv, message in (
+        (["--data", str(data)], "--data and --task go together"),
+        (
+            ["--data", str(data), "--task", "classification", "--name", "mnist5k", "--rows", "mnist5k/classification"],
+            "is also a built-in row's",
+        ),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(["--out", str(tmp_path / "x.md"), *argv])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
