@@ -21,8 +21,10 @@ Rows (``--rows`` picks some): the synthetic world in both layouts (`unified-vl d
 classification. For the free layout, the relation questions' accuracy is reported too.
 
 Your own data (``--data DIR --task vqa|classification [--name NAME]``): a folder written by `unified-vl
-data convert` (VQAv2 JSON, ImageFolder, CSV, ...) whose task has train, val and test records; it is
-one more row (alone unless ``--rows`` names built-in ones too), run exactly as the built-in rows are.
+data convert` (VQAv2 JSON, ImageFolder, CSV, ...) whose task has train and test records; it is one
+more row (alone unless ``--rows`` names built-in ones too), run exactly as the built-in rows are.
+Without a val split, a tenth of train's images is set aside as val (seed 0; the row's name says so),
+in a copy under ``--work``: the folder itself is not changed.
 """
 
 from __future__ import annotations
@@ -62,12 +64,16 @@ class Row:
     name: str  # dataset name in the table
     source: str  # "synth-grid", "synth-free", a source of scripts/make_bench_data.py, or a --data row's slug
     task: str
-    folder: Path | None = None  # a user's data folder (--data): used as it is, nothing is made
+    folder: Path | None = None  # a user's data folder (--data): used as it is, or with a val split carved
+    carve_val: bool = False  # --data without a val split: one is carved from train (VAL_FRACTION, seed 0)
 
 
 # The splits a row needs: the training records, the validations (our periodic evaluation, the
 # baseline's early stopping) and the scored test.
 NEEDED_SPLITS = ("train", "val", "test")
+# A --data folder without val gets one: this share of train's images, drawn with seed 0 (the same
+# for every seed and both sides), as data_tools.splits.carve_split does.
+VAL_FRACTION = 0.1
 
 
 ROWS = (
@@ -105,22 +111,31 @@ def folder_row(data: str | os.PathLike, task: str, name: str | None = None) -> R
     if task not in held:
         raise ValueError(f"--data {data} holds no {task} records (its tasks: {', '.join(sorted(held)) or 'none'})")
     missing = [split for split in NEEDED_SPLITS if not held[task].get(split)]
-    if missing:
+    carve = missing == ["val"] and held[task].get("train", 0) >= 2
+    if missing and not carve:
         counts = ", ".join(f"{split} {count}" for split, count in sorted(held[task].items())) or "none"
         raise ValueError(
             f"--data {data}: its {task} records have no {' / '.join(missing)} split (it has: {counts}); the "
-            "benchmark trains on train, validates on val and scores test. Convert with split folders "
-            "(ROOT/train, ROOT/val, ROOT/test), a split column, or one `--split` per input"
+            "benchmark trains on train, validates on val (carved from train when absent) and scores test. "
+            "Convert with split folders (ROOT/train, ROOT/test), a split column, or one `--split` per input"
         )
     label = name or folder.name
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-.") or "data"
-    return Row(label, slug, task, folder=folder)
+    if carve:
+        label += f" (val: {VAL_FRACTION:.0%} of train)"
+    return Row(label, slug, task, folder=folder, carve_val=carve)
 
 
 def prepare(row: Row, data_root: Path, *, quick: bool) -> Path:
     """The data folder of a row: a user's as it is, a built-in one made once (outside every budget) and reused."""
     from data_tools import storage
 
+    if row.folder is not None and row.carve_val:
+        from data_tools.splits import carve_split
+
+        carved = data_root / f"{row.source}-with-val"  # written again by every command (seconds: paths, not images)
+        carve_split(row.folder, carved, task=row.task, fraction=VAL_FRACTION, seed=0)
+        return carved
     if row.folder is not None:
         return row.folder
     source, task = row.source, row.task

@@ -298,8 +298,9 @@ def test_bench_vs_baseline_quick_runs_both_sides_end_to_end(tmp_path):
     out = tmp_path / "table.md"
     command = [sys.executable, str(ROOT / "scripts" / "bench_vs_baseline.py"), "--quick", f"--out={out}"]
     command += ["--rows", "digits/classification", f"--work={tmp_path / 'work'}"]
-    # and a user's folder beside the built-in row (an ImageFolder of 32-pixel images through `data convert`)
-    command += [f"--data={_convert_folder(tmp_path)}", "--task=classification"]
+    # and a user's folder beside the built-in row (an ImageFolder of 32-pixel images through `data convert`,
+    # train and test only: val is carved from train)
+    command += [f"--data={_convert_folder(tmp_path, splits=('train', 'test'))}", "--task=classification"]
     subprocess.run(command, check=True, cwd=ROOT, timeout=900)
     raw = json.loads(out.with_suffix(".json").read_text())
     assert list(raw["rows"]) == ["digits/classification", "shapes/classification"]
@@ -308,7 +309,7 @@ def test_bench_vs_baseline_quick_runs_both_sides_end_to_end(tmp_path):
         for side in ("ours", "baseline"):
             assert 0.0 <= entry[side][0]["metrics"]["classification/test/top1"] <= 1.0
     assert "| digits | classification | top1 |" in out.read_text()
-    assert "| shapes | classification | top1 |" in out.read_text()
+    assert "| shapes (val: 10% of train) | classification | top1 |" in out.read_text()
 
 
 def test_grounding_errors_sorts_each_gold_phrase_and_reads_the_output_order(tmp_path, monkeypatch, capsys):
@@ -517,7 +518,8 @@ def test_bench_refuses_a_data_folder_it_cannot_score_naming_what_it_holds(tmp_pa
     with pytest.raises(ValueError, match=r"--data .*nowhere.*has no manifest.json"):
         bench.folder_row(tmp_path / "nowhere", "classification")
     row = bench.folder_row(data, "classification")
-    assert (row.name, row.source, row.folder) == ("shapes", "shapes", data.resolve())
+    assert (row.name, row.source, row.folder, row.carve_val) == ("shapes", "shapes", data.resolve(), False)
+    assert bench.prepare(row, tmp_path / "work", quick=False) == data.resolve()  # used as it is
     # The command line: --data and --task go together, and a row's name cannot take a built-in row's place.
     for argv, message in (
         (["--data", str(data)], "--data and --task go together"),
@@ -529,3 +531,17 @@ def test_bench_refuses_a_data_folder_it_cannot_score_naming_what_it_holds(tmp_pa
         with pytest.raises(SystemExit) as exit_info:
             bench.main(["--out", str(tmp_path / "x.md"), *argv])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_sets_a_tenth_of_train_aside_as_val_for_a_folder_without_one(tmp_path):
+    bench = _script("bench_vs_baseline")
+    data = _convert_folder(tmp_path, splits=("train", "test"), per_class=20)
+    row = bench.folder_row(data, "classification", "mine")
+    assert (row.name, row.carve_val) == ("mine (val: 10% of train)", True)
+    carved = bench.prepare(row, tmp_path / "work", quick=False)
+    assert carved == tmp_path / "work" / "mine-with-val"
+    val_ids = storage.load_split(carved, "classification", "val", decode_images=False)["id"]
+    assert storage.available(carved) == {"classification": {"train": 36, "val": 4, "test": 40}}
+    assert storage.available(data) == {"classification": {"train": 40, "test": 40}}  # the user's folder as it was
+    assert bench.prepare(row, tmp_path / "work", quick=False) == carved  # a second command carves the same
+    assert storage.load_split(carved, "classification", "val", decode_images=False)["id"] == val_ids
