@@ -83,7 +83,8 @@ def carve_split(
     moved = {index for key in keys[:moved_count] for index in groups[key]}
 
     def part(inside: bool) -> Iterator[dict]:
-        return (records[i] for i in range(len(records)) if (i in moved) == inside)
+        # One sequential pass over the split (indexing row by row would read Arrow once per record).
+        return (record for i, record in enumerate(records) if (i in moved) == inside)
 
     streams = {(task, source): part(False), (task, into): part(True)}
     for other_task, splits in held.items():
