@@ -125,7 +125,8 @@ class UnifiedVLConfig(PretrainedConfig):
             column embeddings on the language model's side; None keeps `modeling.POSITION_INIT_STD` (0.5,
             readable from the first step, which grounding's location outputs need). 0 starts them at zero:
             the tokens start translation-equivariant (as a CNN's global pool is invariant) and learn
-            positions only as far as the loss asks for them.
+            positions only as far as the loss asks for them. Not for data with boxes: in the main job it
+            left REC and grounding near 0.1 after 15 minutes (docs/learning.md, "The prior on a faster day").
         vision_pooled_token: ``"fused"`` mode only: one more image token after the grid's, the grid's
             mean (the global average pool a CNN classifier reads, e.g. the benchmark's baseline), through
             the same projection, with its own learned position.
