@@ -31,6 +31,7 @@ def _synth(args: argparse.Namespace, command: str) -> int:
         seed=args.seed,
         workers=args.workers,
         layout=args.layout,
+        vqa_evidence=args.vqa_evidence,
         command=command,
     )
     return 0
@@ -108,6 +109,12 @@ def _data_parser() -> argparse.ArgumentParser:
         default="grid",
         help="grid: objects in the cells of a 4 x 4 grid (the main job's world); free: anywhere, any size, "
         "possibly touching, with relation questions (default: %(default)s)",
+    )
+    p.add_argument(
+        "--vqa-evidence",
+        action="store_true",
+        help="VQA records also name the objects each question is about, with their boxes (evidence_phrases, "
+        "evidence_boxes): training writes them before the answer (docs/records.md)",
     )
     p.set_defaults(run=_synth)
 

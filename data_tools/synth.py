@@ -753,15 +753,26 @@ def _annotator_answers(answer: str, alternatives: Sequence[str], rng: random.Ran
 
 
 def _question(
-    question: str, answer: str, answer_type: str, question_type: str, alternatives: Sequence[str], rng: random.Random
+    question: str,
+    answer: str,
+    answer_type: str,
+    question_type: str,
+    alternatives: Sequence[str],
+    rng: random.Random,
+    evidence: Sequence[tuple[str, SceneObject]] = (),
 ) -> dict:
-    """One question with its ten annotator answers (the shape :func:`scene_questions` returns)."""
+    """One question with its ten annotator answers (the shape :func:`scene_questions` returns).
+
+    ``evidence``: the objects the question names, each with the words that name it (written to the
+    record only with ``vqa_evidence``; drawing it takes nothing from ``rng``).
+    """
     return {
         "question": question,
         "answer": answer,
         "answers": _annotator_answers(answer, alternatives, rng),
         "answer_type": answer_type,
         "question_type": question_type,
+        "evidence": [(phrase, obj.box) for phrase, obj in evidence],
     }
 
 
@@ -780,7 +791,10 @@ def count_question(scene: Scene, rng: random.Random) -> dict:
     n = rng.choice(sorted(by_count))
     q = rng.choice(by_count[n])
     numbers = [str(k) for k in range(len(NUMBER_WORDS))]
-    return _question(f"how many {q.words(plural=True)} are there?", str(n), "number", "how many", numbers, rng)
+    evidence = [(q.words(), objs[k]) for k in matching(objs, q)]
+    return _question(
+        f"how many {q.words(plural=True)} are there?", str(n), "number", "how many", numbers, rng, evidence
+    )
 
 
 def side(obj: SceneObject, axis: str, *, image_size: int) -> str:
@@ -818,7 +832,8 @@ def position_question(scene: Scene, rng: random.Random, *, layout: str = "grid")
     first, second = SIDES[axis] if rng.random() < 0.5 else SIDES[axis][::-1]
     where = f"on the {first} or {second} of" if axis == "x" else f"at the {first} or {second} of"
     answer = side(objs[i], axis, image_size=scene.size)
-    return _question(f"is the {d.words()} {where} the image?", answer, "other", "is the", SIDES[axis], rng)
+    evidence = [(d.words(), objs[i])]
+    return _question(f"is the {d.words()} {where} the image?", answer, "other", "is the", SIDES[axis], rng, evidence)
 
 
 # The other side of each relation, for the yes/no relation questions whose answer is "no".
@@ -852,7 +867,9 @@ def relation_question(scene: Scene, rng: random.Random) -> dict | None:
     rel = relation(scene.objects[i], scene.objects[j], image_size=scene.size)
     asked = rel if rng.random() < 0.5 else OPPOSITE[rel]
     answer = "yes" if asked == rel else "no"
-    return _question(f"is the {a.words()} {asked} the {b.words()}?", answer, "yes/no", "relation", ("yes", "no"), rng)
+    evidence = [(a.words(), scene.objects[i]), (b.words(), scene.objects[j])]
+    question = f"is the {a.words()} {asked} the {b.words()}?"
+    return _question(question, answer, "yes/no", "relation", ("yes", "no"), rng, evidence)
 
 
 def relation_choice_question(scene: Scene, rng: random.Random) -> dict | None:
@@ -868,7 +885,8 @@ def relation_choice_question(scene: Scene, rng: random.Random) -> dict | None:
     first, second = sides if rng.random() < 0.5 else sides[::-1]
     of = " of" if sides[0] == "left" else ""  # "left or right of the b" / "above or below the b"
     question = f"is the {a.words()} {first} or {second}{of} the {b.words()}?"
-    return _question(question, answer, "other", "relation choice", sides, rng)
+    evidence = [(a.words(), scene.objects[i]), (b.words(), scene.objects[j])]
+    return _question(question, answer, "other", "relation choice", sides, rng, evidence)
 
 
 def scene_questions(scene: Scene, rng: random.Random, *, allow_heldout: bool, layout: str = "grid") -> list[dict]:
@@ -886,15 +904,17 @@ def scene_questions(scene: Scene, rng: random.Random, *, allow_heldout: bool, la
     options = [(i, d) for i in range(len(objs)) for d in unique_descriptions(scene, i, allow=("size", "shape"))]
     if options:
         i, d = rng.choice(options)
+        question = f"what color is the {d.words()}?"
         out.append(
-            _question(f"what color is the {d.words()}?", objs[i].color, "other", "what color is the", COLOR_NAMES, rng)
+            _question(question, objs[i].color, "other", "what color is the", COLOR_NAMES, rng, [(d.words(), objs[i])])
         )
     # shape: describe an object without its shape
     options = [(i, d) for i in range(len(objs)) for d in unique_descriptions(scene, i, allow=("size", "color"))]
     if options:
         i, d = rng.choice(options)
+        question = f"what shape is the {d.words()}?"
         out.append(
-            _question(f"what shape is the {d.words()}?", objs[i].shape, "other", "what shape is the", SHAPES, rng)
+            _question(question, objs[i].shape, "other", "what shape is the", SHAPES, rng, [(d.words(), objs[i])])
         )
     out.append(count_question(scene, rng))
     # existence: yes or no with equal probability; "no" names an absent colour-shape pair
@@ -908,7 +928,9 @@ def scene_questions(scene: Scene, rng: random.Random, *, allow_heldout: bool, la
             if not matching(objs, d) and (allow_heldout or not d.mentions_heldout()):
                 break
         answer = "no"
-    out.append(_question(f"is there {with_article(d.words())}?", answer, "yes/no", "is there a", ("yes", "no"), rng))
+    evidence = [(d.words(), objs[k]) for k in matching(objs, d)]
+    question = f"is there {with_article(d.words())}?"
+    out.append(_question(question, answer, "yes/no", "is there a", ("yes", "no"), rng, evidence))
     # position: which half of the image a described object is in. Not a relation between two
     # objects ("is the a left of the b?"): uvl-tiny's 15-minute main job answered that at chance in
     # every run, as a yes/no question (0.47-0.57) and as GQA's choice "left or right of the b"
@@ -976,7 +998,14 @@ def classification_label(scene: Scene) -> str:
 
 
 def scene_records(
-    scene: Scene, *, record_id: str, split: str, image: object, seed: str, layout: str = "grid"
+    scene: Scene,
+    *,
+    record_id: str,
+    split: str,
+    image: object,
+    seed: str,
+    layout: str = "grid",
+    vqa_evidence: bool = False,
 ) -> dict[str, list[dict]]:
     """The records of every task for one scene.
 
@@ -988,6 +1017,9 @@ def scene_records(
             image, or None when only the texts are wanted).
         seed: string seed of this image (texts use their own stream, independent of drawing).
         layout: the scene's layout (the free one adds relation questions).
+        vqa_evidence: VQA records also carry the objects each question names (``evidence_phrases``,
+            ``evidence_boxes``: tasks.vqa trains those records to write them before the answer). Off,
+            the records are as they always were; on, only those two fields are added.
     """
     rng = random.Random(f"text:{seed}")
     allow_heldout = split == "heldout"
@@ -1001,7 +1033,7 @@ def scene_records(
     records["captioning"] = [{"id": record_id, **common, "captions": [c.text() for c in captions]}]
 
     questions = scene_questions(scene, rng, allow_heldout=allow_heldout, layout=layout)
-    records["vqa"] = [_vqa_record(f"{record_id}-q{k}", common, q) for k, q in enumerate(questions)]
+    records["vqa"] = [_vqa_record(f"{record_id}-q{k}", common, q, vqa_evidence) for k, q in enumerate(questions)]
 
     rec = []
     order = list(range(len(objs)))
@@ -1062,32 +1094,45 @@ def scene_records(
         for q in extra_train_questions(scene, rng, layout=layout):
             if q["question"] not in asked:
                 asked.add(q["question"])
-                records["vqa"].append(_vqa_record(f"{record_id}-q{len(records['vqa'])}", common, q))
+                records["vqa"].append(_vqa_record(f"{record_id}-q{len(records['vqa'])}", common, q, vqa_evidence))
     return records
 
 
-def _vqa_record(record_id: str, common: dict, question: dict) -> dict:
+def _vqa_record(record_id: str, common: dict, question: dict, evidence: bool = False) -> dict:
     fields = ("question", "answers", "answer_type", "question_type")
-    return {"id": record_id, **common, **{k: question[k] for k in fields}}
+    record = {"id": record_id, **common, **{k: question[k] for k in fields}}
+    if evidence:
+        record["evidence_phrases"] = [phrase for phrase, _ in question["evidence"]]
+        record["evidence_boxes"] = [box for _, box in question["evidence"]]
+    return record
 
 
 TASKS_WRITTEN = ("captioning", "vqa", "rec", "grounding", "classification", "itm", "detection", "text_infilling")
 
 
 def make_image(
-    seed: int, split: str, index: int, image_size: int, *, render: bool = True, layout: str = "grid"
+    seed: int,
+    split: str,
+    index: int,
+    image_size: int,
+    *,
+    render: bool = True,
+    layout: str = "grid",
+    vqa_evidence: bool = False,
 ) -> tuple[Scene, dict[str, list[dict]]]:
     """Scene and records of image ``index`` of ``split`` (``render=False``: ``image`` is None)."""
     key = image_seed(seed, split, index)
     scene = sample_scene(key, image_size=image_size, split=split, layout=layout)
     image = {"bytes": png_bytes(render_scene(scene)), "path": None} if render else None
     record_id = f"{split}-{index:06d}"
-    return scene, scene_records(scene, record_id=record_id, split=split, image=image, seed=key, layout=layout)
+    return scene, scene_records(
+        scene, record_id=record_id, split=split, image=image, seed=key, layout=layout, vqa_evidence=vqa_evidence
+    )
 
 
-def _make_image_star(args: tuple[int, str, int, int, str]) -> dict[str, list[dict]]:
-    seed, split, index, image_size, layout = args
-    return make_image(seed, split, index, image_size, layout=layout)[1]
+def _make_image_star(args: tuple[int, str, int, int, str, bool]) -> dict[str, list[dict]]:
+    seed, split, index, image_size, layout, vqa_evidence = args
+    return make_image(seed, split, index, image_size, layout=layout, vqa_evidence=vqa_evidence)[1]
 
 
 def iter_split(
@@ -1099,9 +1144,10 @@ def iter_split(
     workers: int = 0,
     render: bool = True,
     layout: str = "grid",
+    vqa_evidence: bool = False,
 ) -> Iterator[dict[str, list[dict]]]:
     """Records of images ``0..num_images-1`` of ``split``, in order, optionally drawn by a process pool."""
-    jobs = ((seed, split, i, image_size, layout) for i in range(num_images))
+    jobs = ((seed, split, i, image_size, layout, vqa_evidence) for i in range(num_images))
     if workers > 1 and render:
         import multiprocessing
 
@@ -1109,7 +1155,7 @@ def iter_split(
             yield from pool.imap(_make_image_star, jobs, chunksize=64)
     else:
         for job in jobs:
-            yield make_image(*job[:4], render=render, layout=layout)[1]
+            yield make_image(*job[:4], render=render, layout=layout, vqa_evidence=vqa_evidence)[1]
 
 
 def split_sizes(num_images: int, num_eval_images: int | None) -> dict[str, int]:
@@ -1159,6 +1205,7 @@ def generate(
     seed: int = 0,
     workers: int = 0,
     layout: str = "grid",
+    vqa_evidence: bool = False,
     command: str = "",
     log=print,
 ) -> dict:
@@ -1172,6 +1219,7 @@ def generate(
         seed: master seed; the same seed gives byte-identical records and PNGs.
         workers: processes that draw images (0 or 1: this process).
         layout: ``"grid"`` (the default world) or ``"free"`` (:data:`LAYOUTS`).
+        vqa_evidence: VQA records also carry the objects each question names (:func:`scene_records`).
         command: the command line, for the manifest.
         log: where progress lines go (``print``; a no-op to stay quiet).
 
@@ -1192,7 +1240,8 @@ def generate(
 
     def stream():
         for split, n in sizes.items():
-            for per_task in iter_split(seed, split, n, image_size, workers=workers, layout=layout):
+            draw = iter_split(seed, split, n, image_size, workers=workers, layout=layout, vqa_evidence=vqa_evidence)
+            for per_task in draw:
                 for task, records in per_task.items():
                     for record in records:
                         if split == "train":
@@ -1207,6 +1256,7 @@ def generate(
                 "seed": seed,
                 "image_size": image_size,
                 "layout": layout,
+                "vqa_evidence": vqa_evidence,
                 "images": sizes,
                 "heldout_pairs": sorted(f"{c} {s}" for c, s in HELDOUT_PAIRS),
                 "classification_label": "shape of the largest object (largest bounding box)",

@@ -25,9 +25,12 @@ from collections import Counter
 from collections.abc import Sequence
 
 from tasks._common import (
+    FieldSpec,
     Record,
     Task,
+    box_list_field,
     choice_field,
+    format_labelled_boxes,
     safe_mean,
     source_id_field,
     squash,
@@ -153,15 +156,43 @@ def most_common_answer(answers: Sequence[str]) -> str:
     return next(a for a in cleaned if counts[a] == best)
 
 
+# A record with grounded evidence (``evidence_phrases`` / ``evidence_boxes``: the objects the question
+# names, GQA's question-to-object annotations in our box format) is trained to write them first, each
+# phrase with its four location tokens as grounding writes them, then this marker and the answer:
+# "red circle<loc_..>x4 ; blue square<loc_..>x4 ; answer: yes". Grounded evidence before the answer, as
+# Shikra writes the mentioned objects' coordinates in a chain of thought before its answer (Chen et al.
+# 2023, "Shikra: Unleashing Multimodal LLM's Referential Dialogue Magic", arXiv 2306.15195); the metric
+# reads only what follows the marker.
+ANSWER_MARKER = "answer:"
+_FORBIDDEN = ("<loc_", ";")  # would break the "phrase<loc>x4 ; ..." evidence format
+
+
+def evidence_of(record: Record) -> list[tuple[str, list[float]]] | None:
+    """The record's ``(phrase, box)`` evidence, or None when it has none (an empty list is evidence of
+    nothing: "how many stars?" -> 0)."""
+    phrases, boxes_ = record.get("evidence_phrases"), record.get("evidence_boxes")
+    if phrases is None and boxes_ is None:
+        return None
+    return list(zip(phrases or [], boxes_ or [], strict=True))
+
+
 def _target(record: Record, rng) -> str:
     # Deterministic even in training: OFA trains on the most confident answer as well.
-    return most_common_answer(record["answers"])
+    answer = most_common_answer(record["answers"])
+    evidence = evidence_of(record)
+    if evidence is None:
+        return answer
+    written = format_labelled_boxes(evidence, record["width"], record["height"])
+    return f"{written} ; {ANSWER_MARKER} {answer}" if written else f"{ANSWER_MARKER} {answer}"
 
 
 def _parse(text: str, record: Record) -> str | None:
     # Only whitespace is cleaned here: the official metric normalises inside, and only when the
     # human answers disagree; normalising here would change official scores.
-    answer = squash(text)
+    head, marker, answer = text.rpartition(ANSWER_MARKER)
+    if not marker and "<loc_" in text:
+        return None  # evidence with no answer after it (cut off): no prediction
+    answer = squash(answer)
     return answer or None
 
 
@@ -177,6 +208,19 @@ def _metric(predictions: Sequence[str | None], records: Sequence[Record]) -> dic
         if answer_type in per_type:
             result[f"accuracy_{answer_type}"] = safe_mean(per_type[answer_type])
     return result
+
+
+def _evidence_field(name: str, spec: FieldSpec, other: str) -> FieldSpec:
+    # The two evidence lists go together, one box per phrase: a cross-field check around the generic one.
+    def check(value, record) -> None:
+        spec.check(value, record)
+        partner = record.get(other)
+        if partner is None:
+            raise ValueError(f"needs {other} beside it (one box per evidence phrase)")
+        if isinstance(partner, (list, tuple)) and len(partner) != len(value):
+            raise ValueError(f"holds {len(value)} item(s) for {len(partner)} in {other} (one box per evidence phrase)")
+
+    return FieldSpec(name, spec.type, check, spec.role, spec.required, spec.storage)
 
 
 def answer_vocabulary(records: Sequence[Record], *, min_count: int = 1) -> list[str]:
@@ -265,6 +309,15 @@ TASK = Task(
         "answers": string_list_field("answers"),
         "answer_type": choice_field("answer_type", ANSWER_TYPES),
         "question_type": string_field("question_type", required=False),
+        # Optional grounded evidence: the objects the question names (see ANSWER_MARKER).
+        "evidence_phrases": _evidence_field(
+            "evidence_phrases",
+            string_list_field("evidence_phrases", required=False, min_items=0, forbid=_FORBIDDEN),
+            "evidence_boxes",
+        ),
+        "evidence_boxes": _evidence_field(
+            "evidence_boxes", box_list_field("evidence_boxes", required=False, min_items=0), "evidence_phrases"
+        ),
         # VQAv2's ids (data_tools.converters.vqav2): the EvalAI results file keys on question_id.
         "question_id": source_id_field("question_id"),
         "image_id": source_id_field("image_id"),

@@ -60,6 +60,9 @@ class SynthConfig:
     # grid: objects in the cells of a 4 x 4 grid (the main job's world); free: anywhere, any size,
     # with relation questions (data_tools.synth.LAYOUTS)
     layout: Literal["grid", "free"] = "grid"
+    # VQA records also name the objects each question is about, with boxes (data synth --vqa-evidence):
+    # VQA is then trained to write them before the answer (tasks.vqa.ANSWER_MARKER)
+    vqa_evidence: bool = False
 
 
 @dataclass

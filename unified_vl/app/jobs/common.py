@@ -64,8 +64,9 @@ def _digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def synth_settings(config: RunConfig) -> tuple[int, int, int, str]:
-    """``(num_images, image_size, seed, layout)`` of the configured synthetic world, data_tools' defaults filled in."""
+def synth_settings(config: RunConfig) -> tuple:
+    """``(num_images, image_size, seed, layout[, "vqa_evidence"])`` of the configured synthetic world, data_tools'
+    defaults filled in (the last only when set, so that the cache of every other world keeps its key)."""
     from data_tools import synth
 
     s = config.data.synth
@@ -74,7 +75,7 @@ def synth_settings(config: RunConfig) -> tuple[int, int, int, str]:
         s.image_size if s.image_size is not None else synth.DEFAULT_IMAGE_SIZE,
         s.seed,
         s.layout,
-    )
+    ) + (("vqa_evidence",) if s.vqa_evidence else ())
 
 
 def _code_digest(module) -> str:
@@ -99,7 +100,7 @@ def prepare_data(config: RunConfig, dist: distributed.DistInfo) -> RunConfig:
         if dist.is_main and not (folder / storage.MANIFEST_NAME).is_file():
             from data_tools import synth
 
-            num_images, image_size, seed, layout = synth_settings(config)
+            num_images, image_size, seed, layout, *evidence = synth_settings(config)
             print(f"generating the synthetic world into {folder} (cached for later runs)", flush=True)
             synth.generate(
                 str(folder),
@@ -107,8 +108,9 @@ def prepare_data(config: RunConfig, dist: distributed.DistInfo) -> RunConfig:
                 image_size=image_size,
                 seed=seed,
                 layout=layout,
+                vqa_evidence=bool(evidence),
                 command=f"unified-vl data synth --out {folder} --num-images {num_images} --image-size {image_size} "
-                f"--seed {seed} --layout {layout}",
+                f"--seed {seed} --layout {layout}" + (" --vqa-evidence" if evidence else ""),
             )
         config.data.path = str(folder)
     distributed.barrier()
@@ -246,12 +248,14 @@ def _column(records: Sequence, name: str) -> list:
 def answer_prior_of(datasets: Mapping[str, Sequence]) -> Callable[[str, int], Mapping[str, float] | None]:
     """``train.answer_prior``'s question-only prior for each VQA training record (`tasks.vqa.QuestionPrior`).
 
-    Counted from the whole training split; other tasks' records have none.
+    Counted from the whole training split; other tasks' records have none, and nor has a VQA record with
+    grounded evidence (its target starts with the evidence, not the answer the prior weighs).
     """
     from tasks.vqa import QuestionPrior
 
     vqa = datasets["vqa"]
     questions, answers, types = (_column(vqa, name) for name in ("question", "answers", "question_type"))
+    grounded = [phrases is not None for phrases in _column(vqa, "evidence_phrases")]
     rows = [
         {"question": q, "answers": a, "question_type": t} for q, a, t in zip(questions, answers, types, strict=True)
     ]
@@ -259,7 +263,7 @@ def answer_prior_of(datasets: Mapping[str, Sequence]) -> Callable[[str, int], Ma
     prior = functools.lru_cache(maxsize=4096)(QuestionPrior(rows))
 
     def answer_prior(task: str, index: int) -> Mapping[str, float] | None:
-        return prior(questions[index], types[index]) if task == "vqa" else None
+        return prior(questions[index], types[index]) if task == "vqa" and not grounded[index] else None
 
     return answer_prior
 
