@@ -545,3 +545,70 @@ def test_bench_sets_a_tenth_of_train_aside_as_val_for_a_folder_without_one(tmp_p
     assert storage.available(data) == {"classification": {"train": 40, "test": 40}}  # the user's folder as it was
     assert bench.prepare(row, tmp_path / "work", quick=False) == carved  # a second command carves the same
     assert storage.load_split(carved, "classification", "val", decode_images=False)["id"] == val_ids
+
+
+def test_vqa_evidence_errors_scores_the_written_boxes_and_the_answers_beside_them(tmp_path, monkeypatch, capsys):
+    module = _script("vqa_evidence_errors")
+    from tasks.boxes import box_to_tokens
+
+    left, right, elsewhere = [0, 20, 16, 36], [40, 20, 56, 36], [20, 0, 30, 10]
+
+    def written(*boxes_, answer):
+        items = " ; ".join(f"obj{box_to_tokens(b, 64, 64)}" for b in boxes_)
+        return (f"{items} ; answer: {answer}" if items else f"answer: {answer}"), answer
+
+    def record(i, kind, answer, boxes_):
+        phrases = [f"obj {k}" for k in range(len(boxes_))]
+        return {
+            "id": f"test-000001-q{i}", "question_type": kind, "answers": [answer] * 10, "width": 64, "height": 64,
+            "evidence_phrases": phrases, "evidence_boxes": boxes_,
+        }  # fmt: skip
+
+    records = [
+        record(0, "relation choice", "left", [left, right]),  # boxes right, answer right
+        record(1, "relation choice", "left", [left, right]),  # boxes off but in order, answer right
+        record(2, "relation choice", "left", [left, right]),  # boxes swapped, answer wrong
+        record(3, "how many", "0", []),  # nothing to write, nothing written
+    ]
+    shifted = [[4, 24, 12, 32], [60, 24, 63, 32]]  # centres in the same order, IoU < 0.5 with the gold
+    outputs = {
+        "test-000001-q0": written(left, right, answer="left"),
+        "test-000001-q1": written(*shifted, answer="left"),
+        "test-000001-q2": written(right, left, answer="right"),
+        "test-000001-q3": written(answer="0"),
+    }
+    scores = module.score(outputs, records)
+    assert scores["relation choice"] == {
+        "questions": 3, "accuracy": pytest.approx(2 / 3), "evidence right": pytest.approx(1 / 3),
+        "accuracy, evidence right": 1.0, "accuracy, evidence wrong": 0.5, "pair order right": pytest.approx(2 / 3),
+    }  # fmt: skip
+    assert scores["how many"]["evidence right"] == 1.0 and scores["how many"]["pair order right"] is None
+    # A box written where no object is, and a missing one, are wrong evidence; so is an extra one.
+    one = [record(0, "what color is the", "red", [left])]
+    for text in (written(elsewhere, answer="red"), written(answer="red"), written(left, right, answer="red")):
+        assert module.score({"test-000001-q0": text}, one)["what color is the"]["evidence right"] == 0.0
+    with pytest.raises(SystemExit, match="record 'test-000001-q0': no prediction"):
+        module.score({}, records[:1])
+    with pytest.raises(SystemExit, match="record 'x': no evidence"):
+        module.score({}, [{"id": "x", "question_type": "how many", "answers": ["1"]}])
+    # End to end on a stored world with evidence: a run that writes every test record's own target.
+    import tasks
+
+    vqa = tasks.get_task("vqa")
+    data = tmp_path / "data"
+    synth.generate(
+        str(data), num_images=4, num_eval_images=3, image_size=32, layout="free", vqa_evidence=True, log=lambda *a: None
+    )
+    test = [dict(r, image=None) for r in storage.load_split(data, "vqa", "test", decode_images=False)]
+    run = tmp_path / "run"
+    (run / "predictions").mkdir(parents=True)
+    lines = [
+        {"id": r["id"], "task": "vqa", "text": vqa.target(r), "prediction": vqa.parse(vqa.target(r), r)} for r in test
+    ]
+    (run / "predictions" / "test.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    monkeypatch.setattr(sys, "argv", ["x", str(run), "--data", str(data), "--out", str(tmp_path / "e.md")])
+    module.main()
+    result = json.loads((tmp_path / "e.json").read_text())[f"{run}:test"]
+    assert result and all(s["evidence right"] == 1.0 for s in result.values())
+    assert all(s["pair order right"] in (None, 1.0) for s in result.values())
+    assert "| test |" in capsys.readouterr().out
