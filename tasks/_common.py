@@ -264,6 +264,7 @@ def as_random(rng: Any) -> random.Random:
 # --------------------------------------------------------------------------------------------
 
 ITEM_SEPARATOR = " ; "  # between "label<loc>x4" items (DESIGN.md §1, grounding row)
+LABEL_FORBIDDEN = ("<loc_", ";")  # in a label, these would break the "label<loc>x4 ; ..." format
 
 
 def decode_box(text: str, width: float, height: float) -> list[float] | None:

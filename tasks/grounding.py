@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from tasks import boxes
 from tasks._caption_metrics import caption_scores
 from tasks._common import (
+    LABEL_FORBIDDEN,
     FieldSpec,
     Record,
     Task,
@@ -49,7 +50,6 @@ REGION_PROMPTS = (
     "what is in the region {region}?",
 )
 IOU_THRESHOLD = 0.5  # Flickr30k Entities protocol (Plummer et al., 2015): correct when IoU >= 0.5
-_FORBIDDEN = ("<loc_", ";")  # would break the "phrase<loc>x4 ; ..." target format
 PHRASE_FIELDS = ("width", "height", "caption", "phrases", "boxes")
 REGION_FIELDS = ("width", "height", "region", "description")
 
@@ -226,7 +226,7 @@ TASK = Task(
         "width": size_field("width"),
         "height": size_field("height"),
         "caption": string_field("caption", role="input", required=False),
-        "phrases": string_list_field("phrases", required=False, forbid=_FORBIDDEN),
+        "phrases": string_list_field("phrases", required=False, forbid=LABEL_FORBIDDEN),
         "boxes": _boxes_field(),
         "region": box_field("region", role="input", required=False),
         "description": string_field("description", required=False),

@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from tasks._common import (
+    LABEL_FORBIDDEN,
     FieldSpec,
     Record,
     Task,
@@ -164,7 +165,6 @@ def most_common_answer(answers: Sequence[str]) -> str:
 # 2023, "Shikra: Unleashing Multimodal LLM's Referential Dialogue Magic", arXiv 2306.15195); the metric
 # reads only what follows the marker.
 ANSWER_MARKER = "answer:"
-_FORBIDDEN = ("<loc_", ";")  # would break the "phrase<loc>x4 ; ..." evidence format
 
 
 def evidence_of(record: Record) -> list[tuple[str, list[float]]] | None:
@@ -312,7 +312,7 @@ TASK = Task(
         # Optional grounded evidence: the objects the question names (see ANSWER_MARKER).
         "evidence_phrases": _evidence_field(
             "evidence_phrases",
-            string_list_field("evidence_phrases", required=False, min_items=0, forbid=_FORBIDDEN),
+            string_list_field("evidence_phrases", required=False, min_items=0, forbid=LABEL_FORBIDDEN),
             "evidence_boxes",
         ),
         "evidence_boxes": _evidence_field(
