@@ -123,10 +123,15 @@ def report(out: str | os.PathLike | None, text: str, data: dict) -> None:
     path.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
 
 
-def run_predictions(run: str | os.PathLike, split: str, task: str) -> dict[str, str | None]:
-    """Record id -> parsed prediction of one task, from ``RUN/predictions/{split}.jsonl`` (a run's final evaluation)."""
+def prediction_rows(run: str | os.PathLike, split: str, task: str) -> list[dict]:
+    """One task's rows of ``RUN/predictions/{split}.jsonl`` (a run's final evaluation), as written."""
     path = Path(run) / "predictions" / f"{split}.jsonl"
     if not path.is_file():
         raise SystemExit(f"{path}: no such predictions file (a run writes it at its final evaluation)")
     rows = (json.loads(line) for line in path.read_text().splitlines())
-    return {row["id"]: row.get("prediction") for row in rows if row.get("task") == task}
+    return [row for row in rows if row.get("task") == task]
+
+
+def run_predictions(run: str | os.PathLike, split: str, task: str) -> dict[str, str | None]:
+    """Record id -> parsed prediction of one task, from ``RUN/predictions/{split}.jsonl``."""
+    return {row["id"]: row.get("prediction") for row in prediction_rows(run, split, task)}

@@ -16,7 +16,6 @@ answer depends on, whatever the boxes' sizes). ``--out`` writes the table, and t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -87,11 +86,9 @@ def score(outputs: Mapping[str, tuple[str, str | None]], records: Sequence[Mappi
 
 
 def _outputs(run: str, split: str) -> dict[str, tuple[str, str | None]]:
-    path = Path(run) / "predictions" / f"{split}.jsonl"
-    if not path.is_file():
-        raise SystemExit(f"{path}: no such predictions file (a run writes it at its final evaluation)")
-    rows = (json.loads(line) for line in path.read_text().splitlines())
-    return {row["id"]: (row.get("text") or "", row.get("prediction")) for row in rows if row.get("task") == "vqa"}
+    from benchlib import prediction_rows
+
+    return {row["id"]: (row.get("text") or "", row.get("prediction")) for row in prediction_rows(run, split, "vqa")}
 
 
 def main() -> None:
