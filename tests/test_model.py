@@ -318,6 +318,44 @@ def test_conv_stem_replaces_the_patchify_convolution_with_the_same_grid(tokenize
     assert deep.visual(pixels).shape == (2, 16, 32)
 
 
+def test_the_stem_skip_adds_the_first_blocks_pooled_features_to_the_stems_output(tokenizer, tmp_path):
+    from torch import nn
+
+    vit = {"patch_size": 8, "embed_dim": 32, "depth": 0, "num_heads": 2}
+    text = one_layer_t5(tokenizer)
+
+    def model(**kwargs):
+        torch.manual_seed(0)
+        config = UnifiedVLConfig.from_preset(
+            "uvl-tiny", vision_kwargs=vit, image_size=32, text_config=text, vision_stem="conv-deep", **kwargs
+        )
+        return build_model(config, tokenizer).eval()
+
+    plain, skipped = model(), model(vision_stem_skip=True)
+    stem = skipped.visual.backbone.patch_embed.proj
+    assert (stem.skip.in_channels, stem.skip.out_channels, stem.skip.kernel_size) == (8, 32, (1, 1))
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        # The same layers and the first block's output, averaged over each 8-pixel patch (4 x 4 of the
+        # first block's 16 x 16), through the skip's 1x1 convolution.
+        first = stem.layers[:6](pixels)
+        pooled = first.view(2, 8, 4, 4, 4, 4).mean(dim=(3, 5))  # (B, 8, 4, 4)
+        expected = stem.layers(pixels) + torch.einsum("oc,bchw->bohw", stem.skip.weight[:, :, 0, 0], pooled)
+        torch.testing.assert_close(stem(pixels), expected)
+        # With the skip's weights at zero it is the plain stem with the same other weights.
+        other = {k: v for k, v in stem.state_dict().items() if not k.startswith("skip.")}
+        plain.visual.backbone.patch_embed.proj.load_state_dict(other)
+        nn.init.zeros_(stem.skip.weight)
+        torch.testing.assert_close(stem(pixels), plain.visual.backbone.patch_embed.proj(pixels))
+    processor = UnifiedVLProcessor.from_config(skipped.config, tokenizer)
+    loaded, _ = load_pretrained(save_pretrained(skipped, processor, tmp_path / "m"))
+    assert loaded.config.vision_stem_skip is True and loaded.visual.backbone.patch_embed.proj.skip is not None
+    with pytest.raises(ValueError, match="vision_stem_skip needs a convolutional stem"):
+        UnifiedVLConfig.from_preset("uvl-tiny", vision_stem_skip=True)
+    with pytest.raises(ValueError, match="vision_stem_skip must be true or false, got 'yes'"):
+        UnifiedVLConfig.from_preset("uvl-tiny", vision_stem="conv", vision_stem_skip="yes")
+
+
 def test_a_vit_of_depth_zero_leaves_the_conv_stem_alone_before_the_language_model(tokenizer, tmp_path):
     # The learning recipe (scripts/configs/learn_recipe.yaml): conv-deep stem, no transformer block.
     vit = {"patch_size": 8, "embed_dim": 32, "depth": 0, "num_heads": 2}

@@ -117,6 +117,10 @@ class UnifiedVLConfig(PretrainedConfig):
         vision_stem: ``"patch"`` (timm's patchify stem), ``"conv"`` (a convolutional stem in its
             place, Xiao et al. 2021; ViT backbones only, see :data:`VISION_STEMS`) or ``"conv-deep"``
             (that stem with a stride-1 convolution after each of its first two, see `modeling.ConvStem`).
+        vision_stem_skip: ``"conv"`` and ``"conv-deep"`` stems only: the stem's first block, averaged over
+            each patch, is added to its output through a 1x1 convolution of its own (a hypercolumn; see
+            `modeling.ConvStem`), so that what the first block holds (the colour of a patch) reaches the
+            tokens whatever the deeper blocks keep.
         vision_position_std: initial standard deviation of a ViT backbone's own position embedding;
             None keeps timm's (0.02). At 0.02 against patch tokens of std ~0.4 the backbone's attention
             starts blind to where a patch is; a larger value lets its blocks keep two objects apart
@@ -165,6 +169,7 @@ class UnifiedVLConfig(PretrainedConfig):
         vision_weights_path: str | None = None,
         vision_out_index: int | None = None,
         vision_stem: str = "patch",
+        vision_stem_skip: bool = False,
         vision_position_std: float | None = None,
         vision_pooled_token: bool = False,
         image_position_std: float | None = None,
@@ -182,6 +187,12 @@ class UnifiedVLConfig(PretrainedConfig):
             raise ValueError(f"visual_mode must be one of {', '.join(map(repr, VISUAL_MODES))}, got {visual_mode!r}")
         if vision_stem not in VISION_STEMS:
             raise ValueError(f"vision_stem must be one of {VISION_STEMS}, got {vision_stem!r}")
+        if not isinstance(vision_stem_skip, bool):
+            raise ValueError(f"vision_stem_skip must be true or false, got {vision_stem_skip!r}")
+        if vision_stem_skip and vision_stem == "patch":
+            raise ValueError(
+                "vision_stem_skip needs a convolutional stem (vision_stem 'conv' or 'conv-deep'), not 'patch'"
+            )
         if vision_position_std is not None and (
             isinstance(vision_position_std, bool)
             or not isinstance(vision_position_std, (int, float))
@@ -225,6 +236,7 @@ class UnifiedVLConfig(PretrainedConfig):
         self.vision_weights_path = os.fspath(vision_weights_path) if vision_weights_path is not None else None
         self.vision_out_index = vision_out_index
         self.vision_stem = vision_stem
+        self.vision_stem_skip = vision_stem_skip
         self.vision_position_std = vision_position_std
         self.vision_pooled_token = vision_pooled_token
         self.image_position_std = image_position_std

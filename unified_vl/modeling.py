@@ -62,9 +62,16 @@ class ConvStem(nn.Module):
     (``vision_stem="conv-deep"``: two, as in the benchmark's baseline CNN, `unified_vl.app.baselines.SmallCNN`),
     more capacity where the resolution is high: about twice the paper's stem's compute, about 7% more time
     per training step of uvl-tiny.
+
+    ``skip`` (``vision_stem_skip``): the first block's output (after its stride-2 convolution, and its
+    stride-1 one with ``extra``), averaged over each patch, is added to the stem's output through a 1x1
+    convolution of its own: a hypercolumn (Hariharan et al. 2015, "Hypercolumns for Object Segmentation
+    and Fine-grained Localization"), the same as concatenating it before the last 1x1. On the free layout
+    the deep blocks lose the colour the first block holds as training goes on (docs/learning.md,
+    "Where the colour goes"); this path keeps it one linear map away from the tokens.
     """
 
-    def __init__(self, patch_size: int, dim: int, extra: int = 0):
+    def __init__(self, patch_size: int, dim: int, extra: int = 0, skip: bool = False):
         super().__init__()
         n = int(math.log2(patch_size))
         if 2**n != patch_size:
@@ -76,19 +83,30 @@ class ConvStem(nn.Module):
             if i < extra:
                 layers += [nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
         self.layers = nn.Sequential(*layers, nn.Conv2d(channels[-1], dim, 1))
+        # The first block's last layer (its ReLU), and the pooling from its stride (2) to the patch's.
+        self.skip_after = (6 if extra else 3) - 1 if skip else None
+        self.skip = nn.Conv2d(channels[1], dim, 1, bias=False) if skip else None
+        self.skip_pool = patch_size // 2
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.layers(pixel_values)  # (B, dim, S / patch, S / patch)
+        if self.skip is None:
+            return self.layers(pixel_values)  # (B, dim, S / patch, S / patch)
+        hidden = pixel_values
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden)
+            if i == self.skip_after:
+                first = hidden  # (B, channels[1], S / 2, S / 2)
+        return hidden + self.skip(nn.functional.avg_pool2d(first, self.skip_pool))  # (B, dim, S / patch, S / patch)
 
 
-def _use_conv_stem(backbone: nn.Module, name: str, extra: int = 0) -> None:
+def _use_conv_stem(backbone: nn.Module, name: str, extra: int = 0, skip: bool = False) -> None:
     """Swaps a timm ViT's patchify convolution (``patch_embed.proj``) for a `ConvStem` of the same output."""
     proj = getattr(getattr(backbone, "patch_embed", None), "proj", None)
     if not isinstance(proj, nn.Conv2d):
         raise ValueError(
             f"vision_stem={_stem_name(extra)!r} needs a ViT backbone with patch_embed.proj; {name!r} has none"
         )
-    backbone.patch_embed.proj = ConvStem(proj.kernel_size[0], proj.out_channels, extra)
+    backbone.patch_embed.proj = ConvStem(proj.kernel_size[0], proj.out_channels, extra, skip)
 
 
 def create_backbone(config: UnifiedVLConfig) -> nn.Module:
@@ -111,7 +129,8 @@ def create_backbone(config: UnifiedVLConfig) -> nn.Module:
         except TypeError:
             backbone = timm.create_model(config.vision_model, pretrained=False, num_classes=0, **kwargs)
     if config.vision_stem in ("conv", "conv-deep"):
-        _use_conv_stem(backbone, config.vision_model, extra=2 if config.vision_stem == "conv-deep" else 0)
+        extra = 2 if config.vision_stem == "conv-deep" else 0
+        _use_conv_stem(backbone, config.vision_model, extra=extra, skip=config.vision_stem_skip)
     if config.vision_position_std is not None:
         pos_embed = getattr(backbone, "pos_embed", None)
         if not isinstance(pos_embed, nn.Parameter):
