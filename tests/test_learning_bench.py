@@ -612,3 +612,60 @@ def test_vqa_evidence_errors_scores_the_written_boxes_and_the_answers_beside_the
     assert result and all(s["evidence right"] == 1.0 for s in result.values())
     assert all(s["pair order right"] in (None, 1.0) for s in result.values())
     assert "| test |" in capsys.readouterr().out
+
+
+def test_probe_image_tokens_reads_each_object_at_its_own_token_and_fits_a_linear_read_out(
+    tmp_path, monkeypatch, capsys
+):
+    module = _script("probe_image_tokens")
+    record = {
+        "width": 64, "height": 64, "objects": [
+            {"label": "red circle", "box": [0, 0, 10, 10]},  # centre (5, 5): token 0
+            {"label": "blue large square", "box": [40, 20, 60, 40]},  # centre (50, 30): row 1, column 3
+            {"label": "green cross", "box": [2, 2, 12, 12]},  # centre (7, 7): token 0 again
+        ],
+    }  # fmt: skip
+    # The two objects on token 0 are left out; a shape of more than one word stays whole.
+    assert module.object_cells(record, 4, 4) == [(7, "blue", "large square")]
+    # Two separable clusters are read perfectly; labels drawn independently of the vectors are not.
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 5, generator=generator)
+    y = ["a" if v > 0 else "b" for v in torch.randn(400, generator=generator).tolist()]
+    x[:, 0] += torch.tensor([3.0 if label == "a" else -3.0 for label in y])  # six standard deviations apart
+    assert module.probe_accuracy(x[:200], y[:200], x[200:], y[200:]) > 0.98
+    noise = ["a" if v > 0 else "b" for v in torch.randn(400, generator=generator).tolist()]
+    assert 0.35 < module.probe_accuracy(x[:, 1:][:200], noise[:200], x[:, 1:][200:], noise[200:]) < 0.65
+    # End to end: an untrained uvl-tiny model with a conv-deep stem on a small free world. The pixels'
+    # colour is readable without any learning; every probe is scored on the same test objects.
+    from unified_vl.checkpoint import save_pretrained
+    from unified_vl.config import UnifiedVLConfig
+    from unified_vl.modeling import build_model
+    from unified_vl.processor import UnifiedVLProcessor
+    from unified_vl.tokenizer import load_tokenizer
+
+    data = tmp_path / "data"
+    synth.generate(str(data), num_images=60, num_eval_images=20, image_size=64, layout="free", log=lambda *a: None)
+    tokenizer = load_tokenizer()
+    text = {"vocab_size": len(tokenizer)}
+    config = UnifiedVLConfig.from_preset("uvl-tiny", text_config=text, vision_stem="conv-deep")
+    torch.manual_seed(0)
+    model = build_model(config, tokenizer)
+    processor = UnifiedVLProcessor.from_config(config, tokenizer, vision_backbone=model.visual.backbone)
+    folder = save_pretrained(model.eval(), processor, tmp_path / "model")
+    out = tmp_path / "p.md"
+    argv = ["x", "--model", str(folder), "--data", str(data), "--stem-layers", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    module.main()
+    result = json.loads(out.with_suffix(".json").read_text())[str(folder)]
+    test = storage.load_split(data, "detection", "test")
+    kept = sum(len(module.object_cells(test[i], 4, 4)) for i in range(len(test)))
+    assert result["objects"]["test"] == kept > 20
+    # The stem's six ReLUs (16-pixel patches: four stride-2 blocks, the first two with a stride-1 layer).
+    relus = {f"relu {k}" for k in (2, 5, 8, 11, 14, 17)}
+    assert set(result["colour"]) == set(result["shape"]) == {*module.FEATURES, *relus, "chance"}
+    assert result["colour"]["pixels"] > result["colour"]["chance"] + 0.2
+    assert all(0.0 <= v <= 1.0 for attribute in module.ATTRIBUTES for v in result[attribute].values())
+    assert "| colour |" in capsys.readouterr().out
+    patchify = build_model(UnifiedVLConfig.from_preset("uvl-tiny", text_config=text), tokenizer)
+    with pytest.raises(SystemExit, match="--stem-layers needs a convolutional stem; this model's is Conv2d"):
+        module._stem_layers(patchify, torch.zeros(1, 3, 64, 64), (4, 4))
