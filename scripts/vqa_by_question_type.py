@@ -2,6 +2,8 @@
 
     python scripts/vqa_by_question_type.py --model RUN/model --data DATA_DIR --split test heldout --out X.md
 
+``--max-examples N`` scores each split's first N records (how well a run fits its own train split, say).
+
 The task's own metric (official VQAv2 accuracy, ``tasks/vqa.py``) per ``question_type`` of the
 records, as the official evaluation's ``perQuestionType``; the free layout's two relation forms
 (``relation``, ``relation choice``) also as their mean. Prints a Markdown table; ``--out`` writes
@@ -20,6 +22,7 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="a model folder (a run's model/)")
     parser.add_argument("--data", required=True, help="a data folder with a vqa task")
     parser.add_argument("--split", nargs="+", default=["test"])
+    parser.add_argument("--max-examples", type=int, default=None, help="each split's first N records (default: all)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
@@ -27,7 +30,9 @@ def main() -> None:
 
     from unified_vl.app.baselines import RELATION_QUESTION_TYPES, model_accuracy_by_question_type
 
-    by_split = {split: model_accuracy_by_question_type(args.model, args.data, split) for split in args.split}
+    by_split = {
+        split: model_accuracy_by_question_type(args.model, args.data, split, args.max_examples) for split in args.split
+    }
     for accuracies in by_split.values():
         relations = [accuracies[t] for t in RELATION_QUESTION_TYPES if t in accuracies]
         if relations:

@@ -225,6 +225,10 @@ def test_our_model_is_scored_per_question_type_with_the_relation_mean(
     relations = (accuracy["test"]["relation"] + accuracy["test"]["relation choice"]) / 2
     assert accuracy["test"]["relations (both forms, mean)"] == pytest.approx(relations)
     assert set(accuracy) == {"test", "heldout"} and "| relation choice |" in table
+    # The first N records only (how a run fits its own train split, without scoring all of it).
+    first = storage.load_split(free_world, "vqa", "train", decode_images=False).select(range(5))
+    some = baselines.model_accuracy_by_question_type(tmp_path / "model", free_world, "train", max_examples=5)
+    assert set(some) == set(first["question_type"])
 
 
 def test_grounding_is_scored_with_open_and_phrase_decoding_per_split(

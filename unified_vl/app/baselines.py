@@ -489,15 +489,22 @@ def accuracy_by_question_type(texts: Sequence[str], records: Sequence[dict]) -> 
     return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
 
 
-def model_accuracy_by_question_type(model_dir, data, split: str = "test") -> dict[str, float]:
-    """VQA accuracy per ``question_type`` of one of our model folders on a stored split."""
+def model_accuracy_by_question_type(
+    model_dir, data, split: str = "test", max_examples: int | None = None
+) -> dict[str, float]:
+    """VQA accuracy per ``question_type`` of one of our model folders on a stored split (its first
+    ``max_examples`` records, or all)."""
     from data_tools import storage
     from unified_vl.app.jobs.evaluate import TaskEvaluator
     from unified_vl.checkpoint import load_pretrained
 
-    records = storage.load_split(data, "vqa", split, decode_images=False).remove_columns("image").to_list()
+    records = storage.load_split(data, "vqa", split, decode_images=False).remove_columns("image")
+    if max_examples is not None and len(records) > max_examples:
+        records = records.select(range(max_examples))  # the first N, as TaskEvaluator takes them
+    records = records.to_list()
     model, processor = load_pretrained(model_dir)
-    texts = TaskEvaluator(str(data), ["vqa"]).generate(model.eval(), processor, split=split, max_examples=None)
+    evaluator = TaskEvaluator(str(data), ["vqa"])
+    texts = evaluator.generate(model.eval(), processor, split=split, max_examples=max_examples)
     return accuracy_by_question_type([text for _, text in sorted(texts["vqa"])], records)
 
 
