@@ -84,8 +84,12 @@ def features(
         batch = records[start : start + batch_size]
         inputs = processor(images=[r["image"] for r in batch], text=[prompt] * len(batch))
         pixels = inputs["pixel_values"]  # (B, 3, S, S)
-        at = model.encoder_inputs(pixels, inputs["input_ids"], inputs["attention_mask"]).image_at  # (B, N)
-        hidden = model.encode(pixels, inputs["input_ids"], inputs["attention_mask"])[0].last_hidden_state
+        embedded = model.encoder_inputs(pixels, inputs["input_ids"], inputs["attention_mask"])
+        at = embedded.image_at  # (B, N): where each image token sits in the encoder's input
+        # The T5 encoder over those inputs (`encode` would embed the image a second time).
+        hidden = model.language_model.encoder(
+            inputs_embeds=embedded.embeds, attention_mask=embedded.mask
+        ).last_hidden_state
         places = {
             "pixels": torch.nn.functional.avg_pool2d(pixels, size // grid_h).flatten(2).transpose(1, 2),  # (B, N, 3)
             "stem": visual._grid(pixels).flatten(2).transpose(1, 2),  # (B, N, C)
