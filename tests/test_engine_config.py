@@ -65,6 +65,7 @@ def test_layers_and_dotted_overrides(tmp_path):
         (["train.label_smoothing=1.0"], "train.label_smoothing must be a number in [0, 1), got 1.0"),
         (["train.label_smoothing=-0.1"], "train.label_smoothing must be a number in [0, 1), got -0.1"),
         (["train.ema_decay=1.0"], "train.ema_decay must be a number in [0, 1), got 1.0"),
+        (["train.answer_weight=0"], "train.answer_weight must be a number in (0, 100], got 0"),
         (["train.ema_decay=0.99", "train.zero_stage=3"], "train.ema_decay needs whole weights on every rank"),
     ],
 )

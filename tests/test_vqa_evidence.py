@@ -107,3 +107,36 @@ def test_a_stored_world_with_evidence_reads_back_and_the_prior_skips_its_grounde
     assert plain_vqa[0].get("evidence_phrases") is None
     assert VQA.target(dict(plain_vqa[0])) == most_common_answer(plain_vqa[0]["answers"])
     assert answer_prior_of({"vqa": plain_vqa})("vqa", 0) is not None
+
+
+def test_answer_weight_weighs_the_tokens_after_the_marker_in_the_loss_and_the_count(processor):
+    import torch
+
+    from unified_vl.engine.trainer import answer_token_weights, token_losses
+
+    r = record(evidence_phrases=["red circle"], evidence_boxes=[[0, 0, 16, 16]])
+    targets = [VQA.target(r), VQA.target(record()), "a caption without the marker"]
+    labels = processor.tokenizer(targets, padding=True, return_tensors="pt").input_ids
+    lengths = (labels != processor.tokenizer.pad_token_id).sum(1)
+    labels[labels == processor.tokenizer.pad_token_id] = -100
+    marker = processor.tokenizer(ANSWER_MARKER, add_special_tokens=False).input_ids
+    weights = answer_token_weights(labels, marker, 8.0)
+    # The evidence target: its phrase, four location tokens, ";" and the marker weigh 1, then "yes" and
+    # the end of the sequence 8; the target without evidence and the caption weigh 1 throughout.
+    answer = len(processor.tokenizer("yes").input_ids)  # "yes" and </s>
+    n = int(lengths[0])
+    assert weights[0, : n - answer].tolist() == [1.0] * (n - answer)
+    assert weights[0, n - answer : n].tolist() == [8.0] * answer
+    assert (weights[1:] == 1).all()
+
+    torch.manual_seed(0)
+    logits = torch.randn(*labels.shape, int(labels.max()) + 1)
+    weighted, count = token_losses(logits, labels, answer_weight=(marker, 8.0))
+    plain, plain_count = token_losses(logits, labels)
+    mask = labels != -100
+    nll = -logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0] * mask
+    w = answer_token_weights(labels, marker, 8.0)
+    torch.testing.assert_close(weighted, (nll * w).sum(1))
+    torch.testing.assert_close(count, (mask * w).sum(1))
+    assert count[0] == plain_count[0] + 7 * answer
+    torch.testing.assert_close(weighted[1:], plain[1:])

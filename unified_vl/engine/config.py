@@ -180,6 +180,13 @@ class TrainConfig:
     # counted from the training split (`tasks.vqa.QuestionPrior`); the logged VQA loss is the
     # product's. The jobs need vqa in data.tasks. 0: off (the main job).
     answer_prior: float = 0.0
+    # The weight of each answer token of a VQA target with grounded evidence (the tokens after
+    # tasks.vqa.ANSWER_MARKER, the end-of-sequence included) against each evidence token, in the loss and
+    # in the target's token count. A relation question's target is ~17 evidence tokens and 2 answer
+    # tokens, so at 1 the answer is a tenth of its example's loss (`loss_reduction=sample`); 8 makes it
+    # about half. Targets without the marker weigh 1 throughout; the logged losses are the weighted
+    # ones. 1: off (the main job).
+    answer_weight: float = 1.0
     # An exponential moving average of the weights (Polyak & Juditsky 1992), kept in float32 by timm's
     # ModelEmaV3: a plain average of the weights after each optimizer step until the decay reaches this
     # cap (decay_t = min(cap, (t - 1) / t)), then an average over about 1 / (1 - cap) steps. The final
@@ -595,6 +602,12 @@ def check_training_extras(t: TrainConfig) -> None:
         or not 0 <= t.answer_prior < 100
     ):
         raise ConfigError(f"train.answer_prior must be a number in [0, 100), got {t.answer_prior!r}")
+    if (
+        isinstance(t.answer_weight, bool)
+        or not isinstance(t.answer_weight, (int, float))
+        or not 0 < t.answer_weight <= 100
+    ):
+        raise ConfigError(f"train.answer_weight must be a number in (0, 100], got {t.answer_weight!r}")
     if isinstance(t.ema_decay, bool) or not isinstance(t.ema_decay, (int, float)) or not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay must be a number in [0, 1), got {t.ema_decay!r}")
     if isinstance(t.mixup, bool) or not isinstance(t.mixup, (int, float)) or not 0 <= t.mixup <= 10:

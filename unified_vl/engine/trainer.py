@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from tasks.vqa import ANSWER_MARKER
 from unified_vl.adapters import base_identity, method_weights
 from unified_vl.checkpoint import CheckpointError, atomic_write_text
 from unified_vl.config import UnifiedVLConfig
@@ -349,6 +350,7 @@ def token_losses(
     loc_sigma: float = 0.0,
     label_smoothing: float = 0.0,
     first_token_bias: tuple[torch.Tensor, torch.Tensor] | None = None,
+    answer_weight: tuple[Sequence[int], float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row summed cross-entropy (B,) and target token counts (B,).
 
@@ -359,6 +361,8 @@ def token_losses(
     Architecture", section 7; the same loss as ``torch.nn.CrossEntropyLoss(label_smoothing=e)``).
     With ``first_token_bias = (bias (B, V), rows (B,))`` the first target token of the rows marked is
     scored by ``softmax(logits + bias)``: a product of experts with a prior (`engine.debias`).
+    With ``answer_weight = (marker ids, w)`` the tokens after a row's first marker weigh ``w`` in its
+    sum and its count (:func:`answer_token_weights`; ``train.answer_weight``).
     """
     mask = labels != -100  # (B, L)
     logp = logits.float().log_softmax(dim=-1)  # (B, L, V)
@@ -382,8 +386,25 @@ def token_losses(
             smooth = torch.cat([torch.where(rows, logp0.mean(dim=-1), smooth[:, 0])[:, None], smooth[:, 1:]], dim=1)
     if smooth is not None:
         nll = (1 - label_smoothing) * nll - label_smoothing * smooth
+    if answer_weight is not None:
+        weights = mask * answer_token_weights(labels, *answer_weight)
+        return (nll * weights).sum(dim=1), weights.sum(dim=1)
     nll = nll * mask
     return nll.sum(dim=1), mask.sum(dim=1)
+
+
+def answer_token_weights(labels: torch.Tensor, marker: Sequence[int], weight: float) -> torch.Tensor:
+    """(B, L) float weights: ``weight`` on each token after the first occurrence of ``marker`` (token ids)
+    in a row of ``labels``, 1 elsewhere and on rows without it."""
+    out = torch.ones(labels.shape, dtype=torch.float32, device=labels.device)
+    m = len(marker)
+    if not m or labels.shape[1] < m:
+        return out
+    windows = labels.unfold(1, m, 1)  # (B, L - m + 1, m)
+    hit = (windows == torch.tensor(list(marker), device=labels.device)).all(dim=-1)  # (B, L - m + 1)
+    start = hit.float().argmax(dim=1) + m  # the first answer token (argmax: the first hit)
+    after = hit.any(dim=1)[:, None] & (torch.arange(labels.shape[1], device=labels.device)[None, :] >= start[:, None])
+    return out.masked_fill(after, float(weight))
 
 
 def mixup_partners(
@@ -490,6 +511,7 @@ class _Run:
     adapter: AdapterSpec | None = None  # what an adapter-saving method exports, with ...
     adapter_keys: tuple[str, ...] = ()  # ... the names of its weights
     prior: FirstTokenPrior | None = None  # train.answer_prior's bias on the first answer token
+    answer_weight: tuple[tuple[int, ...], float] | None = None  # train.answer_weight: (marker ids, w)
 
 
 def _few_shot(config: RunConfig, data: TrainData) -> TrainData:
@@ -554,6 +576,9 @@ def _build(config: RunConfig, data: TrainData, job: str) -> _Run:
     run = _Run(config, dist, derived, run_dir, model, processor, data, sampler, mixture, adapter, adapter_keys)
     if t.answer_prior:
         run.prior = FirstTokenPrior(processor.tokenizer, t.answer_prior)
+    if t.answer_weight != 1:
+        marker = processor.tokenizer(ANSWER_MARKER, add_special_tokens=False).input_ids
+        run.answer_weight = (tuple(marker), float(t.answer_weight))
     if dist.is_main:
         suffix = "" if not config.resume else f"-resume-{time.strftime('%Y%m%d-%H%M%S')}"
         atomic_write_text(run_dir / f"config{suffix}.yaml", dump_yaml(config, derived))
@@ -675,7 +700,15 @@ def _train_step(engine, run: _Run, step: int, loc_ids: torch.Tensor) -> StepLoss
             partner = mixup_partners(batch["input_ids"], row_tasks, t.mixup_tasks, rng)
             lam = rng.betavariate(t.mixup, t.mixup)
         forward = functools.partial(
-            _micro_loss, t=t, batch=batch, labels=labels, partner=partner, lam=lam, prior=prior, loc_ids=loc_ids
+            _micro_loss,
+            t=t,
+            batch=batch,
+            labels=labels,
+            partner=partner,
+            lam=lam,
+            prior=prior,
+            loc_ids=loc_ids,
+            answer_weight=run.answer_weight,
         )
         if t.sam_rho:  # the gradient is taken at the worst nearby weights (unified_vl/engine/sharpness.py)
             with sharpness.batch_norm_statistics_kept(engine.module):
@@ -703,9 +736,11 @@ class _Bare:
         return self.module(**kwargs)
 
 
-def _micro_loss(engine, *, t: TrainConfig, batch, labels, partner, lam, prior, loc_ids):
+def _micro_loss(engine, *, t: TrainConfig, batch, labels, partner, lam, prior, loc_ids, answer_weight=None):
     """One micro batch's ``(loss, per-row cross-entropy (B,), target token counts (B,))``."""
-    loss_kwargs = dict(loc_ids=loc_ids, loc_sigma=t.loc_sigma, label_smoothing=t.label_smoothing)
+    loss_kwargs = dict(
+        loc_ids=loc_ids, loc_sigma=t.loc_sigma, label_smoothing=t.label_smoothing, answer_weight=answer_weight
+    )
     if partner != list(range(len(partner))):
         ce, count = mixup_forward(engine, batch, labels, partner, lam, first_token_bias=prior, **loss_kwargs)
     else:
