@@ -114,3 +114,35 @@ def test_mixup_must_name_a_task_that_is_trained():
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, ["data.tasks={vqa: 1, rec: 1}", "train.mixup=0.2"])
     assert load_config(None, ["data.tasks={vqa: 1, rec: 1}", "train.mixup=0.2", "train.mixup_tasks=[rec]"]).train.mixup
+
+
+def test_the_answer_weight_follows_each_target_and_its_rows_mask_goes_to_the_partners(tiny_model, processor):
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
+    targets = ["red circle ; answer: yes", "answer: no", "red circle ; answer: yes"]
+    batch = processor(images, ["is it?"] * 3, targets)
+    labels = batch.pop("labels")
+    marker = processor.tokenizer("answer:", add_special_tokens=False).input_ids
+    marked = torch.tensor([True, True, False])  # row 2 is not a VQA row: its marker is not weighed
+    partner, lam = [1, 2, 0], 0.4
+    weight = (marker, 5.0, marked)
+    ce, count = mixup_forward(_Engine(tiny_model), batch, labels, partner, lam, answer_weight=weight)
+    mixed = lam * batch["pixel_values"] + (1 - lam) * batch["pixel_values"][partner]
+
+    def out(target):
+        return tiny_model(
+            pixel_values=mixed,
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            decoder_input_ids=tiny_model.language_model.prepare_decoder_input_ids_from_labels(labels=target),
+        ).logits
+
+    ce_a, n_a = token_losses(out(labels), labels, answer_weight=weight)
+    ce_b, n_b = token_losses(out(labels[partner]), labels[partner], answer_weight=(marker, 5.0, marked[partner]))
+    assert ce.tolist() == pytest.approx((lam * ce_a + (1 - lam) * ce_b).tolist(), rel=1e-5)
+    assert count.tolist() == pytest.approx((lam * n_a + (1 - lam) * n_b).tolist())
+    # "yes" and </s> weigh 5 in row 0, not in row 2 (the same target, unmarked); row 1's partner is row 2.
+    plain_counts = (labels != -100).sum(1).tolist()
+    yes, no = (4 * len(processor.tokenizer(word).input_ids) for word in ("yes", "no"))  # the answer and </s>
+    assert n_a.tolist() == [plain_counts[0] + yes, plain_counts[1] + no, plain_counts[2]]
+    assert n_b.tolist() == [plain_counts[1] + no, plain_counts[2], plain_counts[0] + yes]

@@ -128,6 +128,8 @@ def test_answer_weight_weighs_the_tokens_after_the_marker_in_the_loss_and_the_co
     assert weights[0, : n - answer].tolist() == [1.0] * (n - answer)
     assert weights[0, n - answer : n].tolist() == [8.0] * answer
     assert (weights[1:] == 1).all()
+    # Rows not marked (another task's target that holds the marker) weigh 1 throughout.
+    assert (answer_token_weights(labels, marker, 8.0, torch.tensor([False, True, True])) == 1).all()
 
     torch.manual_seed(0)
     logits = torch.randn(*labels.shape, int(labels.max()) + 1)

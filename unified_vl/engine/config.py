@@ -185,7 +185,7 @@ class TrainConfig:
     # in the target's token count. A relation question's target is ~17 evidence tokens and 2 answer
     # tokens, so at 1 the answer is a tenth of its example's loss (`loss_reduction=sample`); 8 makes it
     # about half. Targets without the marker weigh 1 throughout; the logged losses are the weighted
-    # ones. 1: off (the main job).
+    # ones. Only VQA records are read for the marker. 1: off (the main job).
     answer_weight: float = 1.0
     # An exponential moving average of the weights (Polyak & Juditsky 1992), kept in float32 by timm's
     # ModelEmaV3: a plain average of the weights after each optimizer step until the decay reaches this

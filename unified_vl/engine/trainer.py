@@ -350,7 +350,7 @@ def token_losses(
     loc_sigma: float = 0.0,
     label_smoothing: float = 0.0,
     first_token_bias: tuple[torch.Tensor, torch.Tensor] | None = None,
-    answer_weight: tuple[Sequence[int], float] | None = None,
+    answer_weight: tuple[Sequence[int], float, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row summed cross-entropy (B,) and target token counts (B,).
 
@@ -361,8 +361,9 @@ def token_losses(
     Architecture", section 7; the same loss as ``torch.nn.CrossEntropyLoss(label_smoothing=e)``).
     With ``first_token_bias = (bias (B, V), rows (B,))`` the first target token of the rows marked is
     scored by ``softmax(logits + bias)``: a product of experts with a prior (`engine.debias`).
-    With ``answer_weight = (marker ids, w)`` the tokens after a row's first marker weigh ``w`` in its
-    sum and its count (:func:`answer_token_weights`; ``train.answer_weight``).
+    With ``answer_weight = (marker ids, w, rows (B,) bool or None: every row)`` the tokens after the first
+    marker of a row marked weigh ``w`` in its sum and its count (:func:`answer_token_weights`;
+    ``train.answer_weight``).
     """
     mask = labels != -100  # (B, L)
     logp = logits.float().log_softmax(dim=-1)  # (B, L, V)
@@ -393,9 +394,11 @@ def token_losses(
     return nll.sum(dim=1), mask.sum(dim=1)
 
 
-def answer_token_weights(labels: torch.Tensor, marker: Sequence[int], weight: float) -> torch.Tensor:
+def answer_token_weights(
+    labels: torch.Tensor, marker: Sequence[int], weight: float, rows: torch.Tensor | None = None
+) -> torch.Tensor:
     """(B, L) float weights: ``weight`` on each token after the first occurrence of ``marker`` (token ids)
-    in a row of ``labels``, 1 elsewhere and on rows without it."""
+    in a row of ``labels`` (of the ``rows`` marked True, when given), 1 elsewhere and on rows without it."""
     out = torch.ones(labels.shape, dtype=torch.float32, device=labels.device)
     m = len(marker)
     if not m or labels.shape[1] < m:
@@ -404,6 +407,8 @@ def answer_token_weights(labels: torch.Tensor, marker: Sequence[int], weight: fl
     hit = (windows == torch.tensor(list(marker), device=labels.device)).all(dim=-1)  # (B, L - m + 1)
     start = hit.float().argmax(dim=1) + m  # the first answer token (argmax: the first hit)
     after = hit.any(dim=1)[:, None] & (torch.arange(labels.shape[1], device=labels.device)[None, :] >= start[:, None])
+    if rows is not None:
+        after &= rows.to(labels.device)[:, None]
     return out.masked_fill(after, float(weight))
 
 
@@ -459,9 +464,11 @@ def mixup_forward(
         encoder_rows=torch.cat([torch.arange(b, device=labels.device), rows]),
     )
     ce, count = token_losses(out.logits[:b], labels, **loss_kwargs)
-    ce_b, count_b = token_losses(
-        out.logits[b:], second, **{k: v for k, v in loss_kwargs.items() if k != "first_token_bias"}
-    )
+    second_kwargs = {k: v for k, v in loss_kwargs.items() if k != "first_token_bias"}
+    if second_kwargs.get("answer_weight") is not None:  # the partners' rows of the answer weight's row mask
+        marker, weight, marked = second_kwargs["answer_weight"]
+        second_kwargs["answer_weight"] = (marker, weight, None if marked is None else marked[other[rows]])
+    ce_b, count_b = token_losses(out.logits[b:], second, **second_kwargs)
     ce = ce.index_put((rows,), lam * ce[rows] + (1 - lam) * ce_b)
     count = count.to(ce.dtype).index_put((rows,), lam * count[rows] + (1 - lam) * count_b)
     return ce, count
@@ -708,7 +715,7 @@ def _train_step(engine, run: _Run, step: int, loc_ids: torch.Tensor) -> StepLoss
             lam=lam,
             prior=prior,
             loc_ids=loc_ids,
-            answer_weight=run.answer_weight,
+            answer_weight=_answer_weight(run, row_tasks),
         )
         if t.sam_rho:  # the gradient is taken at the worst nearby weights (unified_vl/engine/sharpness.py)
             with sharpness.batch_norm_statistics_kept(engine.module):
@@ -734,6 +741,13 @@ class _Bare:
 
     def __call__(self, **kwargs):
         return self.module(**kwargs)
+
+
+def _answer_weight(run: _Run, row_tasks: Sequence[str]):
+    """``train.answer_weight``'s ``(marker ids, w, VQA rows)`` for a micro batch; None when off or no VQA row."""
+    if run.answer_weight is None or "vqa" not in row_tasks:
+        return None
+    return (*run.answer_weight, torch.tensor([task == "vqa" for task in row_tasks]))
 
 
 def _micro_loss(engine, *, t: TrainConfig, batch, labels, partner, lam, prior, loc_ids, answer_weight=None):
