@@ -112,14 +112,18 @@ def test_a_stored_world_with_evidence_reads_back_and_the_prior_skips_its_grounde
 def test_answer_weight_weighs_the_tokens_after_the_marker_in_the_loss_and_the_count(processor):
     import torch
 
-    from unified_vl.engine.trainer import answer_token_weights, token_losses
+    from unified_vl.engine.config import ConfigError
+    from unified_vl.engine.trainer import answer_marker_ids, answer_token_weights, token_losses
 
     r = record(evidence_phrases=["red circle"], evidence_boxes=[[0, 0, 16, 16]])
     targets = [VQA.target(r), VQA.target(record()), "a caption without the marker"]
     labels = processor.tokenizer(targets, padding=True, return_tensors="pt").input_ids
     lengths = (labels != processor.tokenizer.pad_token_id).sum(1)
     labels[labels == processor.tokenizer.pad_token_id] = -100
-    marker = processor.tokenizer(ANSWER_MARKER, add_special_tokens=False).input_ids
+    marker = answer_marker_ids(processor.tokenizer, {"vqa": ANSWER_MARKER})["vqa"]
+    assert processor.tokenizer.decode(marker) == ANSWER_MARKER
+    with pytest.raises(ConfigError, match="train.answer_weight weighs the answer after a task's answer marker, but no"):
+        answer_marker_ids(processor.tokenizer, {})  # no trained task writes one (classification alone)
     weights = answer_token_weights(labels, marker, 8.0)
     # The evidence target: its phrase, four location tokens, ";" and the marker weigh 1, then "yes" and
     # the end of the sequence 8; the target without evidence and the caption weigh 1 throughout.

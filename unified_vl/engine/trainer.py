@@ -21,7 +21,6 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from tasks.vqa import ANSWER_MARKER
 from unified_vl.adapters import base_identity, method_weights
 from unified_vl.checkpoint import CheckpointError, atomic_write_text
 from unified_vl.config import UnifiedVLConfig
@@ -107,6 +106,10 @@ class TrainData:
     # ``answer_prior(task, index) -> {target text: probability}`` or None: the question-only prior of
     # record ``index`` of ``datasets[task]``, for ``train.answer_prior`` (None: that record has none).
     answer_prior: Callable[[str, int], Mapping[str, float] | None] | None = None
+    # ``{task: marker}``: the text after which a target of that task holds its answer (VQA with grounded
+    # evidence: ``tasks.vqa.ANSWER_MARKER``), for ``train.answer_weight``; the jobs fill it (the engine
+    # knows no task's format).
+    answer_markers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -518,7 +521,9 @@ class _Run:
     adapter: AdapterSpec | None = None  # what an adapter-saving method exports, with ...
     adapter_keys: tuple[str, ...] = ()  # ... the names of its weights
     prior: FirstTokenPrior | None = None  # train.answer_prior's bias on the first answer token
-    answer_weight: tuple[tuple[int, ...], float] | None = None  # train.answer_weight: (marker ids, w)
+    answer_weight: tuple[dict[str, tuple[int, ...]], float] | None = (
+        None  # train.answer_weight: ({task: marker ids}, w)
+    )
 
 
 def _few_shot(config: RunConfig, data: TrainData) -> TrainData:
@@ -541,7 +546,7 @@ def _few_shot(config: RunConfig, data: TrainData) -> TrainData:
         }
         if prior is not None:  # the sampler's indices are into the shots; the prior's into the split
             prior = functools.partial(_prior_of_shot, prior, datasets)
-    return TrainData(datasets, data.make_example, prior)
+    return TrainData(datasets, data.make_example, prior, data.answer_markers)
 
 
 def _prior_of_shot(prior, shots: Mapping[str, _Subset], task: str, index: int):
@@ -584,8 +589,7 @@ def _build(config: RunConfig, data: TrainData, job: str) -> _Run:
     if t.answer_prior:
         run.prior = FirstTokenPrior(processor.tokenizer, t.answer_prior)
     if t.answer_weight != 1:
-        marker = processor.tokenizer(ANSWER_MARKER, add_special_tokens=False).input_ids
-        run.answer_weight = (tuple(marker), float(t.answer_weight))
+        run.answer_weight = (answer_marker_ids(processor.tokenizer, data.answer_markers), float(t.answer_weight))
     if dist.is_main:
         suffix = "" if not config.resume else f"-resume-{time.strftime('%Y%m%d-%H%M%S')}"
         atomic_write_text(run_dir / f"config{suffix}.yaml", dump_yaml(config, derived))
@@ -743,11 +747,26 @@ class _Bare:
         return self.module(**kwargs)
 
 
+def answer_marker_ids(tokenizer, markers: Mapping[str, str]) -> dict[str, tuple[int, ...]]:
+    """``{task: token ids}`` of each task's answer marker (``TrainData.answer_markers``), for ``train.answer_weight``."""
+    if not markers:
+        raise ConfigError(
+            "train.answer_weight weighs the answer after a task's answer marker, but no trained task has one "
+            "(VQA with grounded evidence has; set the weight back to 1)"
+        )
+    return {task: tuple(tokenizer(marker, add_special_tokens=False).input_ids) for task, marker in markers.items()}
+
+
 def _answer_weight(run: _Run, row_tasks: Sequence[str]):
-    """``train.answer_weight``'s ``(marker ids, w, VQA rows)`` for a micro batch; None when off or no VQA row."""
-    if run.answer_weight is None or "vqa" not in row_tasks:
+    """``train.answer_weight``'s ``(marker ids, w, rows of that marker's task)`` for a micro batch (micro batches
+    hold one task each: `_train_step` sorts the slots by task); None when off or the task has no marker."""
+    if run.answer_weight is None:
         return None
-    return (*run.answer_weight, torch.tensor([task == "vqa" for task in row_tasks]))
+    markers, weight = run.answer_weight
+    task = next((task for task in row_tasks if task in markers), None)
+    if task is None:
+        return None
+    return (markers[task], weight, torch.tensor([row == task for row in row_tasks]))
 
 
 def _micro_loss(engine, *, t: TrainConfig, batch, labels, partner, lam, prior, loc_ids, answer_weight=None):

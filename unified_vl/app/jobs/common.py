@@ -234,7 +234,11 @@ def training_data(config: RunConfig) -> TrainData:
         # Before the method's hook, so that CPT paints the boxes where the shifted image has them.
         examples = functools.partial(_shifted_example, examples, augment=config.data.augment)
     datasets = {task: storage.load_split(config.data.path, task, config.data.train_split) for task in config.data.tasks}
-    return TrainData(datasets, examples, answer_prior_of(datasets) if config.train.answer_prior else None)
+    from tasks.vqa import ANSWER_MARKER  # lazily, as the other task imports here
+
+    prior = answer_prior_of(datasets) if config.train.answer_prior else None
+    markers = {"vqa": ANSWER_MARKER} if "vqa" in datasets else {}  # train.answer_weight: VQA's evidence targets
+    return TrainData(datasets, examples, prior, markers)
 
 
 def _column(records: Sequence, name: str) -> list:
