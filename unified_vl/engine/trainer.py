@@ -758,8 +758,9 @@ def answer_marker_ids(tokenizer, markers: Mapping[str, str]) -> dict[str, tuple[
 
 
 def _answer_weight(run: _Run, row_tasks: Sequence[str]):
-    """``train.answer_weight``'s ``(marker ids, w, rows of that marker's task)`` for a micro batch (micro batches
-    hold one task each: `_train_step` sorts the slots by task); None when off or the task has no marker."""
+    """``train.answer_weight``'s ``(marker ids, w, rows of that marker's task)`` for a micro batch; None when off
+    or no row's task has a marker. Only VQA has one today; were there two such tasks, a micro batch holding
+    both (`_train_step` sorts the slots by task, so only at a boundary) would weigh the first's rows only."""
     if run.answer_weight is None:
         return None
     markers, weight = run.answer_weight
