@@ -521,9 +521,8 @@ class _Run:
     adapter: AdapterSpec | None = None  # what an adapter-saving method exports, with ...
     adapter_keys: tuple[str, ...] = ()  # ... the names of its weights
     prior: FirstTokenPrior | None = None  # train.answer_prior's bias on the first answer token
-    answer_weight: tuple[dict[str, tuple[int, ...]], float] | None = (
-        None  # train.answer_weight: ({task: marker ids}, w)
-    )
+    # train.answer_weight: ({task: its answer marker's token ids}, w)
+    answer_weight: tuple[dict[str, tuple[int, ...]], float] | None = None
 
 
 def _few_shot(config: RunConfig, data: TrainData) -> TrainData:
